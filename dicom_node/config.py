@@ -1,0 +1,170 @@
+"""Typed configuration: one ``Settings`` object built by the CLI from ``config.toml`` and passed down.
+
+Environment variables override the file: ``DICOM_NODE_NODE__PORT=11113``,
+``DICOM_NODE_DATABASE__URL=postgresql://...`` (``__`` separates section and key).
+Sources and destinations in the file seed the database on start; from then on the database (the
+admin UI, API and CLI) is the authority for them.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+OUTPUTS = ("sr", "seg", "sc")
+
+
+class ConfigError(ValueError):
+    """The configuration file is missing, not TOML, or has invalid values."""
+
+
+def check_ae_title(value: str) -> str:
+    """An AE title per PS3.5: 1-16 characters, no backslash, no control characters, not all spaces."""
+    if not isinstance(value, str):
+        raise ValueError(f"AE title must be a string, got {value!r}")
+    stripped = value.strip()
+    if not stripped:
+        raise ValueError(f"AE title {value!r} is empty")
+    if len(stripped) > 16:
+        raise ValueError(f"AE title {value!r} is longer than 16 characters")
+    if "\\" in stripped or any(ord(c) < 32 or ord(c) == 127 for c in stripped):
+        raise ValueError(f"AE title {value!r} contains a backslash or a control character")
+    return stripped
+
+
+class NodeSection(BaseModel):
+    ae_title: str = "DICOM_NODE"
+    host: str = "0.0.0.0"
+    port: int = Field(11112, ge=0, le=65535)  # 0: any free port (tests)
+    data_dir: Path = Path("var")
+    #: "reject" (PS3.8 rejected-permanent, calling AE not recognised) or "accept" (any caller).
+    unknown_callers: Literal["reject", "accept"] = "reject"
+    max_pdu: int = Field(0, ge=0)
+
+    _ae = field_validator("ae_title")(check_ae_title)
+
+
+class DatabaseSection(BaseModel):
+    url: str = ""  # empty: SQLite in data_dir
+
+
+class WebSection(BaseModel):
+    enabled: bool = True
+    host: str = "127.0.0.1"
+    port: int = Field(8080, ge=0, le=65535)
+    #: Signs session cookies and API tokens; empty means a random key kept in data_dir.
+    secret_key: str = ""
+
+
+class CompletionSection(BaseModel):
+    quiet_seconds: float = Field(10.0, gt=0)
+
+
+class EligibilitySection(BaseModel):
+    min_slices: int = Field(16, ge=1)
+    max_slice_spacing_mm: float = Field(3.0, gt=0)
+
+
+class SourceEntry(BaseModel):
+    ae_title: str
+    host: str | None = None
+    description: str | None = None
+
+    _ae = field_validator("ae_title")(check_ae_title)
+
+
+class DestinationEntry(BaseModel):
+    name: str = Field(min_length=1, max_length=64)
+    ae_title: str
+    host: str
+    port: int = Field(ge=1, le=65535)
+    outputs: list[str] = ["sr", "seg"]
+
+    _ae = field_validator("ae_title")(check_ae_title)
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, v: list[str]) -> list[str]:
+        bad = [o for o in v if o not in OUTPUTS]
+        if bad:
+            raise ValueError(f"unknown output(s) {bad}; choose from {list(OUTPUTS)}")
+        return v
+
+
+class WorkerSection(BaseModel):
+    lease_seconds: float = Field(60.0, gt=0)
+    poll_seconds: float = Field(1.0, gt=0)
+
+
+class DispatchSection(BaseModel):
+    max_attempts: int = Field(12, ge=1)
+    backoff_base_seconds: float = Field(5.0, gt=0)
+    backoff_max_seconds: float = Field(600.0, gt=0)
+    timeout_seconds: float = Field(30.0, gt=0)
+
+
+class ModelSection(BaseModel):
+    weights: Path | None = None  # None: the weights that ship with the package
+    threshold: float | None = None  # None: the validated operating point
+    device: str = "cpu"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="DICOM_NODE_", env_nested_delimiter="__", extra="forbid")
+
+    node: NodeSection = NodeSection()
+    database: DatabaseSection = DatabaseSection()
+    web: WebSection = WebSection()
+    completion: CompletionSection = CompletionSection()
+    eligibility: EligibilitySection = EligibilitySection()
+    worker: WorkerSection = WorkerSection()
+    dispatch: DispatchSection = DispatchSection()
+    model: ModelSection = ModelSection()
+    sources: list[SourceEntry] = []
+    destinations: list[DestinationEntry] = []
+
+    @model_validator(mode="after")
+    def _unique(self) -> Settings:
+        names = [d.name for d in self.destinations]
+        if len(names) != len(set(names)):
+            raise ValueError(f"destination names must be unique, got {names}")
+        return self
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls, init_settings, env_settings, dotenv_settings, file_secret_settings):  # noqa: ANN001
+        # Environment variables win over the file, which arrives as init kwargs.
+        return (env_settings, init_settings)
+
+    @property
+    def database_url(self) -> str:
+        from storage.db import sqlite_url
+
+        return self.database.url or sqlite_url(self.node.data_dir)
+
+
+def load_settings(path: Path | None) -> Settings:
+    """Read ``path`` (TOML). Relative ``data_dir`` and weights are resolved against the file's folder."""
+    data: dict = {}
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except FileNotFoundError as exc:
+            raise ConfigError(f"configuration file {path} does not exist") from exc
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"configuration file {path} is not valid TOML: {exc}") from exc
+        base = path.resolve().parent
+    try:
+        settings = Settings(**data)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(str(p) for p in e['loc'])}: {e['msg']} (got {e.get('input')!r})" for e in exc.errors()]
+        raise ConfigError(f"configuration {path or '(defaults)'} is invalid:\n" + "\n".join(lines)) from exc
+    if not settings.node.data_dir.is_absolute():
+        settings.node.data_dir = (base / settings.node.data_dir).resolve()
+    if settings.model.weights is not None and not settings.model.weights.is_absolute():
+        settings.model.weights = (base / settings.model.weights).resolve()
+    return settings

@@ -1,0 +1,60 @@
+"""Composition: what every stage needs, built once from ``Settings`` by the CLI.
+
+``Node`` carries the settings, the session factory and the file store; stages receive it (or
+parts of it) as arguments. ``effective(...)`` reads a runtime setting: a value changed in the
+admin UI/API/CLI (stored in the ``settings`` table) wins over ``config.toml``, and is re-read
+on every use, so changes take effect without a restart.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from dicom_node.config import Settings
+from storage import repo
+from storage.db import open_database
+from storage.filestore import FileStore
+
+log = logging.getLogger(__name__)
+
+#: Runtime-changeable settings: key -> (section, field) in Settings.
+RUNTIME_KEYS = {
+    "node.ae_title": ("node", "ae_title"),
+    "node.port": ("node", "port"),
+    "node.unknown_callers": ("node", "unknown_callers"),
+    "completion.quiet_seconds": ("completion", "quiet_seconds"),
+    "eligibility.min_slices": ("eligibility", "min_slices"),
+    "eligibility.max_slice_spacing_mm": ("eligibility", "max_slice_spacing_mm"),
+}
+
+
+@dataclass
+class Node:
+    settings: Settings
+    sessions: sessionmaker[Session]
+    store: FileStore
+
+    def effective(self, key: str, session: Session | None = None):
+        """The current value of a runtime setting (database override, else config.toml)."""
+        section, name = RUNTIME_KEYS[key]
+        default = getattr(getattr(self.settings, section), name)
+        if session is not None:
+            return repo.get_setting(session, key, default)
+        with self.sessions() as s:
+            return repo.get_setting(s, key, default)
+
+
+def open_node(settings: Settings, *, seed: bool = True) -> Node:
+    """Create the data folder, open (and migrate) the database, seed sources and destinations."""
+    settings.node.data_dir.mkdir(parents=True, exist_ok=True)
+    sessions = open_database(settings.database_url)
+    node = Node(settings=settings, sessions=sessions, store=FileStore(settings.node.data_dir))
+    if seed:
+        with sessions.begin() as s:
+            for src in settings.sources:
+                repo.ensure_source(s, src.ae_title, src.host, src.description)
+            for dst in settings.destinations:
+                repo.ensure_destination(s, dst.name, dst.ae_title, dst.host, dst.port, dst.outputs)
+    return node

@@ -1,0 +1,297 @@
+"""listen: the Storage SCP and Verification SCP.
+
+Contract: checks each association (called AE against the node's AE title, calling AE and peer
+host against the sources in the database, read on every association so admin changes apply at
+once), writes each instance exactly as received to the file store (temp file, fsync, rename),
+indexes it in the database, and only then answers Success. It never decodes pixel data, never
+runs the model, never waits on a remote peer, and never imports torch. Every association,
+accepted or rejected, is audited (peer, AE titles, result, reason, instance count, duration).
+
+Duplicate SOP Instance UIDs: identical bytes are acknowledged and change nothing; different
+bytes replace the stored instance (the newest wins) and mark its series for re-evaluation.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from pydicom import dcmread
+from pydicom.errors import InvalidDicomError
+from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom.sop_class import Verification
+
+from dicom_node.node import Node
+from storage import repo
+from storage.filestore import StoreError
+from storage.models import AssociationLog, AssociationResult, utcnow
+
+log = logging.getLogger(__name__)
+
+# C-STORE response statuses (PS3.4 Annex B.2.3), named.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+
+# A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
+REJECTED_PERMANENT = 0x01
+REJECTED_TRANSIENT = 0x02
+SOURCE_SERVICE_USER = 0x01
+REASON_NO_REASON = 0x01
+REASON_CALLING_AE_NOT_RECOGNISED = 0x03
+REASON_CALLED_AE_NOT_RECOGNISED = 0x07
+
+#: Our own results (SR, SEG, key images) are stored when sent back to us but never analysed.
+RESULT_SOP_CLASSES = {
+    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
+    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
+    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
+    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
+    "1.2.840.10008.5.1.4.1.1.11.1",  # GSPS
+}
+
+_HEADER_TAGS = [
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "InstanceNumber", "SeriesNumber", "SeriesDescription", "PatientName", "PatientID",
+    "AccessionNumber", "StudyDate", "StudyDescription",
+]
+
+
+@dataclass
+class _AssocState:
+    started: float
+    peer_host: str | None
+    peer_port: int | None
+    calling_ae: str | None = None
+    called_ae: str | None = None
+    log_id: int | None = None
+    instances: int = 0
+    rejected_reason: str | None = None
+    closed: bool = False
+
+
+def _text(value) -> str | None:
+    if value is None:
+        return None
+    value = str(value).strip()
+    return value or None
+
+
+def _int(value) -> int | None:
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return None
+
+
+class Listener:
+    """The SCP. ``start()`` binds ``[node] host:port``; ``stop()`` shuts it down."""
+
+    def __init__(self, node: Node):
+        self.node = node
+        self._assocs: dict[int, _AssocState] = {}
+        self._lock = threading.Lock()
+        self._server = None
+        self.port: int | None = None
+        self.ae = self._build_ae()
+
+    # --- composition ---------------------------------------------------------------------------
+    def _build_ae(self) -> AE:
+        ae = AE(ae_title=self.node.settings.node.ae_title)
+        ae.require_called_aet = False  # checked in _on_requested against the live setting
+        ae.maximum_pdu_size = self.node.settings.node.max_pdu
+        for cx in AllStoragePresentationContexts:
+            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
+        ae.acse_timeout = 30
+        ae.dimse_timeout = 60
+        ae.network_timeout = 60
+        return ae
+
+    def handlers(self) -> list:
+        return [
+            (evt.EVT_CONN_OPEN, self._on_conn_open),
+            (evt.EVT_REQUESTED, self._on_requested),
+            (evt.EVT_ESTABLISHED, self._on_established),
+            (evt.EVT_C_STORE, self._on_c_store),
+            (evt.EVT_C_ECHO, self._on_c_echo),
+            (evt.EVT_RELEASED, self._on_ended),
+            (evt.EVT_ABORTED, self._on_ended),
+            (evt.EVT_CONN_CLOSE, self._on_conn_close),
+        ]
+
+    def start(self, port: int | None = None) -> int:
+        host = self.node.settings.node.host
+        port = self.node.effective("node.port") if port is None else port
+        self._server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers())
+        self.port = self._server.server_address[1]
+        log.info("listening as %s on %s:%d", self.node.effective("node.ae_title"), host, self.port)
+        return self.port
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server = None
+
+    # --- association audit -------------------------------------------------------------------
+    def _state(self, event) -> _AssocState:
+        key = id(event.assoc)
+        with self._lock:
+            st = self._assocs.get(key)
+            if st is None:
+                req = event.assoc.requestor
+                st = _AssocState(time.monotonic(), req.address or None, req.port or None)
+                self._assocs[key] = st
+            return st
+
+    def _on_conn_open(self, event) -> None:
+        self._state(event)
+
+    def _on_requested(self, event) -> None:
+        st = self._state(event)
+        rq = event.assoc.requestor.primitive
+        st.calling_ae = _text(rq.calling_ae_title)
+        st.called_ae = _text(rq.called_ae_title)
+        with self.node.sessions() as s:
+            our_ae = self.node.effective("node.ae_title", s)
+            reason = None
+            diagnostic = REASON_NO_REASON
+            if st.called_ae != our_ae:
+                reason = f"called AE title {st.called_ae!r} is not this node's ({our_ae!r})"
+                diagnostic = REASON_CALLED_AE_NOT_RECOGNISED
+            elif self.node.effective("node.unknown_callers", s) != "accept":
+                reason = repo.source_allows(s, st.calling_ae or "", st.peer_host)
+                diagnostic = REASON_CALLING_AE_NOT_RECOGNISED
+        if reason is not None:
+            st.rejected_reason = reason
+            log.warning("association from %s (%s -> %s) rejected: %s", st.peer_host, st.calling_ae, st.called_ae, reason)
+            event.assoc.acceptor.ae_title = our_ae
+            event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
+            self._write_log(st, AssociationResult.REJECTED, reason, ended=True)
+            # Wait until the A-ASSOCIATE-RJ is on the wire before pynetdicom closes the socket.
+            event.assoc.kill()
+
+    def _on_established(self, event) -> None:
+        st = self._state(event)
+        self._write_log(st, AssociationResult.ACCEPTED, None, ended=False)
+        log.info("association %s accepted from %s (%s -> %s)", st.log_id, st.peer_host, st.calling_ae, st.called_ae)
+
+    def _on_ended(self, event) -> None:
+        with self._lock:
+            st = self._assocs.pop(id(event.assoc), None)
+        if st is None or st.log_id is None or st.closed:
+            return
+        aborted = event.event is evt.EVT_ABORTED
+        with self.node.sessions.begin() as s:
+            row = s.get(AssociationLog, st.log_id)
+            row.ended_at = utcnow()
+            row.instances = st.instances
+            row.duration_s = round(time.monotonic() - st.started, 3)
+            if aborted:
+                row.result = AssociationResult.ABORTED
+                row.reason = "association aborted (A-ABORT or connection lost)"
+        st.closed = True
+        log.info("association %s %s: %d instance(s) in %.2f s", st.log_id, "aborted" if aborted else "released",
+                 st.instances, time.monotonic() - st.started)
+
+    def _on_conn_close(self, event) -> None:
+        with self._lock:
+            st = self._assocs.get(id(event.assoc))
+            if st is not None and st.log_id is None and st.rejected_reason is None:
+                del self._assocs[id(event.assoc)]
+            else:
+                return  # established associations are closed in _on_ended (released/aborted)
+        # The peer never sent a valid A-ASSOCIATE-RQ: garbage on the port, a port scan, a timeout.
+        self._write_log(st, AssociationResult.REJECTED,
+                        "connection closed without a valid association request (malformed PDU or timeout)", ended=True)
+        log.warning("connection from %s closed without a valid association request", st.peer_host)
+
+    def _write_log(self, st: _AssocState, result: AssociationResult, reason: str | None, *, ended: bool) -> None:
+        duration = round(time.monotonic() - st.started, 3)
+        with self.node.sessions.begin() as s:
+            row = repo.log_association(
+                s, direction="in", peer_host=st.peer_host, peer_port=st.peer_port, calling_ae=st.calling_ae,
+                called_ae=st.called_ae, result=result, reason=reason, instances=0,
+                ended_at=utcnow() if ended else None, duration_s=duration if ended else None,
+            )
+            st.log_id = row.id
+            st.closed = ended
+
+    # --- services ----------------------------------------------------------------------------
+    def _on_c_echo(self, event) -> int:
+        return SUCCESS
+
+    def _on_c_store(self, event) -> int | tuple:
+        """Persist, index, then acknowledge. Returns a named PS3.4 status."""
+        st = self._state(event)
+        sop_uid_cmd = _text(event.request.AffectedSOPInstanceUID)
+        try:
+            data = event.encoded_dataset(include_meta=True)
+        except Exception as exc:  # noqa: BLE001 - any failure to take the bytes
+            log.error("cannot read dataset %s from %s: %s", sop_uid_cmd, st.calling_ae, exc)
+            return CANNOT_UNDERSTAND
+        try:
+            header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
+            meta = repo.InstanceMeta(
+                study_instance_uid=str(header.StudyInstanceUID),
+                series_instance_uid=str(header.SeriesInstanceUID),
+                sop_instance_uid=str(header.SOPInstanceUID),
+                sop_class_uid=str(header.SOPClassUID),
+                transfer_syntax_uid=str(event.context.transfer_syntax),
+                modality=_text(header.get("Modality")),
+                instance_number=_int(header.get("InstanceNumber")),
+                series_number=_int(header.get("SeriesNumber")),
+                series_description=_text(header.get("SeriesDescription")),
+                patient_name=_text(header.get("PatientName")),
+                patient_id=_text(header.get("PatientID")),
+                accession_number=_text(header.get("AccessionNumber")),
+                study_date=_text(header.get("StudyDate")),
+                study_description=_text(header.get("StudyDescription")),
+                is_result=str(header.SOPClassUID) in RESULT_SOP_CLASSES,
+            )
+        except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError, KeyError) as exc:
+            log.error("instance %s from %s cannot be understood: %s", sop_uid_cmd, st.calling_ae, exc)
+            return CANNOT_UNDERSTAND
+        if meta.sop_instance_uid != sop_uid_cmd:
+            log.error("SOP Instance UID %s in the dataset differs from %s in the command", meta.sop_instance_uid, sop_uid_cmd)
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS
+        store = self.node.store
+        relpath = store.instance_relpath(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
+        try:
+            size, sha = store.write_atomic(relpath, data)
+        except StoreError as exc:
+            log.error("cannot store %s: %s", meta.sop_instance_uid, exc)
+            return OUT_OF_RESOURCES
+        try:
+            with self.node.sessions.begin() as s:
+                outcome = repo.index_instance(s, meta, relpath, size, sha, st.calling_ae, st.log_id)
+        except Exception as exc:  # noqa: BLE001 - database down: the sender must retry
+            log.error("cannot index %s: %s", meta.sop_instance_uid, exc)
+            return OUT_OF_RESOURCES
+        st.instances += 1
+        log.debug("stored %s (%s) from %s", meta.sop_instance_uid, outcome, st.calling_ae)
+        return SUCCESS
+
+
+def run_listener(node: Node, stop: threading.Event, poll_seconds: float = 2.0) -> None:
+    """Run the SCP until ``stop`` is set; rebind when the port setting changes."""
+    listener = Listener(node)
+    configured = node.effective("node.port")
+    listener.start(configured)
+    try:
+        while not stop.wait(poll_seconds):
+            try:
+                wanted = node.effective("node.port")
+            except Exception as exc:  # noqa: BLE001
+                log.warning("cannot read settings: %s", exc)
+                continue
+            if wanted != configured:
+                log.info("port setting changed %d -> %d: rebinding", configured, wanted)
+                listener.stop()
+                listener.start(wanted)
+                configured = wanted
+    finally:
+        listener.stop()

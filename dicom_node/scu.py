@@ -1,0 +1,143 @@
+"""The node as a DICOM client: C-ECHO and C-STORE to one peer, with outcomes told apart.
+
+An ``Outcome`` says whether a failure is permanent (the peer rejected the association or
+refused an instance: retrying will not help) or transient (connection refused, timeout, abort:
+retry later). Nothing counts as sent unless the peer answered Success or a Warning status.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+
+from pydicom import dcmread
+from pynetdicom import AE, build_context
+from pynetdicom.sop_class import Verification
+
+log = logging.getLogger(__name__)
+
+#: PS3.7 C.4.2.1.4 / Annex C: status classes.
+STATUS_SUCCESS = 0x0000
+
+
+class Kind(str, Enum):
+    OK = "ok"
+    TRANSIENT = "transient"
+    PERMANENT = "permanent"
+
+
+@dataclass
+class Outcome:
+    kind: Kind
+    message: str
+    acknowledged: list[str] = field(default_factory=list)  # SOP Instance UIDs the peer took
+
+    @property
+    def ok(self) -> bool:
+        return self.kind is Kind.OK
+
+
+def parse_peer(text: str) -> tuple[str, str, int]:
+    """``AE@HOST:PORT`` -> (ae_title, host, port); raises ValueError naming the bad part."""
+    if "@" not in text or ":" not in text.rsplit("@", 1)[1]:
+        raise ValueError(f"peer {text!r} is not AE@HOST:PORT")
+    ae, hostport = text.rsplit("@", 1)
+    host, port_s = hostport.rsplit(":", 1)
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise ValueError(f"port {port_s!r} in {text!r} is not a number") from None
+    if not (1 <= port <= 65535) or not ae or len(ae) > 16 or not host:
+        raise ValueError(f"peer {text!r} is not AE@HOST:PORT with a 1-16 character AE and port 1-65535")
+    return ae, host.strip("[]"), port
+
+
+def status_is_success(status: int) -> bool:
+    """Success (0x0000) or a Warning (0x0001, 0x0107, 0x0116, 0xB000-0xBFFF): stored."""
+    return status == STATUS_SUCCESS or status in (0x0001, 0x0107, 0x0116) or 0xB000 <= status <= 0xBFFF
+
+
+def _association_failure(assoc, ae_title: str, host: str, port: int) -> Outcome:
+    where = f"{ae_title}@{host}:{port}"
+    if assoc.is_rejected:
+        rej = assoc.acceptor.primitive
+        detail = f"result {getattr(rej, 'result_str', '?')}, source {getattr(rej, 'source_str', '?')}, reason {getattr(rej, 'reason_str', '?')}"
+        transient = getattr(rej, "result", None) == 0x02  # rejected-transient
+        return Outcome(Kind.TRANSIENT if transient else Kind.PERMANENT, f"association rejected by {where} ({detail})")
+    if assoc.is_aborted:
+        return Outcome(Kind.TRANSIENT, f"association aborted by {where}")
+    return Outcome(Kind.TRANSIENT, f"could not connect to {where}")
+
+
+def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "DICOM_NODE", timeout: float = 10.0) -> Outcome:
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    ae.add_requested_context(Verification)
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return _association_failure(assoc, ae_title, host, port)
+    try:
+        status = assoc.send_c_echo()
+    finally:
+        assoc.release()
+    if status is None or "Status" not in status:
+        return Outcome(Kind.TRANSIENT, f"no C-ECHO response from {ae_title}@{host}:{port}")
+    if status.Status != STATUS_SUCCESS:
+        return Outcome(Kind.PERMANENT, f"C-ECHO status 0x{status.Status:04X} from {ae_title}@{host}:{port}")
+    return Outcome(Kind.OK, f"C-ECHO to {ae_title}@{host}:{port} succeeded")
+
+
+def store(paths: list[Path], ae_title: str, host: str, port: int, *, calling_ae: str = "DICOM_NODE",
+          timeout: float = 30.0, skip_uids: set[str] = frozenset()) -> Outcome:
+    """Send ``paths`` on one association; returns which SOP Instance UIDs the peer acknowledged.
+
+    Presentation contexts are proposed for each file's SOP class with its own transfer syntax
+    and Explicit/Implicit VR Little Endian, so files are sent as stored where the peer allows.
+    """
+    datasets = []
+    for p in paths:
+        ds = dcmread(p)
+        if ds.SOPInstanceUID in skip_uids:
+            continue
+        datasets.append(ds)
+    if not datasets:
+        return Outcome(Kind.OK, "nothing left to send")
+    ae = AE(ae_title=calling_ae)
+    ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = timeout
+    seen = set()
+    for ds in datasets:
+        key = (ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+        if key in seen:
+            continue
+        seen.add(key)
+        syntaxes = list(dict.fromkeys([ds.file_meta.TransferSyntaxUID, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]))
+        ae.add_requested_context(build_context(ds.SOPClassUID, syntaxes))
+    assoc = ae.associate(host, port, ae_title=ae_title)
+    if not assoc.is_established:
+        return _association_failure(assoc, ae_title, host, port)
+    acknowledged: list[str] = []
+    failure: Outcome | None = None
+    try:
+        for ds in datasets:
+            try:
+                status = assoc.send_c_store(ds)
+            except ValueError as exc:  # no accepted presentation context for this SOP class
+                failure = Outcome(Kind.PERMANENT, f"{ae_title} accepts no context for {ds.SOPClassUID}: {exc}")
+                break
+            if status is None or "Status" not in status:
+                failure = Outcome(Kind.TRANSIENT, f"no C-STORE response from {ae_title} for {ds.SOPInstanceUID}")
+                break
+            if status_is_success(status.Status):
+                acknowledged.append(ds.SOPInstanceUID)
+                log.info("stored %s on %s (status 0x%04X)", ds.SOPInstanceUID, ae_title, status.Status)
+            else:
+                failure = Outcome(Kind.PERMANENT, f"{ae_title} refused {ds.SOPInstanceUID} with status 0x{status.Status:04X}")
+                break
+    finally:
+        if assoc.is_established:
+            assoc.release()
+    if failure is not None:
+        failure.acknowledged = acknowledged
+        return failure
+    return Outcome(Kind.OK, f"{len(acknowledged)} object(s) stored on {ae_title}@{host}:{port}", acknowledged)

@@ -1,0 +1,316 @@
+"""SQLAlchemy 2.0 typed models: the node's durable state.
+
+Times are timezone-aware UTC. Paths in ``Instance.path`` and ``ResultObject.path`` are relative
+to the node's data directory (see ``storage.filestore``), so a shared store can be mounted at
+different places on different hosts.
+"""
+from __future__ import annotations
+
+import enum
+from datetime import datetime, timezone
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+def _enum(cls: type[enum.Enum]) -> Enum:
+    # Stored as the value strings; no native DB enum type so migrations stay simple.
+    return Enum(cls, native_enum=False, length=32, values_callable=lambda e: [m.value for m in e])
+
+
+class StudyStatus(str, enum.Enum):
+    """The AI status a radiologist sees on the worklist."""
+
+    RECEIVED = "received"  # instances arriving, study not complete yet
+    WAITING = "waiting"  # complete, job queued
+    PROCESSING = "processing"
+    DONE = "done"
+    NOT_ELIGIBLE = "not_eligible"
+    FAILED = "failed"
+
+
+class JobState(str, enum.Enum):
+    PENDING = "pending"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class TransferState(str, enum.Enum):
+    PENDING = "pending"
+    SENDING = "sending"
+    SENT = "sent"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class AssociationResult(str, enum.Enum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+    ABORTED = "aborted"
+
+
+class Role(str, enum.Enum):
+    ADMIN = "admin"
+    RADIOLOGIST = "radiologist"
+
+
+class Study(Base):
+    __tablename__ = "studies"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    patient_name: Mapped[str | None] = mapped_column(String(324))
+    patient_id: Mapped[str | None] = mapped_column(String(64))
+    accession_number: Mapped[str | None] = mapped_column(String(16))
+    study_date: Mapped[str | None] = mapped_column(String(8), index=True)  # DICOM DA, YYYYMMDD
+    study_description: Mapped[str | None] = mapped_column(String(64))
+    modalities: Mapped[str | None] = mapped_column(String(64))  # backslash-joined, as DICOM
+    status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus), default=StudyStatus.RECEIVED, index=True)
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    findings_count: Mapped[int | None] = mapped_column(Integer)
+    max_diameter_mm: Mapped[float | None] = mapped_column(Float)
+    max_malignancy: Mapped[float | None] = mapped_column(Float, index=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, onupdate=utcnow)
+
+    series: Mapped[list[Series]] = relationship(back_populates="study", cascade="all, delete-orphan")
+
+
+class Series(Base):
+    __tablename__ = "series"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    modality: Mapped[str | None] = mapped_column(String(16))
+    series_number: Mapped[int | None] = mapped_column(Integer)
+    series_description: Mapped[str | None] = mapped_column(String(64))
+    instance_count: Mapped[int] = mapped_column(Integer, default=0)
+    last_received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    # True while instances arrived since the scheduler last looked at the series.
+    dirty: Mapped[bool] = mapped_column(Boolean, default=True, index=True)
+    eligible: Mapped[bool | None] = mapped_column(Boolean)
+    eligibility_reason: Mapped[str | None] = mapped_column(Text)
+    # Our own results (SR/SEG we produced and may be sent back) are never analysed.
+    is_result: Mapped[bool] = mapped_column(Boolean, default=False)
+
+    study: Mapped[Study] = relationship(back_populates="series")
+    instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
+
+
+class Instance(Base):
+    __tablename__ = "instances"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    transfer_syntax_uid: Mapped[str] = mapped_column(String(64))
+    instance_number: Mapped[int | None] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(String(512))  # relative to data_dir
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    sha256: Mapped[str] = mapped_column(String(64))
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    association_id: Mapped[int | None] = mapped_column(Integer)
+    received_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    series: Mapped[Series] = relationship(back_populates="instances")
+
+
+class Job(Base):
+    """A unit of work for the worker: run the model on one series.
+
+    ``idempotency_key`` identifies (series content, model version): a resend of identical
+    instances maps to the same key and creates no new job.
+    Claimed with a lease: a worker that dies leaves ``lease_until`` in the past and the job is
+    claimed again.
+    """
+
+    __tablename__ = "jobs"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(32), default="infer")
+    idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
+    state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    inference_seconds: Mapped[float | None] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    series: Mapped[Series] = relationship()
+    findings: Mapped[list[FindingRow]] = relationship(back_populates="job", cascade="all, delete-orphan")
+    results: Mapped[list[ResultObject]] = relationship(back_populates="job", cascade="all, delete-orphan")
+
+
+class FindingRow(Base):
+    """One nodule found by a job. Centre in LPS millimetres."""
+
+    __tablename__ = "findings"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)  # 1-based, equals the SEG segment number
+    tracking_uid: Mapped[str | None] = mapped_column(String(64))
+    center_x_mm: Mapped[float] = mapped_column(Float)
+    center_y_mm: Mapped[float] = mapped_column(Float)
+    center_z_mm: Mapped[float] = mapped_column(Float)
+    center_voxel: Mapped[list | None] = mapped_column(JSON)  # (z, y, x) in the source series volume
+    diameter_mm: Mapped[float] = mapped_column(Float)
+    volume_mm3: Mapped[float] = mapped_column(Float)
+    malignancy: Mapped[float] = mapped_column(Float)
+    score: Mapped[float] = mapped_column(Float)
+    location: Mapped[str | None] = mapped_column(String(64))  # side / lobe if known
+
+    job: Mapped[Job] = relationship(back_populates="findings")
+
+
+class ResultObject(Base):
+    """A DICOM object the node wrote (SR, SEG, key image)."""
+
+    __tablename__ = "result_objects"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16))  # "sr", "seg", "sc"
+    sop_class_uid: Mapped[str] = mapped_column(String(64))
+    sop_instance_uid: Mapped[str] = mapped_column(String(64), unique=True)
+    series_instance_uid: Mapped[str] = mapped_column(String(64))
+    path: Mapped[str] = mapped_column(String(512))  # relative to data_dir
+
+    job: Mapped[Job] = relationship(back_populates="results")
+
+
+class Transfer(Base):
+    """The results of one job to one destination.
+
+    ``sent_sop_instance_uids`` lists the objects the peer acknowledged with Success (or a
+    warning); a retry sends only the rest. ``state`` is SENT only when all were acknowledged.
+    """
+
+    __tablename__ = "transfers"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
+    destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id", ondelete="CASCADE"), index=True)
+    result_object_ids: Mapped[list] = mapped_column(JSON, default=list)
+    sent_sop_instance_uids: Mapped[list] = mapped_column(JSON, default=list)
+    state: Mapped[TransferState] = mapped_column(_enum(TransferState), default=TransferState.PENDING, index=True)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    claimed_by: Mapped[str | None] = mapped_column(String(128))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    error: Mapped[str | None] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    sent_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+
+    destination: Mapped[Destination] = relationship()
+    job: Mapped[Job | None] = relationship()
+
+
+class Source(Base):
+    """A calling AE title allowed to send to the node (optionally only from one host)."""
+
+    __tablename__ = "sources"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    ae_title: Mapped[str] = mapped_column(String(16), unique=True)
+    host: Mapped[str | None] = mapped_column(String(255))
+    description: Mapped[str | None] = mapped_column(String(255))
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class Destination(Base):
+    """A peer the node sends results to with C-STORE."""
+
+    __tablename__ = "destinations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    ae_title: Mapped[str] = mapped_column(String(16))
+    host: Mapped[str] = mapped_column(String(255))
+    port: Mapped[int] = mapped_column(Integer)
+    outputs: Mapped[list] = mapped_column(JSON, default=lambda: ["sr", "seg"])
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+
+
+class AssociationLog(Base):
+    """Audit of every association, accepted or rejected."""
+
+    __tablename__ = "associations"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    ended_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True))
+    direction: Mapped[str] = mapped_column(String(8), default="in")  # "in" (SCP) or "out" (SCU)
+    peer_host: Mapped[str | None] = mapped_column(String(255))
+    peer_port: Mapped[int | None] = mapped_column(Integer)
+    calling_ae: Mapped[str | None] = mapped_column(String(16))
+    called_ae: Mapped[str | None] = mapped_column(String(16))
+    result: Mapped[AssociationResult] = mapped_column(_enum(AssociationResult))
+    reason: Mapped[str | None] = mapped_column(Text)
+    instances: Mapped[int] = mapped_column(Integer, default=0)
+    duration_s: Mapped[float | None] = mapped_column(Float)
+
+
+class Setting(Base):
+    """Runtime settings changed in the admin UI/API/CLI; they override config.toml."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[object] = mapped_column(JSON)
+
+
+class User(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[Role] = mapped_column(_enum(Role))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class AuditEvent(Base):
+    """Who changed what, when (admin changes)."""
+
+    __tablename__ = "audit_events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(255))
+    detail: Mapped[dict | None] = mapped_column(JSON)
+
+
+__all__ = [n for n in dir() if not n.startswith("_")]

@@ -1,0 +1,224 @@
+"""Repository functions. They take a ``Session`` and never commit: the caller owns the transaction.
+
+Job and transfer claims are single ``UPDATE ... WHERE id = (SELECT ... LIMIT 1) RETURNING``
+statements; on PostgreSQL the sub-select takes ``FOR UPDATE SKIP LOCKED`` so that any number
+of workers and dispatchers on any number of hosts claim disjoint rows; on SQLite the write lock
+taken at ``BEGIN IMMEDIATE`` serialises claims.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import func, or_, select, update
+from sqlalchemy.orm import Session
+
+from storage.models import (
+    AssociationLog,
+    AssociationResult,
+    AuditEvent,
+    Destination,
+    Instance,
+    Job,
+    JobState,
+    Series,
+    Setting,
+    Source,
+    Study,
+    StudyStatus,
+    Transfer,
+    TransferState,
+    utcnow,
+)
+
+
+# --- settings ---------------------------------------------------------------------------------
+
+def get_setting(s: Session, key: str, default=None):
+    row = s.get(Setting, key)
+    return default if row is None else row.value
+
+
+def set_setting(s: Session, key: str, value) -> None:
+    row = s.get(Setting, key)
+    if row is None:
+        s.add(Setting(key=key, value=value))
+    else:
+        row.value = value
+
+
+# --- sources, destinations ----------------------------------------------------------------------
+
+def source_allows(s: Session, calling_ae: str, peer_host: str | None) -> str | None:
+    """None when ``calling_ae`` (from ``peer_host``) is an enabled source, else the reason."""
+    row = s.scalar(select(Source).where(Source.ae_title == calling_ae.strip()))
+    if row is None:
+        return f"calling AE title {calling_ae!r} is not a configured source"
+    if not row.enabled:
+        return f"source {calling_ae!r} is disabled"
+    if row.host and peer_host and row.host != peer_host:
+        return f"source {calling_ae!r} is allowed from {row.host}, not from {peer_host}"
+    return None
+
+
+def ensure_source(s: Session, ae_title: str, host: str | None = None, description: str | None = None) -> Source:
+    row = s.scalar(select(Source).where(Source.ae_title == ae_title))
+    if row is None:
+        row = Source(ae_title=ae_title, host=host, description=description, enabled=True)
+        s.add(row)
+    return row
+
+
+def ensure_destination(s: Session, name: str, ae_title: str, host: str, port: int, outputs: list[str]) -> Destination:
+    row = s.scalar(select(Destination).where(Destination.name == name))
+    if row is None:
+        row = Destination(name=name, ae_title=ae_title, host=host, port=port, outputs=list(outputs), enabled=True)
+        s.add(row)
+    return row
+
+
+# --- ingest -----------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InstanceMeta:
+    """What the listener indexes about a received instance (from its header)."""
+
+    study_instance_uid: str
+    series_instance_uid: str
+    sop_instance_uid: str
+    sop_class_uid: str
+    transfer_syntax_uid: str
+    modality: str | None
+    instance_number: int | None
+    series_number: int | None
+    series_description: str | None
+    patient_name: str | None
+    patient_id: str | None
+    accession_number: str | None
+    study_date: str | None
+    study_description: str | None
+    is_result: bool = False
+
+
+def index_instance(s: Session, meta: InstanceMeta, relpath: str, size: int, sha256: str,
+                   calling_ae: str | None, association_id: int | None) -> str:
+    """Index a stored instance; returns "new", "duplicate" (same bytes) or "replaced".
+
+    Duplicate SOP Instance UID policy: identical content is acknowledged and changes nothing;
+    different content replaces the stored file (the newest wins) and marks the series for
+    re-evaluation, so a corrected instance triggers a re-run.
+    """
+    now = utcnow()
+    study = s.scalar(select(Study).where(Study.study_instance_uid == meta.study_instance_uid))
+    if study is None:
+        study = Study(study_instance_uid=meta.study_instance_uid, status=StudyStatus.RECEIVED)
+        s.add(study)
+    for attr in ("patient_name", "patient_id", "accession_number", "study_date", "study_description"):
+        value = getattr(meta, attr)
+        if value and getattr(study, attr) != value:
+            setattr(study, attr, value)
+    if meta.modality and not meta.is_result:
+        mods = set(filter(None, (study.modalities or "").split("\\")))
+        if meta.modality not in mods:
+            study.modalities = "\\".join(sorted(mods | {meta.modality}))
+    series = s.scalar(select(Series).where(Series.series_instance_uid == meta.series_instance_uid))
+    if series is None:
+        series = Series(series_instance_uid=meta.series_instance_uid, study=study, modality=meta.modality,
+                        series_number=meta.series_number, series_description=meta.series_description,
+                        is_result=meta.is_result, instance_count=0)
+        s.add(series)
+        s.flush()
+    inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
+    if inst is not None and inst.sha256 == sha256:
+        return "duplicate"
+    outcome = "replaced" if inst is not None else "new"
+    if inst is None:
+        inst = Instance(sop_instance_uid=meta.sop_instance_uid, series=series)
+        s.add(inst)
+        series.instance_count = (series.instance_count or 0) + 1
+    inst.sop_class_uid = meta.sop_class_uid
+    inst.transfer_syntax_uid = meta.transfer_syntax_uid
+    inst.instance_number = meta.instance_number
+    inst.path = relpath
+    inst.size_bytes = size
+    inst.sha256 = sha256
+    inst.calling_ae = calling_ae
+    inst.association_id = association_id
+    inst.received_at = now
+    series.last_received_at = now
+    if not series.is_result:
+        series.dirty = True
+        if study.status not in (StudyStatus.PROCESSING,):
+            study.status = StudyStatus.RECEIVED
+            study.status_reason = None
+    return outcome
+
+
+# --- association audit -------------------------------------------------------------------------
+
+def log_association(s: Session, **fields) -> AssociationLog:
+    row = AssociationLog(**fields)
+    s.add(row)
+    s.flush()
+    return row
+
+
+def audit(s: Session, actor: str, action: str, target: str | None = None, detail: dict | None = None) -> None:
+    s.add(AuditEvent(actor=actor, action=action, target=target, detail=detail))
+
+
+# --- claims -----------------------------------------------------------------------------------
+
+def _claim(s: Session, model, ready, worker_id: str, lease_seconds: float, extra_values: dict):
+    now = utcnow()
+    sub = select(model.id).where(ready(now)).order_by(model.id).limit(1)
+    if s.bind.dialect.name == "postgresql":
+        sub = sub.with_for_update(skip_locked=True)
+    stmt = (
+        update(model)
+        .where(model.id == sub.scalar_subquery())
+        .values(claimed_by=worker_id, lease_until=now + timedelta(seconds=lease_seconds), **extra_values)
+        .returning(model.id)
+        .execution_options(synchronize_session=False)
+    )
+    claimed = s.execute(stmt).scalar_one_or_none()
+    return None if claimed is None else s.get(model, claimed, populate_existing=True)
+
+
+def claim_job(s: Session, worker_id: str, lease_seconds: float) -> Job | None:
+    """Claim the oldest pending job, or a running one whose lease expired (its worker died)."""
+
+    def ready(now: datetime):
+        return or_(Job.state == JobState.PENDING, (Job.state == JobState.RUNNING) & (Job.lease_until < now))
+
+    return _claim(s, Job, ready, worker_id, lease_seconds,
+                  {"state": JobState.RUNNING, "attempts": Job.attempts + 1, "started_at": utcnow()})
+
+
+def claim_transfer(s: Session, worker_id: str, lease_seconds: float) -> Transfer | None:
+    """Claim a due transfer whose destination is enabled, or one whose sender died."""
+
+    def ready(now: datetime):
+        enabled = select(Destination.id).where(Destination.enabled.is_(True))
+        return Transfer.destination_id.in_(enabled) & or_(
+            (Transfer.state == TransferState.PENDING) & (Transfer.next_attempt_at <= now),
+            (Transfer.state == TransferState.SENDING) & (Transfer.lease_until < now),
+        )
+
+    return _claim(s, Transfer, ready, worker_id, lease_seconds,
+                  {"state": TransferState.SENDING, "attempts": Transfer.attempts + 1})
+
+
+def renew_lease(s: Session, model, row_id: int, worker_id: str, lease_seconds: float) -> bool:
+    """Extend a claim; False when the row was claimed by someone else meanwhile."""
+    res = s.execute(
+        update(model)
+        .where(model.id == row_id, model.claimed_by == worker_id)
+        .values(lease_until=utcnow() + timedelta(seconds=lease_seconds))
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1
+
+
+def count_by(s: Session, column) -> dict[str, int]:
+    return {str(getattr(k, "value", k)): n for k, n in s.execute(select(column, func.count()).group_by(column))}
