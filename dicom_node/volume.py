@@ -259,13 +259,13 @@ def _stack(headers: Sequence[pydicom.Dataset], tolerance: float) -> tuple[_Stack
         for i, step in enumerate(steps):
             if step > nominal + allowed:
                 missing = step / nominal - 1
-                kind = "missing slice" if abs(missing - round(missing)) * nominal <= allowed else (
-                    "non-uniform slice spacing"
+                between = (
+                    f"between z={positions[i, 2]:.2f} and z={positions[i + 1, 2]:.2f}"
+                    f" (expected {nominal:.2f} mm)"
                 )
-                return None, (
-                    f"{kind}: gap of {step:.2f} mm between z={positions[i, 2]:.2f} and"
-                    f" z={positions[i + 1, 2]:.2f} (expected {nominal:.2f} mm)"
-                )
+                if abs(missing - round(missing)) * nominal <= allowed:
+                    return None, f"missing slice: gap of {step:.2f} mm {between}"
+                return None, f"non-uniform slice spacing: {step:.2f} mm {between}"
             if step < nominal - allowed:
                 return None, (
                     f"non-uniform slice spacing: {step:.2f} mm between z={positions[i, 2]:.2f} and"
