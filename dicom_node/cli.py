@@ -12,11 +12,7 @@ import importlib
 import logging
 import sys
 
-COMMANDS = [
-    "serve", "listen", "schedule", "work", "dispatch", "web",
-    "echo", "send", "source", "destination", "user", "jobs",
-    "predict", "train", "evaluate",
-]
+COMMANDS = ["stages", "web", "network", "admin", "user", "predict", "train", "evaluate"]
 
 
 def configure_logging(verbose: int = 0) -> None:

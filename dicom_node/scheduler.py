@@ -1,0 +1,132 @@
+"""schedule: decide what happens to a series once it is complete.
+
+Contract: a series is complete when no instance has arrived for ``[completion] quiet_seconds``
+(re-read on every pass). Its eligibility for the nodule model is decided from the stored
+headers (axial CT, consistent geometry, no missing slice, sensible spacing; CR/DX "not eligible
+yet") and recorded with its reason. An eligible series gets one inference job whose
+idempotency key is the hash of (model version, every SOP Instance UID and file hash): a resend
+of identical instances creates no job; a new or changed instance creates a new one. The study's
+AI status is derived from its series and jobs (``refresh_study_status``).
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from datetime import timedelta
+
+from pydicom import dcmread
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from dicom_node.node import Node
+from dicom_node.volume import series_problem
+from storage.models import Job, JobState, Series, Study, StudyStatus, utcnow
+
+log = logging.getLogger(__name__)
+
+
+def idempotency_key(model_version: str, instances: list[tuple[str, str]]) -> str:
+    """sha256 over the model version and the sorted (SOP Instance UID, file sha256) pairs."""
+    h = hashlib.sha256(model_version.encode())
+    for uid, sha in sorted(instances):
+        h.update(f"\n{uid}:{sha}".encode())
+    return h.hexdigest()
+
+
+def _headers(node: Node, series: Series) -> list:
+    return [dcmread(node.store.path(i.path), stop_before_pixels=True) for i in series.instances]
+
+
+def evaluate_series(node: Node, s: Session, series: Series, model_version: str) -> Job | None:
+    """Record eligibility; create the job if eligible and not already done for this content."""
+    series.dirty = False
+    try:
+        headers = _headers(node, series)
+    except Exception as exc:  # noqa: BLE001 - an unreadable stored file
+        series.eligible, series.eligibility_reason = False, f"stored instance unreadable: {exc}"
+        return None
+    problem = series_problem(
+        headers,
+        min_slices=int(node.effective("eligibility.min_slices", s)),
+        max_slice_spacing_mm=float(node.effective("eligibility.max_slice_spacing_mm", s)),
+    )
+    if problem is not None:
+        series.eligible, series.eligibility_reason = False, problem
+        log.info("series %s not eligible: %s", series.series_instance_uid, problem)
+        return None
+    series.eligible, series.eligibility_reason = True, None
+    key = idempotency_key(model_version, [(i.sop_instance_uid, i.sha256) for i in series.instances])
+    if s.scalar(select(Job.id).where(Job.idempotency_key == key)) is not None:
+        log.info("series %s unchanged since its last job: no new job", series.series_instance_uid)
+        return None
+    job = Job(series=series, kind="infer", idempotency_key=key, state=JobState.PENDING)
+    s.add(job)
+    s.flush()
+    log.info("job %d queued for series %s (%d instances)", job.id, series.series_instance_uid, series.instance_count)
+    return job
+
+
+def refresh_study_status(s: Session, study: Study) -> None:
+    """Derive the study's AI status and summary from its series and their latest jobs."""
+    series = [x for x in study.series if not x.is_result]
+    if any(x.dirty for x in series):
+        study.status, study.status_reason = StudyStatus.RECEIVED, None
+        return
+    latest = []
+    for x in series:
+        job = s.scalar(select(Job).where(Job.series_id == x.id).order_by(Job.id.desc()).limit(1))
+        if job is not None:
+            latest.append(job)
+    states = {j.state for j in latest}
+    if JobState.RUNNING in states:
+        study.status, study.status_reason = StudyStatus.PROCESSING, None
+    elif JobState.PENDING in states:
+        study.status, study.status_reason = StudyStatus.WAITING, None
+    elif JobState.DONE in states:
+        done = [j for j in latest if j.state is JobState.DONE]
+        findings = [f for j in done for f in j.findings]
+        study.status, study.status_reason = StudyStatus.DONE, None
+        study.findings_count = len(findings)
+        study.max_diameter_mm = max((f.diameter_mm for f in findings), default=None)
+        study.max_malignancy = max((f.malignancy for f in findings), default=None)
+    elif JobState.FAILED in states:
+        study.status = StudyStatus.FAILED
+        study.status_reason = "; ".join(j.error or "failed" for j in latest if j.state is JobState.FAILED)[:2000]
+    elif series and all(x.eligible is False for x in series):
+        study.status = StudyStatus.NOT_ELIGIBLE
+        reasons = sorted({f"{x.modality or '?'} series {x.series_number or ''}: {x.eligibility_reason}".replace("  ", " ")
+                          for x in series})
+        study.status_reason = "; ".join(reasons)[:2000]
+
+
+def schedule_once(node: Node, model_version: str, limit: int = 20) -> int:
+    """One pass: evaluate up to ``limit`` complete series. Returns how many were evaluated."""
+    with node.sessions.begin() as s:
+        quiet = float(node.effective("completion.quiet_seconds", s))
+        due = s.scalars(
+            select(Series)
+            .where(Series.dirty.is_(True), Series.is_result.is_(False),
+                   Series.last_received_at <= utcnow() - timedelta(seconds=quiet))
+            .order_by(Series.last_received_at)
+            .limit(limit)
+        ).all()
+        for series in due:
+            evaluate_series(node, s, series, model_version)
+        for study in {x.study for x in due}:
+            refresh_study_status(s, study)
+        return len(due)
+
+
+def run_scheduler(node: Node, stop: threading.Event, model_version: str, poll_seconds: float = 1.0) -> None:
+    log.info("scheduler running (model %s)", model_version)
+    while not stop.is_set():
+        try:
+            n = schedule_once(node, model_version)
+        except Exception:  # noqa: BLE001 - keep the loop alive; the database may be restarting
+            log.exception("scheduler pass failed")
+            n = 0
+        if n == 0:
+            stop.wait(poll_seconds)
+
+

@@ -1,0 +1,201 @@
+"""work: run the model on a series and write its results.
+
+Contract: claims one job at a time with a lease that a heartbeat thread renews; loads the series
+into a volume in HU with its patient geometry; calls the Predictor; builds the TID 1500 SR and the
+SEG (and key images where a destination wants them); writes them to the file store; then, in one
+transaction, records findings and result objects, queues one transfer per enabled destination,
+and marks the job done. A worker killed mid-job leaves the lease to expire and the job is claimed
+again (by this or another worker); nothing of a half-finished attempt is visible in the database.
+A series that cannot be read as a volume fails at once (retrying cannot help); other errors are
+retried up to the job's ``max_attempts``.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from sqlalchemy import select
+
+from dicom_node.node import Node
+from dicom_node.scheduler import refresh_study_status
+from dicom_node.volume import VolumeError, load_series
+from storage import repo
+from storage.models import Destination, FindingRow, Job, JobState, ResultObject, Transfer, TransferState, utcnow
+
+log = logging.getLogger(__name__)
+
+ALGORITHM_NAME = "dicom-node Res-MTNet"
+
+
+def default_weights_path() -> Path | None:
+    """The weights shipped in ``model/weights`` (first ``*.pt``), if any."""
+    import model
+
+    found = sorted((Path(model.__file__).parent / "weights").glob("*.pt"))
+    return found[0] if found else None
+
+
+def model_version(weights: Path | None) -> str:
+    """A short identity of the weights: changes when the weights change (part of job keys)."""
+    weights = weights or default_weights_path()
+    if weights is None or not Path(weights).exists():
+        return "resmtnet-untrained"
+    return "resmtnet-" + hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
+
+
+class _Heartbeat(threading.Thread):
+    def __init__(self, node: Node, job_id: int, worker_id: str, lease: float):
+        super().__init__(daemon=True, name=f"lease-job-{job_id}")
+        self.node, self.job_id, self.worker_id, self.lease = node, job_id, worker_id, lease
+        self.done = threading.Event()
+        self.lost = False
+
+    def run(self) -> None:
+        while not self.done.wait(self.lease / 3):
+            try:
+                with self.node.sessions.begin() as s:
+                    if not repo.renew_lease(s, Job, self.job_id, self.worker_id, self.lease):
+                        self.lost = True
+                        log.error("job %d: lease lost to another worker", self.job_id)
+                        return
+            except Exception:  # noqa: BLE001
+                log.exception("job %d: lease renewal failed", self.job_id)
+
+
+def _encode(ds) -> bytes:
+    buf = io.BytesIO()
+    ds.save_as(buf, enforce_file_format=True)
+    return buf.getvalue()
+
+
+def work_once(node: Node, worker_id: str, predictor: Callable, weights_version: str) -> bool:
+    """Claim and process one job. Returns False when there was nothing to do."""
+    lease = node.settings.worker.lease_seconds
+    with node.sessions.begin() as s:
+        job = repo.claim_job(s, worker_id, lease)
+        if job is None:
+            return False
+        job_id, attempts, max_attempts = job.id, job.attempts, job.max_attempts
+        uid_seed = job.idempotency_key
+        series = job.series
+        series_uid = series.series_instance_uid
+        paths = [node.store.path(i.path) for i in series.instances]
+        refresh_study_status(s, series.study)
+    log.info("job %d: series %s, %d instances (attempt %d/%d)", job_id, series_uid, len(paths), attempts, max_attempts)
+    beat = _Heartbeat(node, job_id, worker_id, lease)
+    beat.start()
+    try:
+        _process(node, job_id, paths, predictor, weights_version, beat, uid_seed)
+    except VolumeError as exc:
+        _finish_failed(node, job_id, f"series cannot be analysed: {exc}", retry=False)
+    except Exception as exc:  # noqa: BLE001
+        log.exception("job %d failed", job_id)
+        _finish_failed(node, job_id, f"{type(exc).__name__}: {exc}", retry=attempts < max_attempts)
+    finally:
+        beat.done.set()
+    return True
+
+
+def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, weights_version: str,
+             beat: _Heartbeat, uid_seed: str) -> None:
+    """Load, predict, write result files, then commit findings, result objects and transfers.
+
+    ``uid_seed`` (the job's idempotency key) makes a re-run after a crash produce the same
+    SOP Instance UIDs, so a destination never receives two copies of one result.
+    """
+    from dicom_node.results import build_results
+
+    t0 = time.monotonic()
+    volume = load_series(paths)
+    t1 = time.monotonic()
+    findings = predictor(volume.array, volume.spacing, volume.origin, volume.direction)
+    t2 = time.monotonic()
+    with node.sessions() as s:
+        destinations = s.scalars(select(Destination).where(Destination.enabled.is_(True))).all()
+        want_sc = any("sc" in d.outputs for d in destinations)
+    results = build_results(volume, findings, algorithm_name=ALGORITHM_NAME, algorithm_version=weights_version,
+                            want_key_images=want_sc, uid_seed=uid_seed)
+    objects = [("sr", results.sr)] + ([("seg", results.seg)] if results.seg is not None else [])
+    objects += [("sc", ds) for ds in results.key_images]
+    shutil.rmtree(node.store.path(f"results/{job_id}"), ignore_errors=True)  # leftovers of a killed attempt
+    written = []
+    for kind, ds in objects:
+        rel = node.store.result_relpath(job_id, kind, ds.SOPInstanceUID)
+        node.store.write_atomic(rel, _encode(ds))
+        written.append((kind, ds, rel))
+    t3 = time.monotonic()
+    if beat.lost:
+        raise RuntimeError("lease lost while processing; another worker owns the job now")
+    tracking = {}
+    if results.seg is not None:
+        tracking = {int(x.SegmentNumber): str(x.get("TrackingUID", "")) or None for x in results.seg.SegmentSequence}
+    with node.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        if job.claimed_by != beat.worker_id or job.state is not JobState.RUNNING:
+            raise RuntimeError("job was taken over by another worker")
+        study = job.series.study
+        for n, f in enumerate(findings, start=1):
+            s.add(FindingRow(job=job, study_id=study.id, number=n, tracking_uid=tracking.get(n),
+                             center_x_mm=float(f.center_mm[0]), center_y_mm=float(f.center_mm[1]),
+                             center_z_mm=float(f.center_mm[2]), center_voxel=[float(v) for v in f.center_voxel],
+                             diameter_mm=float(f.diameter_mm), volume_mm3=float(f.volume_mm3),
+                             malignancy=float(f.malignancy), score=float(f.score)))
+        rows = {}
+        for kind, ds, rel in written:
+            row = ResultObject(job=job, kind=kind, sop_class_uid=str(ds.SOPClassUID),
+                               sop_instance_uid=str(ds.SOPInstanceUID),
+                               series_instance_uid=str(ds.SeriesInstanceUID), path=rel)
+            s.add(row)
+            rows[kind] = rows.get(kind, []) + [row]
+        s.flush()
+        for dest in s.scalars(select(Destination).where(Destination.enabled.is_(True))).all():
+            ids = [r.id for k in dest.outputs for r in rows.get(k, [])]
+            if ids:
+                s.add(Transfer(job=job, destination_id=dest.id, result_object_ids=ids, sent_sop_instance_uids=[],
+                               state=TransferState.PENDING, next_attempt_at=utcnow()))
+        job.state = JobState.DONE
+        job.error = None
+        job.finished_at = utcnow()
+        job.lease_until = None
+        job.inference_seconds = round(t2 - t1, 3)
+        s.flush()
+        refresh_study_status(s, study)
+    log.info("job %d done: %d finding(s); load %.1f s, model %.1f s, results %.1f s",
+             job_id, len(findings), t1 - t0, t2 - t1, t3 - t2)
+
+
+def _finish_failed(node: Node, job_id: int, error: str, *, retry: bool) -> None:
+    with node.sessions.begin() as s:
+        job = s.get(Job, job_id)
+        job.error = error[:4000]
+        job.lease_until = None
+        if retry:
+            job.state = JobState.PENDING
+            log.warning("job %d will be retried: %s", job_id, error)
+        else:
+            job.state = JobState.FAILED
+            job.finished_at = utcnow()
+            log.error("job %d failed: %s", job_id, error)
+        s.flush()
+        refresh_study_status(s, job.series.study)
+
+
+def run_worker(node: Node, stop: threading.Event, worker_id: str, predictor_factory: Callable[[], Callable],
+               weights_version: str) -> None:
+    """Load the model once, then process jobs until ``stop`` is set."""
+    predictor = predictor_factory()
+    log.info("worker %s ready (model %s)", worker_id, weights_version)
+    while not stop.is_set():
+        try:
+            busy = work_once(node, worker_id, predictor, weights_version)
+        except Exception:  # noqa: BLE001 - the database may be restarting
+            log.exception("worker pass failed")
+            busy = False
+        if not busy:
+            stop.wait(node.settings.worker.poll_seconds)

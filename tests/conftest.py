@@ -1,0 +1,63 @@
+"""Shared fixtures: databases (SQLite and, when a server answers, PostgreSQL), a node in-process.
+
+PostgreSQL: tests use the server at ``DICOM_NODE_TEST_PG`` (default
+``postgresql://postgres@127.0.0.1:5432/postgres``), creating a fresh database per test and
+dropping it after; when no server answers they are skipped with a message saying so.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+PG_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def _pg_admin():
+    import psycopg
+
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL} ({exc.__class__.__name__}); "
+                    "set DICOM_NODE_TEST_PG or start a server to run the PostgreSQL variants")
+
+
+@pytest.fixture
+def pg_url():
+    """A fresh, empty PostgreSQL database URL (dropped after the test)."""
+    name = f"dicomnode_test_{uuid.uuid4().hex[:10]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    yield f"{base}/{name}"
+    with _pg_admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """Each test using this runs twice: on SQLite and on PostgreSQL."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'node.sqlite3'}"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def make_node(tmp_path):
+    """Build a ``Node`` on a database URL with settings overrides (nested dicts)."""
+    from dicom_node.config import Settings
+    from dicom_node.node import open_node
+
+    def _make(database_url: str = "", **overrides):
+        data = {"node": {"data_dir": str(tmp_path / "var"), "port": 0, "host": "127.0.0.1"},
+                "database": {"url": database_url}, "sources": [{"ae_title": "STORESCU"}, {"ae_title": "NODETEST"}]}
+        for key, value in overrides.items():
+            if isinstance(value, dict):
+                data.setdefault(key, {}).update(value)
+            else:
+                data[key] = value
+        return open_node(Settings(**data))
+
+    return _make
