@@ -1,0 +1,62 @@
+"""Classical lung-region mask, used to crop a CT to the lungs before patch-wise inference and to
+sample hard negatives (vessels, pleura, airways) for training.
+
+All functions work on a (Z, Y, X) HU array on a 1 mm isotropic grid (see
+:func:`model.data.resample_to_iso`).
+"""
+from __future__ import annotations
+
+import numpy as np
+from scipy import ndimage as ndi
+
+# Inputs narrower than this (mm, in y or x) are treated as crops: the whole array is the region.
+MIN_CHEST_EXTENT_MM = 120
+
+
+def _ball(r: int) -> np.ndarray:
+    g = np.mgrid[-r : r + 1, -r : r + 1, -r : r + 1]
+    return (g**2).sum(0) <= r * r
+
+
+def lung_region(hu: np.ndarray, margin_mm: int = 6) -> np.ndarray:
+    """Bool (Z, Y, X) mask of the lungs, closed so that vessels and juxtapleural nodules are
+    inside, dilated by ``margin_mm``. Computed at 2 mm and upsampled.
+
+    For inputs narrower than :data:`MIN_CHEST_EXTENT_MM` (nodule crops) or where no lung air
+    is found, the whole array is returned as the region.
+    """
+    if min(hu.shape[1:]) < MIN_CHEST_EXTENT_MM:
+        return np.ones(hu.shape, bool)
+    small = hu[::2, ::2, ::2]
+    body = small > -500
+    # the body: the largest connected non-air component, holes filled slice by slice
+    lab, n = ndi.label(body)
+    if n == 0:
+        return np.ones(hu.shape, bool)
+    sizes = ndi.sum(body, lab, index=np.arange(1, n + 1))
+    body = lab == (1 + int(np.argmax(sizes)))
+    body = np.stack([ndi.binary_fill_holes(s) for s in body])
+    air = (small < -400) & body
+    air = ndi.binary_opening(air, iterations=1)
+    lab, n = ndi.label(air)
+    if n == 0:
+        return np.ones(hu.shape, bool)
+    sizes = ndi.sum(air, lab, index=np.arange(1, n + 1))
+    keep = np.flatnonzero(sizes * 8 >= 20_000) + 1  # components of at least 20 ml
+    if keep.size == 0:
+        return np.ones(hu.shape, bool)
+    lungs = np.isin(lab, keep)
+    lungs = ndi.binary_closing(lungs, structure=_ball(5), iterations=1)  # 10 mm at 2 mm voxels
+    lungs = np.stack([ndi.binary_fill_holes(s) for s in lungs])
+    if margin_mm > 0:
+        lungs = ndi.binary_dilation(lungs, structure=_ball(max(1, margin_mm // 2)))
+    full = np.repeat(np.repeat(np.repeat(lungs, 2, 0), 2, 1), 2, 2)
+    return full[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
+
+
+def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
+    """Tight bounding box of a bool mask as slices, or None when empty."""
+    idx = [np.flatnonzero(mask.any(axis=tuple(j for j in range(mask.ndim) if j != i))) for i in range(mask.ndim)]
+    if any(len(i) == 0 for i in idx):
+        return None
+    return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)

@@ -1,0 +1,363 @@
+"""Training of Res-MTNet on the LUNA16 nodule cubes, with hard negatives from real lung.
+
+Each training sample is a 1 mm isotropic crop (``crop`` voxels a side), one of:
+  * a *cube positive*: a training cube around its nodule, centre shifted at random;
+  * a *pasted positive*: a training nodule pasted (:func:`model.data.paste_nodule`) into the
+    training part of LIDC-IDRI-0001's lungs (z >= -180 mm, the reference nodule excluded) or a
+    synthetic phantom, at a random lung position;
+  * a *negative*: a crop of that background lung, half of them centred on dense tissue
+    (vessels, pleura, airway walls: HU > -600), none within 30 mm of a nodule.
+All go through the same spatial and intensity augmentation (:mod:`model.transforms`).
+Validation series (:func:`model.data.split_by_series`) and the validation part of
+LIDC-IDRI-0001 are never sampled.
+
+The run is seeded; a checkpoint (weights, optimiser, step, RNG state) is written every
+``checkpoint_every`` steps and picked up by ``resume``; the final weights (``resmtnet.pt``,
+float16 state dict) come with ``resmtnet.json``: the resolved config, git revision and package
+versions.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import platform
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from model import data as D
+from model.detector import NoduleTarget, make_targets
+from model.losses import DEFAULT_WEIGHTS, joint_loss
+from model.network import ResMTNet
+from model.transforms import IntensityAugment, SpatialParams, draw_spatial, map_point, normalize_hu, sample_crop
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run (written, resolved, beside the weights)."""
+
+    out_dir: str = "runs/default"
+    seed: int = 0
+    steps: int = 1500
+    batch_size: int = 16
+    crop: int = 32
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    widths: tuple[int, int, int] = (16, 32, 64)
+    mask_width: int = 8
+    cross_task: bool = True
+    loss_weights: dict = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
+    frac_cube: float = 0.5
+    frac_pasted: float = 0.2  # the rest are negatives
+    val_fraction: float = 0.2
+    phantoms: int = 2  # synthetic phantoms added to the backgrounds (0: none)
+    use_lidc_background: bool = True
+    threads: int = 2
+    workers: int = 1
+    device: str = "auto"
+    checkpoint_every: int = 100
+    limit_cubes: int | None = None  # for smoke tests
+
+
+# ----------------------------------------------------------------------------- backgrounds
+@dataclass
+class Background:
+    """A 1 mm lung volume to paste nodules into and cut negatives from.
+
+    hu: (Z, Y, X) int16; allowed: bool, where crop centres may be drawn (inside lung, away
+    from known nodules, inside the training part); dense: flat indices of allowed voxels with
+    HU > -600 (hard negatives).
+    """
+
+    name: str
+    hu: np.ndarray
+    allowed: np.ndarray
+    dense: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    anywhere: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __post_init__(self):
+        self.anywhere = np.flatnonzero(self.allowed)
+        self.dense = np.flatnonzero(self.allowed & (self.hu > -600))
+
+
+def exclusion(shape, centres_vox, radius: float) -> np.ndarray:
+    """Bool mask, True farther than ``radius`` voxels from every centre (z, y, x)."""
+    keep = np.ones(shape, bool)
+    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    for c in centres_vox:
+        keep &= (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 > radius**2
+    return keep
+
+
+def lidc_training_background() -> Background:
+    """The training part of LIDC-IDRI-0001 (z >= -180 mm), reference nodule excluded (30 mm)."""
+    hu, lung, origin = D.lidc_0001_iso()
+    nod = D.world_to_voxel(D.LIDC_0001_NODULE_MM, origin, (1.0, 1.0, 1.0))
+    cut = int(np.ceil(D.LIDC_0001_Z_CUT_MM - origin[2]))
+    allowed = lung & exclusion(hu.shape, [nod], 30.0)
+    allowed[:cut] = False
+    return Background("LIDC-IDRI-0001[z>=-180mm]", hu, allowed)
+
+
+def phantom_backgrounds(n: int, seed: int) -> list[Background]:
+    from model.phantom import make_phantom
+
+    out = []
+    for i in range(n):
+        ph = make_phantom(seed=10_000 + seed * 100 + i, n_nodules=0)
+        allowed = ph.lungs & exclusion(ph.hu.shape, [], 0)
+        out.append(Background(f"phantom-{i}", ph.hu, allowed))
+    return out
+
+
+# ----------------------------------------------------------------------------- sampling
+class Sampler:
+    """Draws augmented training samples (see the module docstring)."""
+
+    def __init__(self, cubes: list[D.Cube], backgrounds: list[Background], cfg: TrainConfig, seed: int):
+        self.cubes = cubes
+        self.backgrounds = [b for b in backgrounds if b.anywhere.size]
+        self.cfg = cfg
+        self.rng = np.random.default_rng(seed)
+        self.intensity = IntensityAugment(seed)
+
+    def _finish(self, img_hu: np.ndarray, mask: np.ndarray, nodules: list[NoduleTarget]) -> dict[str, torch.Tensor]:
+        x = self.intensity(normalize_hu(img_hu)[None])
+        tgt = make_targets(img_hu.shape, nodules)
+        tgt["image"] = torch.from_numpy(np.ascontiguousarray(x))
+        tgt["mask"] = torch.from_numpy(mask[None].astype(np.float32))
+        return tgt
+
+    def _shifted_centre(self, centre: np.ndarray, diameter: float) -> np.ndarray:
+        s = self.cfg.crop
+        room = max(1.0, s / 2 - max(diameter / 2, 3.0) - 1)
+        return centre + self.rng.uniform(-room, room, 3)
+
+    def cube_positive(self) -> dict[str, torch.Tensor]:
+        cube = self.cubes[self.rng.integers(len(self.cubes))]
+        s = self.cfg.crop
+        p = draw_spatial(self.rng, s)
+        centre = np.asarray(cube.center)
+        c_src = self._shifted_centre(centre, cube.diameter_mm)
+        img, msk = sample_crop(cube.image, cube.mask, c_src, s, p, cval=np.nan)
+        if np.isnan(img).any():  # outside the 40 mm cube: mirror the cube instead of air
+            img2, _ = _sample_mirror(cube.image, c_src, s, p)
+            img = np.where(np.isnan(img), img2, img)
+        ctr = map_point(centre, c_src, s, p)
+        return self._finish(img, msk, [NoduleTarget(tuple(ctr), cube.diameter_mm * p.zoom, cube.soft_target)])
+
+    def _background_point(self, bg: Background, dense: bool) -> np.ndarray:
+        pool = bg.dense if dense and bg.dense.size else bg.anywhere
+        return np.asarray(np.unravel_index(pool[self.rng.integers(pool.size)], bg.hu.shape), float)
+
+    def _region(self, bg: Background, centre: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
+        lo = np.round(centre).astype(int) - half
+        region = np.full((2 * half,) * 3, -1000, np.int16)
+        src_lo = np.maximum(lo, 0)
+        src_hi = np.minimum(lo + 2 * half, bg.hu.shape)
+        region[tuple(slice(a - l, b - l) for a, b, l in zip(src_lo, src_hi, lo))] = bg.hu[tuple(slice(a, b) for a, b in zip(src_lo, src_hi))]
+        return region, lo
+
+    def pasted_positive(self) -> dict[str, torch.Tensor]:
+        bg = self.backgrounds[self.rng.integers(len(self.backgrounds))]
+        cube = self.cubes[self.rng.integers(len(self.cubes))]
+        at = self._background_point(bg, dense=False)
+        half = self.cfg.crop
+        region, lo = self._region(bg, at, half)
+        region = region.copy()
+        centre_r = at - lo
+        D.paste_nodule(region, cube.image, cube.mask, tuple(np.round(centre_r).astype(int)))
+        mask = np.zeros(region.shape, bool)
+        cs = np.asarray(cube.mask.shape)
+        start = np.round(centre_r).astype(int) - cs // 2
+        a = np.maximum(start, 0)
+        b = np.minimum(start + cs, region.shape)
+        mask[tuple(slice(x, y) for x, y in zip(a, b))] = cube.mask[tuple(slice(x - s, y - s) for x, y, s in zip(a, b, start))]
+        nod_centre = start + np.asarray(cube.center)
+        s = self.cfg.crop
+        p = draw_spatial(self.rng, s)
+        c_src = self._shifted_centre(nod_centre, cube.diameter_mm)
+        img, msk = sample_crop(region, mask, c_src, s, p)
+        ctr = map_point(nod_centre, c_src, s, p)
+        return self._finish(img, msk, [NoduleTarget(tuple(ctr), cube.diameter_mm * p.zoom, cube.soft_target)])
+
+    def negative(self) -> dict[str, torch.Tensor]:
+        bg = self.backgrounds[self.rng.integers(len(self.backgrounds))]
+        at = self._background_point(bg, dense=self.rng.random() < 0.5)
+        s = self.cfg.crop
+        region, lo = self._region(bg, at, s)
+        p = draw_spatial(self.rng, s)
+        img, _ = sample_crop(region, None, at - lo, s, p)
+        return self._finish(img, np.zeros(img.shape, bool), [])
+
+    def sample(self) -> dict[str, torch.Tensor]:
+        u = self.rng.random()
+        if not self.backgrounds or u < self.cfg.frac_cube:
+            return self.cube_positive()
+        if u < self.cfg.frac_cube + self.cfg.frac_pasted:
+            return self.pasted_positive()
+        return self.negative()
+
+
+def _sample_mirror(volume: np.ndarray, c_src, size: int, params: SpatialParams):
+    from scipy import ndimage as ndi
+
+    c_out = (size - 1) / 2.0
+    g = np.indices((size,) * 3, dtype=np.float32).reshape(3, -1) - c_out
+    src = params.matrix @ g + np.asarray(c_src, np.float32)[:, None]
+    if params.elastic is not None:
+        src = src + params.elastic.reshape(3, -1)
+    img = ndi.map_coordinates(volume.astype(np.float32), src.reshape((3,) + (size,) * 3), order=1, mode="mirror")
+    return img, None
+
+
+class SampleStream(torch.utils.data.IterableDataset):
+    """Endless stream of samples; each worker gets its own seed (``seed * 1000 + worker``).
+
+    ``start`` offsets the seed so a resumed run draws fresh samples."""
+
+    def __init__(self, cubes, cfg: TrainConfig, start: int = 0):
+        self.cubes, self.cfg, self.start = cubes, cfg, start
+
+    def __iter__(self):
+        info = torch.utils.data.get_worker_info()
+        wid = 0 if info is None else info.id
+        torch.set_num_threads(1)
+        backgrounds: list[Background] = []
+        if self.cfg.use_lidc_background:
+            try:
+                backgrounds.append(lidc_training_background())
+            except FileNotFoundError as e:
+                log.warning("no LIDC background: %s", e)
+        if self.cfg.phantoms:
+            backgrounds += phantom_backgrounds(self.cfg.phantoms, self.cfg.seed)
+        sampler = Sampler(self.cubes, backgrounds, self.cfg, seed=self.cfg.seed * 1000 + wid + 7919 * self.start)
+        while True:
+            yield sampler.sample()
+
+
+# ----------------------------------------------------------------------------- provenance
+def provenance() -> dict:
+    """Git revision and package versions, for the metadata written beside the weights."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "model"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        rev, dirty = "", False
+    import monai
+    import scipy
+    import SimpleITK
+
+    return {
+        "git_revision": rev or "unknown",
+        "git_dirty_model": dirty,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+        "SimpleITK": SimpleITK.Version_VersionString(),
+    }
+
+
+def save_weights(net: ResMTNet, path: Path, meta: dict) -> None:
+    """Weights only (float16 state dict) plus ``<path>.json`` metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sd = {k: (v.half() if v.is_floating_point() else v) for k, v in net.state_dict().items()}
+    torch.save(sd, path)
+    path.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def build_network(meta_or_cfg: dict) -> ResMTNet:
+    return ResMTNet(widths=tuple(meta_or_cfg["widths"]), mask_width=meta_or_cfg["mask_width"], cross_task=meta_or_cfg["cross_task"])
+
+
+def load_weights(path: str | Path, device: str = "cpu") -> tuple[ResMTNet, dict]:
+    """(network in eval mode, metadata) from :func:`save_weights` output."""
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    net = build_network(meta["config"])
+    sd = torch.load(path, map_location=device, weights_only=True)
+    net.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
+    return net.to(device).eval(), meta
+
+
+# ----------------------------------------------------------------------------- loop
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
+    """Run (or resume) training; returns the path of the final weights."""
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    device = _device(cfg.device)
+    cubes = D.load_cubes(limit=cfg.limit_cubes)
+    val = D.split_by_series([c.seriesuid for c in cubes], cfg.val_fraction)
+    train_cubes = [c for c in cubes if c.seriesuid not in val]
+    log.info("cubes: %d train, %d validation (%d series)", len(train_cubes), len(cubes) - len(train_cubes), len(val))
+    (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), **provenance(),
+                                                 "train_cubes": len(train_cubes), "val_series": sorted(val)}, indent=2) + "\n")
+    net = ResMTNet(widths=cfg.widths, mask_width=cfg.mask_width, cross_task=cfg.cross_task).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    step = 0
+    ckpt = out / "checkpoint.pt"
+    if resume and ckpt.exists():
+        st = torch.load(ckpt, map_location=device, weights_only=False)
+        net.load_state_dict(st["net"]); opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
+        step = st["step"]
+        torch.set_rng_state(st["torch_rng"])
+        log.info("resumed at step %d", step)
+    stream = SampleStream(train_cubes, cfg, start=step)
+    loader = torch.utils.data.DataLoader(stream, batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         persistent_workers=cfg.workers > 0)
+    history = []
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc="train", file=sys.stderr)
+    net.train()
+    t0 = time.time()
+    it = iter(loader)
+    while step < cfg.steps:
+        batch = {k: v.to(device) for k, v in next(it).items()}
+        outp = net(batch["image"])
+        terms = joint_loss(outp, batch, cfg.loss_weights)
+        opt.zero_grad(set_to_none=True)
+        terms["total"].backward()
+        torch.nn.utils.clip_grad_norm_(net.parameters(), 5.0)
+        opt.step(); sched.step()
+        step += 1
+        rec = {k: round(float(v.detach()), 4) for k, v in terms.items()}
+        history.append({"step": step, **rec})
+        bar.set_postfix(loss=rec["total"], heat=rec["heat"], mal=rec["mal"])
+        bar.update(1)
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
+                        "step": step, "torch_rng": torch.get_rng_state()}, ckpt)
+            with open(out / "history.jsonl", "a") as f:
+                for h in history:
+                    f.write(json.dumps(h) + "\n")
+            history = []
+    bar.close()
+    net.eval()
+    meta = {"config": dataclasses.asdict(cfg), **provenance(), "train_seconds_this_session": round(time.time() - t0, 1),
+            "train_cubes": len(train_cubes), "threshold": None,
+            "note": "threshold is set by `dicom-node evaluate --write-threshold` on validation"}
+    path = out / "resmtnet.pt"
+    save_weights(net, path, meta)
+    return path
