@@ -168,9 +168,9 @@ class Listener:
         if reason is not None:
             st.rejected_reason = reason
             log.warning("association from %s (%s -> %s) rejected: %s", st.peer_host, st.calling_ae, st.called_ae, reason)
+            self._write_log(st, AssociationResult.REJECTED, reason, ended=True)
             event.assoc.acceptor.ae_title = our_ae
             event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
-            self._write_log(st, AssociationResult.REJECTED, reason, ended=True)
             # Wait until the A-ASSOCIATE-RJ is on the wire before pynetdicom closes the socket.
             event.assoc.kill()
 
