@@ -349,11 +349,10 @@ def series_problem(
             f"not axial: slice normal {tilt:.1f} degrees from the patient z axis"
             f" (at most {max_tilt_degrees:g}; ImageOrientationPatient {iop})"
         )
-    spacing = stack.slice_spacing
-    assert spacing is not None  # min_slices >= 2 in practice; one slice handled below
-    if spacing > max_slice_spacing_mm:
+    spacing = stack.slice_spacing  # None for a single slice (only with min_slices <= 1)
+    if spacing is not None and spacing > max_slice_spacing_mm:
         return f"slice spacing too large: {spacing:.2f} mm (at most {max_slice_spacing_mm:g} mm)"
-    if spacing < min_slice_spacing_mm:
+    if spacing is not None and spacing < min_slice_spacing_mm:
         return f"slice spacing too small: {spacing:.2f} mm (at least {min_slice_spacing_mm:g} mm)"
     thicknesses = [float(ds.SliceThickness) for ds in headers if ds.get("SliceThickness") not in (None, "")]
     if thicknesses and max(thicknesses) > max_slice_thickness_mm:

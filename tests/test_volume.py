@@ -225,6 +225,15 @@ def test_eligibility_rules(tmp_path, spec_kwargs, kwargs, expected):
     assert series_problem(synthetic_ct.headers(paths), **kwargs) == expected
 
 
+def test_single_slice(tmp_path):
+    paths = synthetic_ct.write_series(tmp_path, SeriesSpec(n_slices=1, slice_thickness=1.25))
+    assert series_problem(synthetic_ct.headers(paths)) == "too few slices: 1 (at least 16 needed)"
+    assert series_problem(synthetic_ct.headers(paths), min_slices=1) is None
+    volume = load_series(paths)
+    assert volume.shape == (1, 24, 20)
+    assert volume.spacing == pytest.approx((1.25, 0.8, 0.7))  # SliceThickness stands in
+
+
 def test_empty_and_mixed_series(tmp_path):
     assert series_problem([]) == "empty series: no instances"
     a = synthetic_ct.write_series(tmp_path / "a", SeriesSpec(n_slices=10))
