@@ -14,6 +14,7 @@ Coordinate conventions (the same as SimpleITK):
     ``z`` across slices, sorted along the slice normal ``row x column``.
   * ``point_lps = origin + direction @ (np.array([x, y, z]) * np.array([sx, sy, sz]))``.
 """
+
 from __future__ import annotations
 
 import logging
@@ -184,7 +185,9 @@ def _series_uid_problem(headers: Sequence[pydicom.Dataset]) -> str | None:
     return None
 
 
-def _stack(headers: Sequence[pydicom.Dataset], tolerance: float) -> tuple[_Stack | None, str | None]:
+def _stack(
+    headers: Sequence[pydicom.Dataset], tolerance: float
+) -> tuple[_Stack | None, str | None]:
     """Sort headers along the slice normal and check that they form a regular stack."""
     required = (
         "ImagePositionPatient",
@@ -224,7 +227,10 @@ def _stack(headers: Sequence[pydicom.Dataset], tolerance: float) -> tuple[_Stack
     if len(frames) > 1:
         return None, f"inconsistent FrameOfReferenceUID: {sorted(frames)}"
     if iop0.shape != (6,) or np.any(ps0 <= 0):
-        return None, f"invalid geometry: ImageOrientationPatient {_fmt(iop0)}, PixelSpacing {_fmt(ps0)}"
+        return (
+            None,
+            f"invalid geometry: ImageOrientationPatient {_fmt(iop0)}, PixelSpacing {_fmt(ps0)}",
+        )
     row, column = iop0[:3], iop0[3:]
     if (
         abs(np.linalg.norm(row) - 1) > 0.01
@@ -354,7 +360,9 @@ def series_problem(
         return f"slice spacing too large: {spacing:.2f} mm (at most {max_slice_spacing_mm:g} mm)"
     if spacing is not None and spacing < min_slice_spacing_mm:
         return f"slice spacing too small: {spacing:.2f} mm (at least {min_slice_spacing_mm:g} mm)"
-    thicknesses = [float(ds.SliceThickness) for ds in headers if ds.get("SliceThickness") not in (None, "")]
+    thicknesses = [
+        float(ds.SliceThickness) for ds in headers if ds.get("SliceThickness") not in (None, "")
+    ]
     if thicknesses and max(thicknesses) > max_slice_thickness_mm:
         return (
             f"slice thickness too large: {max(thicknesses):.2f} mm"
@@ -372,7 +380,9 @@ def _expand(paths: Sequence[Path | str]) -> list[Path]:
     for path in paths:
         path = Path(path)
         if path.is_dir():
-            files.extend(sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")))
+            files.extend(
+                sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
+            )
         else:
             files.append(path)
     return files

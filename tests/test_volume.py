@@ -5,6 +5,7 @@ voxel's own patient position, so comparing the loaded array with that function c
 whole geometry (slice order, orientation, spacing, origin) at once. Real data: LIDC-IDRI-0001
 and small public samples from ../shared/data, skipped when absent.
 """
+
 from __future__ import annotations
 
 import importlib.util
@@ -121,7 +122,9 @@ def test_any_orientation_loads_with_the_same_geometry_as_simpleitk(tmp_path, row
     np.testing.assert_allclose(ours.GetDirection(), image.GetDirection(), atol=1e-4)
     index_xyz = (3, 5, 7)
     np.testing.assert_allclose(
-        volume.voxel_to_lps(index_xyz[::-1]), image.TransformIndexToPhysicalPoint(index_xyz), atol=1e-4
+        volume.voxel_to_lps(index_xyz[::-1]),
+        image.TransformIndexToPhysicalPoint(index_xyz),
+        atol=1e-4,
     )
 
 
@@ -176,7 +179,9 @@ def test_duplicate_position(tmp_path):
 
     problem = series_problem(synthetic_ct.headers(paths))
 
-    assert problem is not None and problem.startswith("duplicate slice position: 2 instances at z=-20.00 mm")
+    assert problem is not None and problem.startswith(
+        "duplicate slice position: 2 instances at z=-20.00 mm"
+    )
 
 
 def test_gantry_tilt_shear_is_refused(tmp_path):
@@ -208,7 +213,11 @@ def test_inconsistent_headers(tmp_path):
         ({"n_slices": 10}, {}, "too few slices: 10 (at least 16 needed)"),
         ({"n_slices": 10}, {"min_slices": 8}, None),
         ({"slice_spacing": 5.0}, {}, "slice spacing too large: 5.00 mm (at most 3 mm)"),
-        ({"slice_spacing": 5.0}, {"max_slice_spacing_mm": 6.0, "max_slice_thickness_mm": 6.0}, None),
+        (
+            {"slice_spacing": 5.0},
+            {"max_slice_spacing_mm": 6.0, "max_slice_thickness_mm": 6.0},
+            None,
+        ),
         ({"slice_thickness": 5.0}, {}, "slice thickness too large: 5.00 mm (at most 3 mm)"),
         ({"modality": "MR"}, {}, "not a CT series: Modality MR"),
         (
@@ -275,7 +284,9 @@ def lidc_volume() -> Volume:
 
 def test_lidc_series_is_eligible_and_loads_with_its_geometry(lidc_volume):
     with _lenient():
-        headers = [pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(LIDC_SERIES.glob("*.dcm"))]
+        headers = [
+            pydicom.dcmread(p, stop_before_pixels=True) for p in sorted(LIDC_SERIES.glob("*.dcm"))
+        ]
     assert series_problem(headers) is None
 
     assert lidc_volume.shape == (133, 512, 512)

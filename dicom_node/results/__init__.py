@@ -8,6 +8,7 @@ stores and dispatches the returned datasets. Findings are numbered ``Nodule 1..N
 order given; each gets one tracking UID shared by its SR measurement groups and SEG segment.
 See ``sr.py`` for the SR content tree and ``common.py`` for the codes used.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence

@@ -13,6 +13,7 @@ Terminology (standard codes only, PS3.16 and SNOMED CT / RadLex / UCUM):
   * a study without nodules: qualitative evaluation (121052, DCM, "Presence of property") =
     (121054, DCM, "Absent") in a TID 1501 measurement group whose finding is "Nodule".
 """
+
 from __future__ import annotations
 
 import logging
@@ -82,7 +83,9 @@ class Producer:
         if not self.algorithm_version:
             raise ValueError("algorithm_version must not be empty")
         if not 0.0 <= self.malignancy_threshold <= 1.0:
-            raise ValueError(f"malignancy_threshold must be in [0, 1], got {self.malignancy_threshold}")
+            raise ValueError(
+                f"malignancy_threshold must be in [0, 1], got {self.malignancy_threshold}"
+            )
 
 
 class UidSource:
@@ -130,7 +133,9 @@ def full_mask(volume: Volume, finding: Finding) -> np.ndarray | None:
     lo = np.clip(start, 0, shape)
     hi = np.clip(stop, 0, shape)
     if np.any(hi <= lo):
-        logger.warning("finding mask at offset %s lies outside the volume %s", tuple(start), tuple(shape))
+        logger.warning(
+            "finding mask at offset %s lies outside the volume %s", tuple(start), tuple(shape)
+        )
         return None
     out = np.zeros(volume.array.shape, dtype=bool)
     src = tuple(slice(int(a - s), int(b - s)) for a, b, s in zip(lo, hi, start))

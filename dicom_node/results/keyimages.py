@@ -6,6 +6,7 @@ ellipse when there is no mask), in the source study, a new series, and the sourc
 geometry (pixel spacing, patient orientation) so that measurements on it stay meaningful. The
 pixels carry no text, so Burned In Annotation is "NO".
 """
+
 from __future__ import annotations
 
 import logging

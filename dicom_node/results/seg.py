@@ -7,6 +7,7 @@ a mask are written: the source slices given to highdicom are those the masks tou
 (slice, segment) frames are omitted, so a 512x512x133 series with a few nodules yields a few
 dozen frames.
 """
+
 from __future__ import annotations
 
 import logging

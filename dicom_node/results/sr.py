@@ -18,6 +18,7 @@ qualitative evaluation (121052, DCM, "Presence of property") = (121054, DCM, "Ab
 
 Patient and study attributes are copied from the source (highdicom); the SR is a new series.
 """
+
 from __future__ import annotations
 
 import logging
@@ -58,7 +59,9 @@ logger = logging.getLogger(__name__)
 
 
 def _algorithm(producer: Producer) -> hd.sr.AlgorithmIdentification:
-    return hd.sr.AlgorithmIdentification(name=producer.algorithm_name, version=producer.algorithm_version)
+    return hd.sr.AlgorithmIdentification(
+        name=producer.algorithm_name, version=producer.algorithm_version
+    )
 
 
 def _characterisation(nodule: Nodule, producer: Producer) -> tuple[list, list]:

@@ -1,4 +1,5 @@
 """Fixtures for the result-object tests: strict pydicom, synthetic and real series, findings."""
+
 from __future__ import annotations
 
 import shutil
@@ -41,7 +42,9 @@ def sphere_finding(
     base = np.round(center).astype(int)
     frac = center - base
     sz, sy, sx = volume.spacing
-    mask = ((zz - frac[0]) * sz) ** 2 + ((yy - frac[1]) * sy) ** 2 + ((xx - frac[2]) * sx) ** 2 <= radius_mm**2
+    mask = ((zz - frac[0]) * sz) ** 2 + ((yy - frac[1]) * sy) ** 2 + (
+        (xx - frac[2]) * sx
+    ) ** 2 <= radius_mm**2
     offset = tuple(int(b - r) for b, r in zip(base, radii))
     return Finding(
         center_mm=tuple(float(v) for v in center_mm),
@@ -60,8 +63,13 @@ def synthetic_volume(tmp_path_factory) -> Volume:
     """A 24-slice axial series, 40x36 pixels, 0.8 x 0.7 x 2.0 mm, with two soft-tissue balls."""
     directory = tmp_path_factory.mktemp("synthetic-series")
     spec = SeriesSpec(
-        n_slices=24, rows=40, columns=36, origin=(-12.0, -16.0, -30.0), seed=3,
-        sphere_center=(0.0, 0.0, -10.0), sphere_radius=5.0,
+        n_slices=24,
+        rows=40,
+        columns=36,
+        origin=(-12.0, -16.0, -30.0),
+        seed=3,
+        sphere_center=(0.0, 0.0, -10.0),
+        sphere_radius=5.0,
     )
     return load_series(write_series(directory, spec))
 

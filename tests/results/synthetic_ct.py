@@ -4,6 +4,7 @@ Every voxel's stored value encodes its own patient position: ``hu_at(p) = round(
 (p in LPS mm) plus a soft-tissue sphere where asked, so a test can check that the loader put
 every voxel where the headers say it is, whatever the slice order on disk and the orientation.
 """
+
 from __future__ import annotations
 
 import random
@@ -72,7 +73,9 @@ def slice_positions(spec: SeriesSpec) -> list[np.ndarray]:
 def expected_hu(spec: SeriesSpec, points: np.ndarray) -> np.ndarray:
     values = hu_at(points)
     if spec.sphere_center is not None and spec.sphere_radius > 0:
-        inside = np.linalg.norm(points - np.asarray(spec.sphere_center), axis=-1) <= spec.sphere_radius
+        inside = (
+            np.linalg.norm(points - np.asarray(spec.sphere_center), axis=-1) <= spec.sphere_radius
+        )
         values = np.where(inside, spec.sphere_hu, values)
     return values
 
@@ -108,7 +111,9 @@ def make_dataset(spec: SeriesSpec, position: np.ndarray, number: int) -> Dataset
     ds.PatientBirthDate = "19700101"
     ds.PatientSex = "O"
     ds.BodyPartExamined = "CHEST"
-    ds.SliceThickness = spec.slice_thickness if spec.slice_thickness is not None else spec.slice_spacing
+    ds.SliceThickness = (
+        spec.slice_thickness if spec.slice_thickness is not None else spec.slice_spacing
+    )
     ds.KVP = 120
     ds.PatientPosition = "HFS"
     ds.StudyInstanceUID = spec.study_uid
@@ -118,7 +123,9 @@ def make_dataset(spec: SeriesSpec, position: np.ndarray, number: int) -> Dataset
     ds.AcquisitionNumber = 1
     ds.InstanceNumber = number
     ds.ImagePositionPatient = [round(float(v), 4) for v in position]
-    ds.ImageOrientationPatient = [round(float(v), 6) for v in (*spec.row_cosine, *spec.column_cosine)]
+    ds.ImageOrientationPatient = [
+        round(float(v), 6) for v in (*spec.row_cosine, *spec.column_cosine)
+    ]
     ds.FrameOfReferenceUID = spec.frame_uid
     ds.PositionReferenceIndicator = ""
     ds.SamplesPerPixel = 1

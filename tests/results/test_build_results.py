@@ -3,6 +3,7 @@
 Each object is written, checked with dciodvfy (no "Error" lines), read back with highdicom and
 pydicom (strict mode), and its content compared with the findings it was built from.
 """
+
 from __future__ import annotations
 
 import highdicom as hd
@@ -46,7 +47,9 @@ def findings(synthetic_volume) -> list[Finding]:
     return [
         sphere_finding(synthetic_volume, (0.0, 0.0, -10.0), 5.0, malignancy=0.8),
         sphere_finding(synthetic_volume, (6.0, 8.0, 4.0), 3.0, malignancy=0.2),
-        sphere_finding(synthetic_volume, (-6.0, -8.0, -20.0), 2.5, malignancy=0.55, with_mask=False),
+        sphere_finding(
+            synthetic_volume, (-6.0, -8.0, -20.0), 2.5, malignancy=0.55, with_mask=False
+        ),
     ]
 
 
@@ -75,8 +78,16 @@ def test_objects_file_under_the_source_study(synthetic_volume, results):
         assert "research" in ds.SeriesDescription and "not clinical" in ds.SeriesDescription
         assert len(ds.SeriesDescription) <= 64
         assert ds.InstitutionName == "Test Hospital"
-    assert len({results.sr.SeriesInstanceUID, results.seg.SeriesInstanceUID,
-                results.key_images[0].SeriesInstanceUID}) == 3
+    assert (
+        len(
+            {
+                results.sr.SeriesInstanceUID,
+                results.seg.SeriesInstanceUID,
+                results.key_images[0].SeriesInstanceUID,
+            }
+        )
+        == 3
+    )
     assert [ds.Modality for ds in results.datasets()][:2] == ["SEG", "SR"]
 
 
@@ -88,7 +99,9 @@ def test_every_object_passes_dciodvfy(tmp_path, results):
 
 def test_seg_has_one_segment_per_masked_nodule(tmp_path, synthetic_volume, findings, results):
     seg = hd.seg.segread(save(results.seg, tmp_path / "seg.dcm"))
-    sr_groups = hd.sr.srread(save(results.sr, tmp_path / "sr.dcm")).content.get_volumetric_roi_measurement_groups()
+    sr_groups = hd.sr.srread(
+        save(results.sr, tmp_path / "sr.dcm")
+    ).content.get_volumetric_roi_measurement_groups()
 
     assert seg.SegmentationType == "BINARY"
     assert seg.number_of_segments == 2
@@ -125,8 +138,12 @@ def test_sr_reports_each_nodule(tmp_path, synthetic_volume, findings, results):
     assert isinstance(sr, hd.sr.Comprehensive3DSR)
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "1500"
     assert sr.CompletionFlag == "COMPLETE" and sr.VerificationFlag == "UNVERIFIED"
-    evidence = {item.ReferencedSOPInstanceUID for study in sr.CurrentRequestedProcedureEvidenceSequence
-                for series in study.ReferencedSeriesSequence for item in series.ReferencedSOPSequence}
+    evidence = {
+        item.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for item in series.ReferencedSOPSequence
+    }
     assert seg_uid in evidence
 
     volumetric = sr.content.get_volumetric_roi_measurement_groups()
@@ -158,7 +175,9 @@ def test_sr_reports_each_nodule(tmp_path, synthetic_volume, findings, results):
         assert reference.ReferencedSOPInstanceUID == synthetic_volume.datasets[key].SOPInstanceUID
         points = region.value  # (column, row) image coordinates, pixel centre at +0.5
         centre = points.mean(axis=0) - 0.5
-        np.testing.assert_allclose(centre, (finding.center_voxel[2], finding.center_voxel[1]), atol=1.0)
+        np.testing.assert_allclose(
+            centre, (finding.center_voxel[2], finding.center_voxel[1]), atol=1.0
+        )
         long_axis = {m.name.value: m.value for m in group.get_measurements()}[LONG_AXIS.value]
         assert finding.diameter_mm - 1.5 <= long_axis <= finding.diameter_mm + 1.5
     # The nodule without mask carries everything in its planar group.
@@ -168,8 +187,13 @@ def test_sr_reports_each_nodule(tmp_path, synthetic_volume, findings, results):
 
 
 def test_negative_study_gets_an_sr_that_says_so_and_no_seg(tmp_path, synthetic_volume):
-    results = build_results(synthetic_volume, [], algorithm_name="Res-MTNet", algorithm_version="0.1.0",
-                            want_key_images=True)
+    results = build_results(
+        synthetic_volume,
+        [],
+        algorithm_name="Res-MTNet",
+        algorithm_version="0.1.0",
+        want_key_images=True,
+    )
     assert results.seg is None and results.key_images == []
     path = save(results.sr, tmp_path / "negative.dcm")
     assert errors(dciodvfy(path)) == []
@@ -180,22 +204,34 @@ def test_negative_study_gets_an_sr_that_says_so_and_no_seg(tmp_path, synthetic_v
     groups = sr.content.get_image_measurement_groups()
     assert len(groups) == 1
     assert groups[0].finding_type == NODULE
-    assert (PRESENCE_OF_PROPERTY.value, ABSENT.value) in _codes(groups[0].get_qualitative_evaluations())
+    assert (PRESENCE_OF_PROPERTY.value, ABSENT.value) in _codes(
+        groups[0].get_qualitative_evaluations()
+    )
     assert sr.StudyInstanceUID == synthetic_volume.study_instance_uid
 
 
 def test_findings_without_masks_give_no_seg(synthetic_volume, findings):
-    results = build_results(synthetic_volume, [findings[2]], algorithm_name="A", algorithm_version="1")
+    results = build_results(
+        synthetic_volume, [findings[2]], algorithm_name="A", algorithm_version="1"
+    )
     assert results.seg is None
     assert len(results.sr.ContentSequence[-1].ContentSequence) == 1  # one planar group
 
 
 def test_mask_outside_the_volume_is_dropped(synthetic_volume, findings):
     outside = Finding(
-        center_mm=(0.0, 0.0, 0.0), center_voxel=(1.0, 1.0, 1.0), diameter_mm=3.0, volume_mm3=14.0,
-        malignancy=0.1, score=0.5, mask=np.ones((2, 2, 2), bool), mask_offset=(500, 0, 0),
+        center_mm=(0.0, 0.0, 0.0),
+        center_voxel=(1.0, 1.0, 1.0),
+        diameter_mm=3.0,
+        volume_mm3=14.0,
+        malignancy=0.1,
+        score=0.5,
+        mask=np.ones((2, 2, 2), bool),
+        mask_offset=(500, 0, 0),
     )
-    results = build_results(synthetic_volume, [outside, findings[0]], algorithm_name="A", algorithm_version="1")
+    results = build_results(
+        synthetic_volume, [outside, findings[0]], algorithm_name="A", algorithm_version="1"
+    )
     assert results.seg.SegmentSequence[0].SegmentLabel == "Nodule 2"
     assert len(results.seg.SegmentSequence) == 1
 
@@ -212,9 +248,7 @@ def test_key_images_outline_each_nodule(tmp_path, synthetic_volume, findings, re
         red = (rgb[..., 0] == 255) & (rgb[..., 1] == 0) & (rgb[..., 2] == 0)
         rows, cols = np.nonzero(red)
         assert red.sum() > 4
-        np.testing.assert_allclose(
-            (rows.mean(), cols.mean()), finding.center_voxel[1:], atol=1.5
-        )
+        np.testing.assert_allclose((rows.mean(), cols.mean()), finding.center_voxel[1:], atol=1.5)
 
 
 @pytest.mark.parametrize("which", ["sr", "seg", "key"])
@@ -232,8 +266,9 @@ def test_pydicom_round_trip(tmp_path, results, which):
 
 def test_uid_seed_makes_reruns_identical(synthetic_volume, findings):
     def build(seed):
-        return build_results(synthetic_volume, findings[:1], algorithm_name="A", algorithm_version="1",
-                             uid_seed=seed)
+        return build_results(
+            synthetic_volume, findings[:1], algorithm_name="A", algorithm_version="1", uid_seed=seed
+        )
 
     first, again, other = build("job-42"), build("job-42"), build("job-43")
     assert first.sr.SOPInstanceUID == again.sr.SOPInstanceUID
@@ -247,9 +282,23 @@ def test_bad_arguments_are_named(synthetic_volume, findings):
     with pytest.raises(ValueError, match="algorithm_name must not be empty"):
         build_results(synthetic_volume, findings, algorithm_name="", algorithm_version="1")
     with pytest.raises(ValueError, match=r"malignancy_threshold must be in \[0, 1\], got 2"):
-        build_results(synthetic_volume, findings, algorithm_name="A", algorithm_version="1",
-                      malignancy_threshold=2)
-    flat = Finding(center_mm=(0, 0, 0), center_voxel=(1, 1, 1), diameter_mm=1, volume_mm3=1,
-                   malignancy=0.1, score=0.1, mask=np.ones((2, 2), bool))
-    with pytest.raises(ValueError, match=r"Finding.mask must be 3-D \(d, h, w\), got shape \(2, 2\)"):
+        build_results(
+            synthetic_volume,
+            findings,
+            algorithm_name="A",
+            algorithm_version="1",
+            malignancy_threshold=2,
+        )
+    flat = Finding(
+        center_mm=(0, 0, 0),
+        center_voxel=(1, 1, 1),
+        diameter_mm=1,
+        volume_mm3=1,
+        malignancy=0.1,
+        score=0.1,
+        mask=np.ones((2, 2), bool),
+    )
+    with pytest.raises(
+        ValueError, match=r"Finding.mask must be 3-D \(d, h, w\), got shape \(2, 2\)"
+    ):
         build_results(synthetic_volume, [flat], algorithm_name="A", algorithm_version="1")

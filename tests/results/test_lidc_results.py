@@ -4,6 +4,7 @@ A hand-made finding (a 12 mm-radius ball) sits on the reference nodule at (56.2,
 a second one without mask sits elsewhere. The SEG must stay small (only frames with mask) and
 quick to build, and every object must pass dciodvfy and read back with highdicom.
 """
+
 from __future__ import annotations
 
 import time
@@ -26,7 +27,10 @@ def lidc_results(lidc_volume):
     ]
     started = time.perf_counter()
     results = build_results(
-        lidc_volume, findings, algorithm_name="Res-MTNet", algorithm_version="0.1.0-test",
+        lidc_volume,
+        findings,
+        algorithm_name="Res-MTNet",
+        algorithm_version="0.1.0-test",
         want_key_images=True,
     )
     return findings, results, time.perf_counter() - started
@@ -35,7 +39,11 @@ def lidc_results(lidc_volume):
 def test_lidc_results_are_valid_and_quick(tmp_path, lidc_results):
     _, results, seconds = lidc_results
     assert seconds < 10.0, f"building SR+SEG+key images took {seconds:.1f} s"
-    for name, ds in [("sr", results.sr), ("seg", results.seg), *[(f"key{i}", k) for i, k in enumerate(results.key_images)]]:
+    for name, ds in [
+        ("sr", results.sr),
+        ("seg", results.seg),
+        *[(f"key{i}", k) for i, k in enumerate(results.key_images)],
+    ]:
         messages = dciodvfy(save(ds, tmp_path / f"{name}.dcm"))
         assert errors(messages) == [], f"{name}: {messages}"
 
@@ -55,7 +63,9 @@ def test_lidc_seg_references_the_source_slices(tmp_path, lidc_volume, lidc_resul
     assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == lidc_volume.series_instance_uid
     expected = sorted(lidc_volume.datasets[z].SOPInstanceUID for z in slices)
     assert sorted(uid for _, _, uid in seg.get_source_image_uids()) == expected
-    pixels = seg.get_pixels_by_source_instance([lidc_volume.datasets[z].SOPInstanceUID for z in slices])
+    pixels = seg.get_pixels_by_source_instance(
+        [lidc_volume.datasets[z].SOPInstanceUID for z in slices]
+    )
     centre = np.round(lidc_volume.lps_to_voxel(LIDC_NODULE_MM)).astype(int)
     assert pixels[slices.index(centre[0]), centre[1], centre[2], 0] == 1
 
@@ -68,7 +78,9 @@ def test_lidc_sr_content(tmp_path, lidc_volume, lidc_results):
 
     assert len(volumetric) == 1 and len(planar) == 2
     group = volumetric[0]
-    assert group.tracking_uid == results.seg.SegmentSequence[0].TrackingUID == planar[0].tracking_uid
+    assert (
+        group.tracking_uid == results.seg.SegmentSequence[0].TrackingUID == planar[0].tracking_uid
+    )
     assert group.referenced_segment.referenced_sop_instance_uid == results.seg.SOPInstanceUID
     values = {m.name.value: m.value for m in group.get_measurements()}
     assert values[DIAMETER.value] == pytest.approx(24.0)
@@ -79,4 +91,6 @@ def test_lidc_sr_content(tmp_path, lidc_volume, lidc_results):
     key = planar[0].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
     assert key == lidc_volume.datasets[90].SOPInstanceUID
     assert float(lidc_volume.datasets[90].ImagePositionPatient[2]) == pytest.approx(-115.0)
-    assert sr.PatientID == "LIDC-IDRI-0001" and sr.StudyInstanceUID == lidc_volume.study_instance_uid
+    assert (
+        sr.PatientID == "LIDC-IDRI-0001" and sr.StudyInstanceUID == lidc_volume.study_instance_uid
+    )
