@@ -300,3 +300,19 @@ def test_lidc_series_is_eligible_and_loads_with_its_geometry(lidc_volume):
     z, y, x = np.round(nodule).astype(int)
     assert lidc_volume.array[z - 1 : z + 2, y - 2 : y + 3, x - 2 : x + 3].mean() > -100
     assert lidc_volume.array[z, y - 28, x] < -700
+
+
+def test_real_jpeg2000_ct_slice_is_decoded():
+    path = SAMPLES / "pydicom-data" / "explicit_VR-UN.dcm"
+    if not path.exists():
+        pytest.skip(f"sample DICOM file absent: {path}")
+    with _lenient():  # most elements of this sample have VR UN
+        reference = pydicom.dcmread(path)
+        volume = load_series([path])
+    assert reference.file_meta.TransferSyntaxUID == pydicom.uid.JPEG2000Lossless
+    assert volume.shape == (1, 512, 512)
+    expected = reference.pixel_array * float(reference.RescaleSlope) + float(
+        reference.RescaleIntercept
+    )
+    np.testing.assert_array_equal(volume.array[0], expected.astype(np.float32))
+    assert volume.array.min() == -1024.0  # air outside the body, in HU
