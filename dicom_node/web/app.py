@@ -1,0 +1,122 @@
+"""The web stage: worklist and study pages, admin pages, JSON API, metrics.
+
+Contract: ``create_app(node)`` builds a FastAPI application from a ``Node`` (settings, session
+factory, file store) and holds no other state than caches; it reads everything from the
+database on each request, so several web processes on several hosts may serve one node, and
+changes made by the listener, worker and dispatcher show at once. Nothing is fetched from the
+network at run time: templates, styles, scripts and the API docs (Swagger UI) are served from
+this package.
+"""
+from __future__ import annotations
+
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import HTTPException as FastAPIHTTPException
+from fastapi.responses import JSONResponse, RedirectResponse
+from fastapi.staticfiles import StaticFiles
+from starlette.middleware.sessions import SessionMiddleware
+
+from dicom_node import __version__
+from dicom_node.node import Node
+from dicom_node.web.deps import LoginRequired, PageForbidden
+from dicom_node.web.images import KeyImages
+from dicom_node.web.metrics import make_registry
+from dicom_node.web.security import SESSION_SECONDS, Tokens, load_secret_key
+from dicom_node.web.services import ServiceError
+from dicom_node.web.templating import make_templates, render
+from storage import users
+
+log = logging.getLogger(__name__)
+
+HERE = Path(__file__).parent
+
+DESCRIPTION = """JSON API of the dicom-node web stage: the worklist, studies and findings, sources,
+destinations (with C-ECHO), queues, the association log, users and runtime settings.
+
+Authenticate with `POST /api/token` (OAuth2 password flow) and send `Authorization: Bearer <token>`.
+Roles: **radiologist** (worklist, studies, re-run/re-send) and **admin** (everything).
+Research use only; not a medical device."""
+
+
+def _warn_if_no_user(node: Node) -> None:
+    with node.sessions() as s:
+        if users.count_users(s) == 0:
+            log.warning("no web user exists yet; create an admin with: "
+                        "echo 'PASSWORD' | dicom-node user add NAME --role admin --password-stdin --config PATH")
+
+
+def create_app(node: Node) -> FastAPI:
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        _warn_if_no_user(node)
+        yield
+
+    app = FastAPI(title="dicom-node", version=__version__, description=DESCRIPTION, lifespan=lifespan,
+                  docs_url=None, redoc_url=None, openapi_url="/openapi.json")
+    secret = load_secret_key(node.settings.web.secret_key, node.settings.node.data_dir)
+    app.state.node = node
+    app.state.tokens = Tokens(secret)
+    app.state.key_images = KeyImages(node)
+    app.state.metrics_registry = make_registry(node.sessions)
+    app.state.templates = make_templates(HERE / "templates")
+    app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie="dicom_node_session",
+                       max_age=SESSION_SECONDS, same_site="strict", https_only=False)
+
+    @app.middleware("http")
+    async def security_headers(request: Request, call_next):
+        response = await call_next(request)
+        response.headers.setdefault("X-Content-Type-Options", "nosniff")
+        response.headers.setdefault("X-Frame-Options", "DENY")
+        response.headers.setdefault("Referrer-Policy", "same-origin")
+        if response.headers.get("content-type", "").startswith("text/html"):
+            response.headers.setdefault("Cache-Control", "no-store")
+        return response
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError):
+        return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+
+    @app.exception_handler(LoginRequired)
+    async def login_required(request: Request, exc: LoginRequired):
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        from urllib.parse import quote
+
+        return RedirectResponse(f"/login?next={quote(target, safe='')}", status_code=303)
+
+    @app.exception_handler(PageForbidden)
+    async def page_forbidden(request: Request, exc: PageForbidden):
+        return render(request, "error.html", {"title": "Not allowed", "code": 403,
+                                             "message": "This page is for administrators. Your account is a radiologist account."},
+                      status_code=403)
+
+    @app.exception_handler(FastAPIHTTPException)
+    async def http_error(request: Request, exc: FastAPIHTTPException):
+        if request.url.path.startswith("/api") or request.url.path in ("/metrics", "/healthz", "/openapi.json"):
+            return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+        return render(request, "error.html", {"title": "Error", "code": exc.status_code, "message": str(exc.detail)},
+                      status_code=exc.status_code)
+
+    from dicom_node.web.routes import (
+        admin_pages,
+        associations,
+        auth,
+        destinations,
+        jobs,
+        ops,
+        pages,
+        settings,
+        sources,
+        studies,
+        transfers,
+    )
+    from dicom_node.web.routes import users as users_routes
+
+    for module in (auth, studies, sources, destinations, transfers, jobs, associations, users_routes, settings, ops):
+        app.include_router(module.router)
+    app.include_router(pages.router, include_in_schema=False)
+    app.include_router(admin_pages.router, include_in_schema=False)
+    app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    return app

@@ -1,0 +1,311 @@
+"""Administration pages (admin role only): node, sources, destinations, queues, logs, users.
+
+Each form posts to its own URL with the session's CSRF token, the change is validated with the
+same schemas as the API, committed together with its audit event, and the page redirects back
+(post/redirect/get) with a message saying what happened.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import RedirectResponse
+from pydantic import ValidationError
+
+from dicom_node.web import schemas, services
+from dicom_node.web.deps import CSRF, DB, NodeDep, PageAdmin
+from dicom_node.web.services import ServiceError
+from dicom_node.web.templating import flash, render
+from storage import users
+
+log = logging.getLogger(__name__)
+router = APIRouter(prefix="/admin")
+
+PAGE_SIZE = 50
+
+
+def _see_other(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+def _validation_message(exc: ValidationError) -> str:
+    parts = []
+    for e in exc.errors():
+        field = ".".join(str(p) for p in e["loc"]) or "value"
+        parts.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
+    return "; ".join(parts)
+
+
+def _apply(request: Request, s, back: str, action: Callable[[], str]) -> RedirectResponse:
+    """Run ``action`` (returns the success message), commit, flash, redirect to ``back``."""
+    try:
+        message = action()
+        s.commit()
+        flash(request, "ok", message)
+    except ServiceError as exc:
+        s.rollback()
+        flash(request, "error", exc.message)
+    except ValidationError as exc:
+        s.rollback()
+        flash(request, "error", _validation_message(exc))
+    return _see_other(back)
+
+
+def _pages(total: int) -> int:
+    return max(1, (total + PAGE_SIZE - 1) // PAGE_SIZE)
+
+
+@router.get("")
+def admin_home(user: PageAdmin) -> RedirectResponse:
+    return _see_other("/admin/node")
+
+
+# --- node settings ---------------------------------------------------------------------------------
+
+@router.get("/node")
+def node_page(request: Request, s: DB, node: NodeDep, user: PageAdmin):
+    return render(request, "admin/node.html", {"user": user, "nav": "node", "title": "Node settings",
+                                               "settings": services.runtime_settings(node, s),
+                                               "config": node.settings})
+
+
+@router.post("/node", dependencies=[CSRF])
+def node_save(request: Request, s: DB, node: NodeDep, user: PageAdmin,
+              ae_title: Annotated[str, Form()], port: Annotated[str, Form()],
+              unknown_callers: Annotated[str, Form()], quiet_seconds: Annotated[str, Form()],
+              min_slices: Annotated[str, Form()], max_slice_spacing_mm: Annotated[str, Form()]):
+    def action() -> str:
+        current = services.runtime_settings(node, s)
+        given = {"node.ae_title": ae_title, "node.port": port, "node.unknown_callers": unknown_callers,
+                 "completion.quiet_seconds": quiet_seconds, "eligibility.min_slices": min_slices,
+                 "eligibility.max_slice_spacing_mm": max_slice_spacing_mm}
+        parsed = schemas.RuntimeSettings.model_validate(given)
+        changed = {k: v for k, v in parsed.changes().items() if current.get(k) != v}
+        if not changed:
+            return "Nothing changed."
+        services.update_settings(node, s, user.username,
+                                 schemas.RuntimeSettings.model_validate(changed))
+        return "Saved: " + ", ".join(f"{k} = {v}" for k, v in changed.items()) + ". Takes effect without a restart."
+    return _apply(request, s, "/admin/node", action)
+
+
+# --- sources ----------------------------------------------------------------------------------------
+
+@router.get("/sources")
+def sources_page(request: Request, s: DB, user: PageAdmin, edit: str | None = None):
+    rows = services.list_sources(s)
+    return render(request, "admin/sources.html", {"user": user, "nav": "sources", "title": "Sources",
+                                                  "sources": [services.source_out(r) for r in rows], "edit": edit})
+
+
+def _source_form(ae_title: str, host: str, description: str, enabled: str | None) -> schemas.SourceIn:
+    return schemas.SourceIn(ae_title=ae_title, host=host, description=description, enabled=bool(enabled))
+
+
+@router.post("/sources", dependencies=[CSRF])
+def source_add(request: Request, s: DB, user: PageAdmin, ae_title: Annotated[str, Form()] = "",
+               host: Annotated[str, Form()] = "", description: Annotated[str, Form()] = "",
+               enabled: Annotated[str | None, Form()] = None):
+    def action() -> str:
+        data = _source_form(ae_title, host, description, enabled)
+        services.add_source(s, user.username, data)
+        return f"Source {data.ae_title} added; the listener accepts it from now on."
+    return _apply(request, s, "/admin/sources", action)
+
+
+@router.post("/sources/{current}/update", dependencies=[CSRF])
+def source_update(request: Request, s: DB, user: PageAdmin, current: str, ae_title: Annotated[str, Form()] = "",
+                  host: Annotated[str, Form()] = "", description: Annotated[str, Form()] = "",
+                  enabled: Annotated[str | None, Form()] = None):
+    def action() -> str:
+        data = _source_form(ae_title, host, description, enabled)
+        services.update_source(s, user.username, current, data)
+        return f"Source {data.ae_title} saved."
+    return _apply(request, s, "/admin/sources", action)
+
+
+@router.post("/sources/{ae_title}/remove", dependencies=[CSRF])
+def source_remove(request: Request, s: DB, user: PageAdmin, ae_title: str):
+    def action() -> str:
+        services.remove_source(s, user.username, ae_title)
+        return f"Source {ae_title} removed."
+    return _apply(request, s, "/admin/sources", action)
+
+
+# --- destinations -------------------------------------------------------------------------------------
+
+@router.get("/destinations")
+def destinations_page(request: Request, s: DB, user: PageAdmin, edit: str | None = None):
+    rows = services.list_destinations(s)
+    echo = request.session.pop("echo", None)
+    return render(request, "admin/destinations.html", {
+        "user": user, "nav": "destinations", "title": "Destinations",
+        "destinations": [services.destination_out(r) for r in rows], "edit": edit, "echo": echo,
+        "outputs": [("sr", "Structured report (TID 1500)"), ("seg", "Segmentation"), ("sc", "Key images (secondary capture)")]})
+
+
+def _destination_form(name: str, ae_title: str, host: str, port: str, outputs: list[str],
+                      enabled: str | None) -> schemas.DestinationIn:
+    return schemas.DestinationIn.model_validate({"name": name.strip(), "ae_title": ae_title, "host": host.strip(),
+                                                 "port": port.strip() or 0, "outputs": outputs,
+                                                 "enabled": bool(enabled)})
+
+
+@router.post("/destinations", dependencies=[CSRF])
+def destination_add(request: Request, s: DB, user: PageAdmin, name: Annotated[str, Form()] = "",
+                    ae_title: Annotated[str, Form()] = "", host: Annotated[str, Form()] = "",
+                    port: Annotated[str, Form()] = "", outputs: Annotated[list[str], Form()] = [],  # noqa: B006
+                    enabled: Annotated[str | None, Form()] = None):
+    def action() -> str:
+        data = _destination_form(name, ae_title, host, port, outputs, enabled)
+        services.add_destination(s, user.username, data)
+        return f"Destination {data.name} added."
+    return _apply(request, s, "/admin/destinations", action)
+
+
+@router.post("/destinations/{current}/update", dependencies=[CSRF])
+def destination_update(request: Request, s: DB, user: PageAdmin, current: str, name: Annotated[str, Form()] = "",
+                       ae_title: Annotated[str, Form()] = "", host: Annotated[str, Form()] = "",
+                       port: Annotated[str, Form()] = "", outputs: Annotated[list[str], Form()] = [],  # noqa: B006
+                       enabled: Annotated[str | None, Form()] = None):
+    def action() -> str:
+        data = _destination_form(name, ae_title, host, port, outputs, enabled)
+        services.update_destination(s, user.username, current, data)
+        return f"Destination {data.name} saved."
+    return _apply(request, s, "/admin/destinations", action)
+
+
+@router.post("/destinations/{name}/remove", dependencies=[CSRF])
+def destination_remove(request: Request, s: DB, user: PageAdmin, name: str):
+    def action() -> str:
+        services.remove_destination(s, user.username, name)
+        return f"Destination {name} removed."
+    return _apply(request, s, "/admin/destinations", action)
+
+
+@router.post("/destinations/{name}/echo", dependencies=[CSRF])
+def destination_echo(request: Request, s: DB, node: NodeDep, user: PageAdmin, name: str):
+    s.close()  # the echo opens its own short transactions; hold nothing while waiting on the peer
+    try:
+        result = services.echo_destination(node, name, user.username)
+        request.session["echo"] = {"name": name, "ok": result.ok, "message": result.message}
+    except ServiceError as exc:
+        flash(request, "error", exc.message)
+    return _see_other("/admin/destinations")
+
+
+# --- queues -------------------------------------------------------------------------------------------
+
+@router.get("/queues")
+def queues_page(request: Request, s: DB, user: PageAdmin, transfer_state: str = "open", job_state: str = "",
+                page: int = 1):
+    page = max(1, page)
+    if transfer_state == "open":
+        pending, _ = services.list_transfers(s, "pending", 1, 100)
+        failed, _ = services.list_transfers(s, "failed", 1, 100)
+        sending, _ = services.list_transfers(s, "sending", 1, 100)
+        transfers = sorted(failed + sending + pending, key=lambda x: -x[0].id)
+    else:
+        try:
+            transfers, _ = services.list_transfers(s, transfer_state or None, 1, 100)
+        except ServiceError:
+            transfers = []
+    try:
+        jobs, jobs_total = services.list_jobs(s, job_state or None, page, PAGE_SIZE)
+    except ServiceError:
+        jobs, jobs_total = [], 0
+    counts = {"transfers": services.repo.count_by(s, services.Transfer.state),
+              "jobs": services.repo.count_by(s, services.Job.state)}
+    return render(request, "admin/queues.html", {
+        "user": user, "nav": "queues", "title": "Queues",
+        "transfers": [services.transfer_out(t, n) for t, n in transfers], "jobs": jobs, "counts": counts,
+        "transfer_state": transfer_state, "job_state": job_state, "page": page, "pages": _pages(jobs_total)})
+
+
+@router.post("/transfers/{transfer_id}/retry", dependencies=[CSRF])
+def transfer_retry(request: Request, s: DB, user: PageAdmin, transfer_id: int):
+    def action() -> str:
+        services.retry_transfer(s, user.username, transfer_id)
+        return f"Transfer {transfer_id} queued again."
+    return _apply(request, s, "/admin/queues", action)
+
+
+@router.post("/transfers/{transfer_id}/cancel", dependencies=[CSRF])
+def transfer_cancel(request: Request, s: DB, user: PageAdmin, transfer_id: int):
+    def action() -> str:
+        services.cancel_transfer(s, user.username, transfer_id)
+        return f"Transfer {transfer_id} cancelled."
+    return _apply(request, s, "/admin/queues", action)
+
+
+@router.post("/jobs/{job_id}/rerun", dependencies=[CSRF])
+def job_rerun(request: Request, s: DB, user: PageAdmin, job_id: int):
+    def action() -> str:
+        job = services.rerun_job(s, user.username, job_id)
+        return f"Job {job_id} re-run as job {job.id}."
+    return _apply(request, s, "/admin/queues", action)
+
+
+# --- logs ---------------------------------------------------------------------------------------------
+
+@router.get("/associations")
+def associations_page(request: Request, s: DB, user: PageAdmin, result: str = "", page: int = 1):
+    page = max(1, page)
+    try:
+        rows, total = services.list_associations(s, result or None, page, PAGE_SIZE)
+    except ServiceError:
+        rows, total = [], 0
+    base = {"result": result} if result else {}
+    return render(request, "admin/associations.html", {
+        "user": user, "nav": "associations", "title": "Association log",
+        "rows": [services.association_out(a) for a in rows], "total": total, "page": page, "pages": _pages(total),
+        "result": result, "base_query": urlencode(base)})
+
+
+@router.get("/audit")
+def audit_page(request: Request, s: DB, user: PageAdmin, page: int = 1):
+    page = max(1, page)
+    rows, total = services.list_audit(s, page, PAGE_SIZE)
+    return render(request, "admin/audit.html", {
+        "user": user, "nav": "audit", "title": "Audit trail", "rows": [services.audit_out(a) for a in rows],
+        "total": total, "page": page, "pages": _pages(total)})
+
+
+# --- users ----------------------------------------------------------------------------------------------
+
+@router.get("/users")
+def users_page(request: Request, s: DB, user: PageAdmin):
+    return render(request, "admin/users.html", {"user": user, "nav": "users", "title": "Users",
+                                                "users": [services.user_out(u) for u in users.list_users(s)]})
+
+
+@router.post("/users", dependencies=[CSRF])
+def user_add(request: Request, s: DB, user: PageAdmin, username: Annotated[str, Form()] = "",
+             role: Annotated[str, Form()] = "radiologist", password: Annotated[str, Form()] = ""):
+    def action() -> str:
+        data = schemas.UserIn(username=username.strip(), role=role, password=password)
+        services.create_user(s, user.username, data)
+        return f"User {data.username} added as {data.role}."
+    return _apply(request, s, "/admin/users", action)
+
+
+@router.post("/users/{username}/update", dependencies=[CSRF])
+def user_update(request: Request, s: DB, user: PageAdmin, username: str, role: Annotated[str, Form()] = "",
+                password: Annotated[str, Form()] = ""):
+    def action() -> str:
+        data = schemas.UserUpdate(role=role or None, password=password or None)
+        services.update_user(s, user.username, username, data)
+        what = [w for w, v in (("role", role), ("password", password)) if v]
+        return f"User {username}: {' and '.join(what) or 'nothing'} changed."
+    return _apply(request, s, "/admin/users", action)
+
+
+@router.post("/users/{username}/remove", dependencies=[CSRF])
+def user_remove(request: Request, s: DB, user: PageAdmin, username: str):
+    def action() -> str:
+        services.delete_user(s, user.username, username)
+        return f"User {username} removed."
+    return _apply(request, s, "/admin/users", action)

@@ -1,0 +1,156 @@
+"""Pages for everyone with an account: login, the worklist, the study page and its actions."""
+from __future__ import annotations
+
+import logging
+from datetime import date
+from typing import Annotated
+from urllib.parse import urlencode
+
+from fastapi import APIRouter, Form, Request
+from fastapi.responses import RedirectResponse
+
+from dicom_node.web import services
+from dicom_node.web.deps import CSRF, DB, PageUser, session_user
+from dicom_node.web.security import dummy_verify, new_csrf_token, password_fingerprint, verify_password
+from dicom_node.web.services import ServiceError
+from dicom_node.web.templating import csrf_token, flash, render
+from storage import users
+
+log = logging.getLogger(__name__)
+router = APIRouter()
+
+REFRESH_SECONDS = 15
+
+
+def _safe_next(target: str | None) -> str:
+    if target and target.startswith("/") and not target.startswith("//") and "\\" not in target:
+        return target
+    return "/worklist"
+
+
+def _see_other(url: str) -> RedirectResponse:
+    return RedirectResponse(url, status_code=303)
+
+
+@router.get("/")
+def home() -> RedirectResponse:
+    return _see_other("/worklist")
+
+
+@router.get("/login")
+def login_page(request: Request, s: DB, next: str = "/worklist"):
+    if session_user(request, s) is not None:
+        return _see_other(_safe_next(next))
+    no_users = users.count_users(s) == 0
+    return render(request, "login.html", {"next": _safe_next(next), "no_users": no_users, "title": "Sign in"})
+
+
+@router.post("/login", dependencies=[CSRF])
+def login(request: Request, s: DB, username: Annotated[str, Form()] = "", password: Annotated[str, Form()] = "",
+          next: Annotated[str, Form()] = "/worklist"):
+    user = users.get_user(s, username.strip())
+    if user is None:
+        dummy_verify(password)
+    if user is None or not verify_password(password, user.password_hash):
+        return render(request, "login.html", {"next": _safe_next(next), "error": "Wrong user name or password.",
+                                             "username": username, "title": "Sign in"}, status_code=401)
+    request.session.clear()
+    request.session.update({"user": user.username, "role": user.role.value,
+                            "fp": password_fingerprint(user.password_hash), "csrf": new_csrf_token()})
+    log.info("page login by %s (%s)", user.username, user.role.value)
+    return _see_other(_safe_next(next))
+
+
+@router.post("/logout", dependencies=[CSRF])
+def logout(request: Request):
+    request.session.clear()
+    return _see_other("/login")
+
+
+def _parse_date(value: str | None) -> date | None:
+    try:
+        return date.fromisoformat(value) if value else None
+    except ValueError:
+        return None
+
+
+@router.get("/worklist")
+def worklist(request: Request, s: DB, user: PageUser, status: str = "", date_from: str = "", date_to: str = "",
+             modality: str = "", q: str = "", sort: str = "suspicion", page: int = 1, fragment: int = 0):
+    query = services.StudyQuery(status=status or None, date_from=_parse_date(date_from), date_to=_parse_date(date_to),
+                                modality=modality or None, q=q or None,
+                                sort=sort if sort in services.SORTS else "suspicion", page=page, page_size=50)
+    if query.status and query.status not in services.STATUS_LABELS:
+        query.status = None
+    rows, total = services.list_studies(s, query)
+    filters = {"status": status, "date_from": date_from, "date_to": date_to, "modality": modality, "q": q, "sort": sort}
+    base = {k: v for k, v in filters.items() if v}
+    pages = max(1, (total + query.page_size - 1) // query.page_size)
+    ctx = {
+        "user": user, "nav": "worklist", "title": "Worklist",
+        "studies": [services.study_summary(r) for r in rows], "total": total, "page": query.page, "pages": pages,
+        "filters": filters, "counts": services.status_counts(s), "refresh_seconds": REFRESH_SECONDS,
+        "prev_url": f"/worklist?{urlencode({**base, 'page': query.page - 1})}" if query.page > 1 else None,
+        "next_url": f"/worklist?{urlencode({**base, 'page': query.page + 1})}" if query.page < pages else None,
+        "refresh_url": f"/worklist?{urlencode({**base, 'page': query.page, 'fragment': 1})}",
+    }
+    return render(request, "worklist_results.html" if fragment else "worklist.html", ctx)
+
+
+@router.get("/studies/{study_uid}")
+def study_page(request: Request, s: DB, user: PageUser, study_uid: str, finding: int | None = None,
+               offset: int = 0):
+    detail = services.study_detail(s, study_uid) if _exists(s, study_uid) else None
+    if detail is None:
+        return render(request, "error.html", {"user": user, "title": "Not found", "code": 404,
+                                             "message": f"No study with Study Instance UID {study_uid}."},
+                      status_code=404)
+    selected = next((f for f in detail.findings if f.id == finding), detail.findings[0] if detail.findings else None)
+    return render(request, "study.html", {
+        "user": user, "nav": "worklist", "title": f"Study {detail.accession_number or detail.study_instance_uid}",
+        "study": detail, "selected": selected, "offset": max(-500, min(500, offset)),
+        "analysed_series": [x for x in detail.series if not x.is_result],
+    })
+
+
+def _exists(s, study_uid: str) -> bool:
+    try:
+        services.get_study(s, study_uid)
+        return True
+    except ServiceError:
+        return False
+
+
+@router.post("/studies/{study_uid}/rerun", dependencies=[CSRF])
+def study_rerun(request: Request, s: DB, user: PageUser, study_uid: str):
+    try:
+        study = services.get_study(s, study_uid)
+        job_ids = services.latest_job_ids(s, study)
+        if not job_ids:
+            raise ServiceError(409, "this study has no job to re-run yet")
+        new = [services.rerun_job(s, user.username, j) for j in job_ids]
+        s.commit()
+        flash(request, "ok", f"Re-run queued: job {', '.join(str(j.id) for j in new)}.")
+    except ServiceError as exc:
+        s.rollback()
+        flash(request, "error", exc.message)
+    return _see_other(f"/studies/{study_uid}")
+
+
+@router.post("/studies/{study_uid}/resend", dependencies=[CSRF])
+def study_resend(request: Request, s: DB, user: PageUser, study_uid: str):
+    try:
+        study = services.get_study(s, study_uid)
+        job_ids = services.latest_done_job_ids(s, study)
+        if not job_ids:
+            raise ServiceError(409, "this study has no finished job whose results could be sent")
+        created = [t for j in job_ids for t in services.resend_job(s, user.username, j, None)]
+        s.commit()
+        flash(request, "ok", f"Re-send queued: {len(created)} transfer(s).")
+    except ServiceError as exc:
+        s.rollback()
+        flash(request, "error", exc.message)
+    return _see_other(f"/studies/{study_uid}")
+
+
+__all__ = ["router", "csrf_token"]

@@ -1,0 +1,69 @@
+"""Studies (the worklist), their findings' key images and result downloads."""
+from __future__ import annotations
+
+from datetime import date
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, Request
+from fastapi.responses import FileResponse, Response
+
+from dicom_node.web import schemas, services
+from dicom_node.web.deps import DB, AnyUser, NodeDep
+from dicom_node.web.images import ImageError
+from storage.models import ResultObject
+
+router = APIRouter(prefix="/api", tags=["studies"])
+
+
+@router.get("/studies", response_model=schemas.StudyPage,
+            summary="Worklist: studies with AI status and findings, most suspicious first")
+def list_studies(
+    s: DB, user: AnyUser,
+    status: Annotated[str | None, Query(description="received, waiting, processing, done, not_eligible, failed")] = None,
+    date_from: Annotated[date | None, Query(description="study date from (YYYY-MM-DD)")] = None,
+    date_to: Annotated[date | None, Query(description="study date to (YYYY-MM-DD), inclusive")] = None,
+    modality: Annotated[str | None, Query(description="e.g. CT")] = None,
+    q: Annotated[str | None, Query(description="search patient name/ID, accession, study UID or description")] = None,
+    sort: Annotated[str, Query(description="suspicion (default), date, received")] = "suspicion",
+    page: Annotated[int, Query(ge=1)] = 1,
+    page_size: Annotated[int, Query(ge=1, le=services.MAX_PAGE_SIZE)] = 50,
+) -> schemas.StudyPage:
+    query = services.StudyQuery(status=status, date_from=date_from, date_to=date_to, modality=modality, q=q,
+                                sort=sort, page=page, page_size=page_size)
+    rows, total = services.list_studies(s, query)
+    return schemas.StudyPage(items=[services.study_summary(r) for r in rows], total=total,
+                             page=query.page, page_size=query.page_size)
+
+
+@router.get("/studies/{study_uid}", response_model=schemas.StudyDetail,
+            summary="One study: series, findings, result objects, jobs and transfers")
+def get_study(study_uid: str, s: DB, user: AnyUser) -> schemas.StudyDetail:
+    return services.study_detail(s, study_uid)
+
+
+@router.get("/findings/{finding_id}/image", response_class=Response,
+            responses={200: {"content": {"image/png": {}}}},
+            summary="Key image of a finding (PNG, lung window, nodule outlined)")
+def finding_image(request: Request, finding_id: int, user: AnyUser,
+                  plane: Annotated[str, Query(description="axial, coronal or sagittal")] = "axial",
+                  offset: Annotated[int, Query(ge=-2000, le=2000, description="slices from the nodule centre")] = 0) -> Response:
+    try:
+        png, info = request.app.state.key_images.render(finding_id, plane, offset)
+    except ImageError as exc:
+        raise HTTPException(exc.status_code, detail=exc.message) from None
+    headers = {"Cache-Control": "private, max-age=300", "X-Slice-Index": str(info["index"]),
+               "X-Slice-Count": str(info["count"]), "X-Outline": info["outline"]}
+    return Response(png, media_type="image/png", headers=headers)
+
+
+@router.get("/results/{result_id}/file", response_class=FileResponse,
+            responses={200: {"content": {"application/dicom": {}}}},
+            summary="Download a result object (SR or SEG) as a DICOM file")
+def result_file(result_id: int, s: DB, node: NodeDep, user: AnyUser) -> FileResponse:
+    row = s.get(ResultObject, result_id)
+    if row is None:
+        raise HTTPException(404, detail=f"result object {result_id} not found")
+    path = node.store.path(row.path)
+    if not path.exists():
+        raise HTTPException(410, detail=f"the file of result object {result_id} is no longer in the store")
+    return FileResponse(path, media_type="application/dicom", filename=f"{row.kind}-{row.sop_instance_uid}.dcm")

@@ -1,0 +1,274 @@
+"""Request and response bodies of the JSON API (pydantic); the pages validate forms with them too.
+
+Validators refuse bad values with a sentence that names the value (AE titles per PS3.5: 1-16
+characters, no backslash or control characters).
+"""
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from dicom_node.config import OUTPUTS, check_ae_title
+
+
+def _blank_to_none(v):
+    if isinstance(v, str) and not v.strip():
+        return None
+    return v.strip() if isinstance(v, str) else v
+
+
+class Token(BaseModel):
+    access_token: str
+    token_type: Literal["bearer"] = "bearer"
+    expires_in: int
+    role: str
+
+
+class Message(BaseModel):
+    detail: str
+
+
+# --- studies --------------------------------------------------------------------------------------
+
+class StudySummary(BaseModel):
+    study_instance_uid: str
+    status: str
+    status_reason: str | None = None
+    patient_name: str | None = None
+    patient_id: str | None = None
+    accession_number: str | None = None
+    study_date: str | None = Field(None, description="YYYY-MM-DD")
+    study_description: str | None = None
+    modalities: list[str] = []
+    findings_count: int | None = None
+    max_diameter_mm: float | None = None
+    max_malignancy: float | None = Field(None, ge=0, le=1)
+    received_at: datetime | None = None
+    updated_at: datetime | None = None
+
+
+class StudyPage(BaseModel):
+    items: list[StudySummary]
+    total: int
+    page: int
+    page_size: int
+
+
+class SeriesOut(BaseModel):
+    series_instance_uid: str
+    modality: str | None
+    series_number: int | None
+    series_description: str | None
+    instance_count: int
+    eligible: bool | None
+    eligibility_reason: str | None
+    is_result: bool
+
+
+class FindingOut(BaseModel):
+    id: int
+    number: int
+    job_id: int
+    series_instance_uid: str
+    center_mm: list[float] = Field(description="LPS (x, y, z) millimetres")
+    location: str | None
+    diameter_mm: float
+    volume_mm3: float
+    malignancy: float
+    score: float
+    image_url: str
+
+
+class ResultOut(BaseModel):
+    id: int
+    job_id: int
+    kind: str
+    sop_instance_uid: str
+    series_instance_uid: str
+    download_url: str
+
+
+class JobOut(BaseModel):
+    id: int
+    series_instance_uid: str | None = None
+    study_instance_uid: str | None = None
+    kind: str
+    idempotency_key: str
+    state: str
+    attempts: int
+    max_attempts: int
+    error: str | None
+    inference_seconds: float | None
+    created_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+
+
+class TransferOut(BaseModel):
+    id: int
+    job_id: int | None
+    destination: str
+    state: str
+    attempts: int
+    next_attempt_at: datetime | None
+    error: str | None
+    objects: int
+    sent_objects: int
+    created_at: datetime | None
+    sent_at: datetime | None
+
+
+class StudyDetail(StudySummary):
+    series: list[SeriesOut]
+    findings: list[FindingOut]
+    results: list[ResultOut]
+    jobs: list[JobOut]
+    transfers: list[TransferOut]
+
+
+# --- sources, destinations ---------------------------------------------------------------------
+
+class SourceIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    ae_title: str = Field(description="calling AE title, 1-16 characters")
+    host: str | None = Field(None, max_length=255, description="only accept this caller from this host")
+    description: str | None = Field(None, max_length=255)
+    enabled: bool = True
+
+    _ae = field_validator("ae_title")(check_ae_title)
+    _host = field_validator("host", "description", mode="before")(_blank_to_none)
+
+
+class SourceOut(SourceIn):
+    id: int
+
+
+class DestinationIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    ae_title: str
+    host: str = Field(min_length=1, max_length=255)
+    port: int = Field(ge=1, le=65535)
+    outputs: list[str] = ["sr", "seg"]
+    enabled: bool = True
+
+    _ae = field_validator("ae_title")(check_ae_title)
+
+    @field_validator("outputs")
+    @classmethod
+    def _outputs(cls, v: list[str]) -> list[str]:
+        bad = [o for o in v if o not in OUTPUTS]
+        if bad:
+            raise ValueError(f"unknown output(s) {bad}; choose from {list(OUTPUTS)}")
+        return list(dict.fromkeys(v))
+
+
+class DestinationOut(DestinationIn):
+    id: int
+
+
+class EchoResult(BaseModel):
+    ok: bool
+    kind: str
+    message: str
+
+
+# --- queues, log --------------------------------------------------------------------------------
+
+class ResendIn(BaseModel):
+    destinations: list[str] | None = Field(None, description="destination names; default: every enabled one")
+
+
+class AssociationOut(BaseModel):
+    id: int
+    started_at: datetime | None
+    ended_at: datetime | None
+    direction: str
+    peer_host: str | None
+    peer_port: int | None
+    calling_ae: str | None
+    called_ae: str | None
+    result: str
+    reason: str | None
+    instances: int
+    duration_s: float | None
+
+
+class AuditOut(BaseModel):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    target: str | None
+    detail: dict | None
+
+
+class Page(BaseModel):
+    total: int
+    page: int
+    page_size: int
+
+
+class TransferPage(Page):
+    items: list[TransferOut]
+
+
+class JobPage(Page):
+    items: list[JobOut]
+
+
+class AssociationPage(Page):
+    items: list[AssociationOut]
+
+
+class AuditPage(Page):
+    items: list[AuditOut]
+
+
+# --- users, settings ----------------------------------------------------------------------------
+
+class UserOut(BaseModel):
+    username: str
+    role: str
+    created_at: datetime | None
+
+
+class UserIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    username: str
+    role: Literal["admin", "radiologist"]
+    password: str = Field(min_length=8)
+
+
+class UserUpdate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["admin", "radiologist"] | None = None
+    password: str | None = Field(None, min_length=8)
+
+
+class RuntimeSettings(BaseModel):
+    """Settings changed at run time; they override config.toml and need no restart."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+    node_ae_title: str | None = Field(None, alias="node.ae_title")
+    node_port: int | None = Field(None, alias="node.port", ge=1, le=65535)
+    node_unknown_callers: Literal["reject", "accept"] | None = Field(None, alias="node.unknown_callers")
+    completion_quiet_seconds: float | None = Field(None, alias="completion.quiet_seconds", gt=0, le=86400)
+    eligibility_min_slices: int | None = Field(None, alias="eligibility.min_slices", ge=1, le=10000)
+    eligibility_max_slice_spacing_mm: float | None = Field(None, alias="eligibility.max_slice_spacing_mm", gt=0, le=50)
+
+    @field_validator("node_ae_title")
+    @classmethod
+    def _ae(cls, v):
+        return None if v is None else check_ae_title(v)
+
+    def changes(self) -> dict:
+        """Only the keys that were given, by their dotted name."""
+        return {k: v for k, v in self.model_dump(by_alias=True, exclude_unset=True).items() if v is not None}
