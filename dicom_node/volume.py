@@ -5,8 +5,11 @@ Contract: ``series_problem`` decides from headers alone (files read with
 not, says why in one line. ``load_series`` reads the pixel data of one series (any slice order on
 disk, any in-plane orientation, any transfer syntax pydicom can decode) into a ``Volume``: a
 (Z, Y, X) float32 array in HU, the voxel spacing, and the mapping from voxel index to DICOM
-patient coordinates (LPS, millimetres). Both raise nothing for bad series; ``load_series``
-raises ``VolumeError`` (a ``ValueError``) whose message names the problem and the value.
+patient coordinates (LPS, millimetres). ``series_problem`` returns its reason and raises
+nothing; ``load_series`` raises ``VolumeError`` (a ``ValueError``) whose message names the
+problem and the value. ``load_series`` checks geometry only (one regular stack, any extent and
+orientation, as ``dicom-node predict`` needs); the eligibility thresholds (axial, slice count,
+thickness) are ``series_problem``'s, with keyword arguments the configuration can set.
 
 Coordinate conventions (the same as SimpleITK):
   * voxel index ``(z, y, x)`` addresses ``Volume.array[z, y, x]``; ``x`` runs along a row of the
