@@ -32,12 +32,17 @@ class ResultSet:
 
     ``sr``: Comprehensive 3D SR (TID 1500). ``seg``: binary SEG, ``None`` when no finding has a
     mask (in particular when there are no findings). ``key_images``: RGB Secondary Capture
-    images, one per finding, only when asked for.
+    images, one per finding, only when asked for. ``tracking_uids[i]`` and
+    ``segment_numbers[i]``: the tracking UID (SR groups and SEG segment) and the SEG segment
+    number (``None`` without a mask) of ``findings[i]`` -- segment numbers differ from finding
+    numbers when some finding has no mask.
     """
 
     sr: pydicom.Dataset
     seg: pydicom.Dataset | None
     key_images: list[pydicom.Dataset] = field(default_factory=list)
+    tracking_uids: list[str] = field(default_factory=list)
+    segment_numbers: list[int | None] = field(default_factory=list)
 
     def datasets(self) -> list[pydicom.Dataset]:
         """All objects, SEG before the SR that references it."""
@@ -82,4 +87,10 @@ def build_results(
     seg = build_seg(volume, nodules, producer, uids)
     sr = build_sr(volume, nodules, seg, producer, uids)
     key_images = build_key_images(volume, nodules, producer, uids) if want_key_images else []
-    return ResultSet(sr=sr, seg=seg, key_images=key_images)
+    return ResultSet(
+        sr=sr,
+        seg=seg,
+        key_images=key_images,
+        tracking_uids=[n.tracking_uid for n in nodules],
+        segment_numbers=[n.segment_number for n in nodules],
+    )

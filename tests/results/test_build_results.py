@@ -186,6 +186,13 @@ def test_sr_reports_each_nodule(tmp_path, synthetic_volume, findings, results):
     assert (MALIGNANCY.value, MALIGNANT.value) in _codes(planar[2].get_qualitative_evaluations())
 
 
+def test_result_set_maps_findings_to_tracking_uids_and_segments(results):
+    assert results.segment_numbers == [1, 2, None]
+    segments = {int(x.SegmentNumber): x.TrackingUID for x in results.seg.SegmentSequence}
+    assert results.tracking_uids[:2] == [segments[1], segments[2]]
+    assert len(set(results.tracking_uids)) == 3
+
+
 def test_negative_study_gets_an_sr_that_says_so_and_no_seg(tmp_path, synthetic_volume):
     results = build_results(
         synthetic_volume,
