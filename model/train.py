@@ -72,9 +72,10 @@ class TrainConfig:
 class Background:
     """A 1 mm lung volume to paste nodules into and cut negatives from.
 
-    hu: (Z, Y, X) int16; allowed: bool, where crop centres may be drawn (inside lung, away
-    from known nodules, inside the training part); dense: flat indices of allowed voxels with
-    HU > -600 (hard negatives).
+    hu: (Z, Y, X) int16; allowed: bool, where crop centres may be drawn (inside the lung
+    region, away from known nodules, inside the training part); dense: flat indices of allowed
+    voxels with HU > -600 (hard negatives); parenchyma: flat indices of allowed voxels whose
+    5 mm neighbourhood is aerated lung (mean HU < -650), where nodules are pasted.
     """
 
     name: str
@@ -82,10 +83,20 @@ class Background:
     allowed: np.ndarray
     dense: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     anywhere: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    parenchyma: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __post_init__(self):
         self.anywhere = np.flatnonzero(self.allowed)
         self.dense = np.flatnonzero(self.allowed & (self.hu > -600))
+        self.parenchyma = np.flatnonzero(parenchyma_mask(self.hu, self.allowed))
+
+
+def parenchyma_mask(hu: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Voxels of ``region`` whose 5 mm cube neighbourhood has mean HU < -650 (aerated lung:
+    where a pasted nodule is visible, not inside the chest wall or mediastinum)."""
+    from scipy import ndimage as ndi
+
+    return region & (ndi.uniform_filter(hu.astype(np.float32), 5) < -650)
 
 
 def exclusion(shape, centres_vox, radius: float) -> np.ndarray:
@@ -154,8 +165,10 @@ class Sampler:
         ctr = map_point(centre, c_src, s, p)
         return self._finish(img, msk, [NoduleTarget(tuple(ctr), cube.diameter_mm * p.zoom, cube.soft_target)])
 
-    def _background_point(self, bg: Background, dense: bool) -> np.ndarray:
+    def _background_point(self, bg: Background, dense: bool, paste: bool = False) -> np.ndarray:
         pool = bg.dense if dense and bg.dense.size else bg.anywhere
+        if paste and bg.parenchyma.size:
+            pool = bg.parenchyma
         return np.asarray(np.unravel_index(pool[self.rng.integers(pool.size)], bg.hu.shape), float)
 
     def _region(self, bg: Background, centre: np.ndarray, half: int) -> tuple[np.ndarray, np.ndarray]:
@@ -169,7 +182,7 @@ class Sampler:
     def pasted_positive(self) -> dict[str, torch.Tensor]:
         bg = self.backgrounds[self.rng.integers(len(self.backgrounds))]
         cube = self.cubes[self.rng.integers(len(self.cubes))]
-        at = self._background_point(bg, dense=False)
+        at = self._background_point(bg, dense=False, paste=True)
         half = self.cfg.crop
         region, lo = self._region(bg, at, half)
         region = region.copy()

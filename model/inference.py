@@ -1,0 +1,250 @@
+"""Inference: :class:`Predictor` turns a CT volume into a list of :class:`~model.finding.Finding`.
+
+Pipeline (one call):
+  1. resample the (Z, Y, X) HU array to 1 mm isotropic (linear; same voxel-[0,0,0] and axes);
+  2. find the lung region (:func:`model.lungs.lung_region`; a small crop is its own region);
+  3. *detection pass*: the network (without its mask head) on z slabs (at most 160 mm) each
+     covering the region's (y, x) bounding box within the slab, plus 16 mm of context; peaks
+     above the threshold whose centre lies in a slab core and in the region are kept, then
+     suppressed by distance (:func:`model.detector.suppress`);
+  4. *refinement pass*: for each kept detection, a crop centred on it (32-64 mm) gives the
+     refined centre, the diameter, the malignancy and the full-resolution nodule mask (the
+     connected component of ``sigmoid(mask) >= 0.5`` nearest the centre);
+  5. mapping back to the input grid: centre (z, y, x) voxel and LPS mm; the mask is resampled
+     onto the input voxels around the nodule (``mask_offset`` + bool crop).
+
+``diameter_mm`` is the network's regressed diameter (trained on the LUNA16 reference
+diameters); ``volume_mm3`` is the mask volume on the input grid; ``malignancy`` the
+probability that readers rate the nodule malignant (median rating > 3); ``score`` the heatmap
+peak (detection confidence).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from scipy import ndimage as ndi
+
+from model.data import resample_to_iso, voxel_to_world
+from model.detector import Detection, decode, suppress
+from model.finding import Finding
+from model.lungs import bounding_box, lung_region
+from model.network import INPUT_MULTIPLE
+from model.train import load_weights
+from model.transforms import normalize_hu
+
+log = logging.getLogger(__name__)
+
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+DEFAULT_WEIGHTS = WEIGHTS_DIR / "resmtnet.pt"
+FALLBACK_THRESHOLD = 0.5  # used only when the weights' metadata has no validated threshold
+
+
+def _ceil_to(n: int, m: int) -> int:
+    return int(-(-n // m) * m)
+
+
+def _pad_crop(vol: np.ndarray, lo: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:
+    """vol[lo:lo+size] with out-of-volume voxels set to ``fill`` (lo may be negative)."""
+    out = np.full(tuple(int(s) for s in size), fill, vol.dtype)
+    a = np.maximum(lo, 0)
+    b = np.minimum(lo + size, vol.shape)
+    if np.all(b > a):
+        out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = vol[tuple(slice(x, y) for x, y in zip(a, b))]
+    return out
+
+
+class Predictor:
+    """Res-MTNet nodule detector + malignancy classifier + segmenter. Loads the weights once.
+
+    Args:
+      weights: a ``.pt`` written by ``dicom-node train`` (with its ``.json`` beside it);
+        ``None``: the default weights shipped in ``model/weights/``.
+      threshold: minimum detection score of the returned findings; ``None``: the operating
+        point chosen on validation (about 1 false positive per scan), stored in the weights'
+        metadata.
+      device: torch device ("cpu", "cuda").
+    """
+
+    slab = 160  # largest z extent (voxels = mm) of one detection-pass tile (bounds memory)
+    margin = 16  # context (voxels) around each tile's core
+    max_findings = 50
+
+    def __init__(self, weights: str | Path | None = None, *, threshold: float | None = None, device: str = "cpu"):
+        path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+        if not path.exists():
+            raise FileNotFoundError(f"weights {str(path)!r} not found")
+        self.weights_path = path
+        self.device = torch.device(device)
+        self.net, self.meta = load_weights(path, device=device)
+        stored = self.meta.get("threshold")
+        self.threshold = float(threshold if threshold is not None else (stored if stored is not None else FALLBACK_THRESHOLD))
+        self.last_timing: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ public API
+    def __call__(
+        self,
+        volume: np.ndarray,
+        spacing: tuple[float, float, float],
+        origin: tuple[float, float, float] = (0.0, 0.0, 0.0),
+        direction: np.ndarray | None = None,
+    ) -> list[Finding]:
+        """Findings in ``volume`` (Z, Y, X) HU with ``spacing`` (sz, sy, sx) mm, ``origin`` LPS
+        mm (x, y, z) of voxel [0, 0, 0] and ``direction`` (3x3, SimpleITK convention), sorted
+        by score (highest first)."""
+        volume = np.asarray(volume)
+        if volume.ndim != 3:
+            raise ValueError(f"volume must be 3-D (Z, Y, X), got shape {volume.shape}")
+        spacing = tuple(float(s) for s in spacing)
+        if len(spacing) != 3 or min(spacing) <= 0:
+            raise ValueError(f"spacing must be three positive numbers (sz, sy, sx) in mm, got {spacing}")
+        direction = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
+        t0 = time.perf_counter()
+        iso = resample_to_iso(volume, spacing)
+        t1 = time.perf_counter()
+        region = lung_region(iso)
+        t2 = time.perf_counter()
+        with torch.inference_mode():
+            dets = self._detect(iso, region)
+            t3 = time.perf_counter()
+            findings = []
+            for det in dets[: self.max_findings]:
+                f = self._refine(iso, det, volume.shape, spacing, origin, direction)
+                if f is not None:
+                    findings.append(f)
+        t4 = time.perf_counter()
+        self.last_timing = {"resample": t1 - t0, "lungs": t2 - t1, "detect": t3 - t2, "refine": t4 - t3, "total": t4 - t0}
+        log.debug("timing %s", self.last_timing)
+        return sorted(findings, key=lambda f: -f.score)
+
+    def predict_image(self, image) -> list[Finding]:
+        """Convenience wrapper for a ``SimpleITK.Image`` (any pixel type, HU values)."""
+        import SimpleITK as sitk
+
+        arr = sitk.GetArrayFromImage(image)
+        return self(arr, tuple(image.GetSpacing()[::-1]), tuple(image.GetOrigin()), np.array(image.GetDirection()).reshape(3, 3))
+
+    # ------------------------------------------------------------------ passes
+    def _run(self, hu_crop: np.ndarray, with_mask: bool) -> dict[str, torch.Tensor]:
+        x = torch.from_numpy(normalize_hu(hu_crop))[None, None].to(self.device)
+        return {k: v.float().cpu() for k, v in self.net(x, with_mask=with_mask).items()}
+
+    def _detect(self, iso: np.ndarray, region: np.ndarray) -> list[Detection]:
+        """Detection pass over the region's bounding box; detections in iso voxel coordinates."""
+        box = bounding_box(region) or tuple(slice(0, n) for n in iso.shape)
+        lo = np.array([s.start for s in box])
+        ext = np.array([s.stop - s.start for s in box])
+        margin = self.margin
+        cand_thr = min(self.threshold, 0.5)
+        found: list[Detection] = []
+        # z slabs of at most ``slab`` voxels (core), each covering the region's (y, x) bounding
+        # box within the slab, with ``margin`` voxels of context on every side
+        n_slabs = max(1, int(np.ceil(ext[0] / self.slab)))
+        edges = np.linspace(lo[0], lo[0] + ext[0], n_slabs + 1).round().astype(int)
+        for z0, z1 in zip(edges[:-1], edges[1:]):
+            sub = bounding_box(region[z0:z1, box[1], box[2]])
+            if sub is None:
+                continue
+            core_lo = np.array([z0, lo[1] + sub[1].start, lo[2] + sub[2].start])
+            core_hi = np.array([z1, lo[1] + sub[1].stop, lo[2] + sub[2].stop])
+            size = np.maximum(_ceil_to_arr(core_hi - core_lo + 2 * margin, INPUT_MULTIPLE), 32)
+            start = core_lo - (size - (core_hi - core_lo)) // 2
+            crop = _pad_crop(iso, start, size, -1000)
+            for d in decode(self._run(crop, False), threshold=cand_thr)[0]:
+                c = np.asarray(d.center) + start
+                if np.all(c >= core_lo - 0.5) and np.all(c < core_hi - 0.5):
+                    found.append(Detection(tuple(c), d.diameter, d.score, d.malignancy))
+        inside = []
+        for d in found:
+            idx = tuple(np.clip(np.round(d.center).astype(int), 0, np.asarray(iso.shape) - 1))
+            if region[idx] and d.score >= self.threshold:
+                inside.append(d)
+        return suppress(inside)
+
+    def _refine(self, iso, det: Detection, in_shape, spacing, origin, direction) -> Finding | None:
+        """Refinement pass on a crop centred on ``det``; returns the Finding in input coordinates."""
+        size = int(min(64, max(32, _ceil_to(int(1.6 * det.diameter + 12), INPUT_MULTIPLE))))
+        c0 = np.round(np.asarray(det.center)).astype(int)
+        start = c0 - size // 2
+        crop = _pad_crop(iso, start, np.array([size] * 3), -1000)
+        out = self._run(crop, True)
+        local = np.asarray(det.center) - start
+        dets = decode(out, threshold=0.0, max_detections=20)[0]
+        near = [d for d in dets if np.linalg.norm(np.asarray(d.center) - local) <= max(3.0, det.diameter / 2)]
+        best = max(near, key=lambda d: d.score) if near else None
+        centre_l = np.asarray(best.center) if best is not None else local
+        diameter = best.diameter if best is not None else det.diameter
+        malignancy = best.malignancy if best is not None else det.malignancy
+        prob = torch.sigmoid(out["mask"][0, 0]).numpy()
+        mask = _component_near(prob >= 0.5, centre_l, radius=max(2.0, diameter / 2))
+        centre_iso = centre_l + start
+        sp = np.asarray(spacing)
+        centre_in = centre_iso / sp  # iso voxel j lies at input voxel j * 1 mm / spacing
+        centre_mm = voxel_to_world(centre_in, origin, spacing, direction)
+        m_in, m_off = _mask_to_input(prob, mask, start, sp, in_shape)
+        vol_mm3 = float(m_in.sum() * np.prod(sp)) if m_in is not None else 0.0
+        return Finding(
+            center_mm=tuple(float(v) for v in centre_mm),
+            center_voxel=tuple(float(v) for v in centre_in),
+            diameter_mm=float(diameter),
+            volume_mm3=vol_mm3,
+            malignancy=float(np.clip(malignancy, 0, 1)),
+            score=float(det.score),
+            mask=m_in,
+            mask_offset=m_off,
+        )
+
+
+def _ceil_to_arr(a: np.ndarray, m: int) -> np.ndarray:
+    return (-(-np.asarray(a) // m) * m).astype(int)
+
+
+def _component_near(binary: np.ndarray, centre: np.ndarray, radius: float) -> np.ndarray:
+    """The connected component of ``binary`` with a voxel within ``radius`` of ``centre``
+    (the one closest to it); a ball of ``radius`` when there is none."""
+    lab, n = ndi.label(binary)
+    if n:
+        zz, yy, xx = np.ogrid[: binary.shape[0], : binary.shape[1], : binary.shape[2]]
+        dist = np.sqrt((zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2)
+        best, best_d = 0, np.inf
+        for i, sl in enumerate(ndi.find_objects(lab), start=1):
+            d = float(dist[sl][lab[sl] == i].min())
+            if d < best_d:
+                best, best_d = i, d
+        if best_d <= radius:
+            return lab == best
+    zz, yy, xx = np.ogrid[: binary.shape[0], : binary.shape[1], : binary.shape[2]]
+    return (zz - centre[0]) ** 2 + (yy - centre[1]) ** 2 + (xx - centre[2]) ** 2 <= radius**2
+
+
+def _mask_to_input(prob: np.ndarray, mask: np.ndarray, start: np.ndarray, spacing: np.ndarray, in_shape) -> tuple[np.ndarray | None, tuple[int, int, int]]:
+    """Resample a 1 mm mask (crop at iso voxel ``start``) onto the input grid.
+
+    Returns (bool crop, offset (z, y, x) in input voxels); (None, (0,0,0)) if empty."""
+    idx = np.argwhere(mask)
+    if idx.size == 0:
+        return None, (0, 0, 0)
+    lo_iso = idx.min(0) + start - 1
+    hi_iso = idx.max(0) + start + 1
+    lo = np.maximum(np.floor(lo_iso / spacing).astype(int), 0)
+    hi = np.minimum(np.ceil(hi_iso / spacing).astype(int) + 1, in_shape)
+    if np.any(hi <= lo):
+        return None, (0, 0, 0)
+    grids = np.meshgrid(*[np.arange(a, b) * s for a, b, s in zip(lo, hi, spacing)], indexing="ij")
+    coords = np.stack([g - s for g, s in zip(grids, start)])
+    soft = ndi.map_coordinates(np.where(mask, prob, 0.0).astype(np.float32), coords, order=1, mode="constant", cval=0.0)
+    out = soft >= 0.5
+    if not out.any():  # sub-voxel nodule on a coarse grid: keep the voxel nearest the centre
+        out[tuple(np.asarray(out.shape) // 2)] = True
+    return out, tuple(int(v) for v in lo)
+
+
+def default_threshold(weights: str | Path | None = None) -> float | None:
+    """The validated operating point stored beside ``weights`` (default weights if None)."""
+    path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
+    meta = json.loads(path.with_suffix(".json").read_text())
+    return meta.get("threshold")
