@@ -66,6 +66,7 @@ class CompletionSection(BaseModel):
 class EligibilitySection(BaseModel):
     min_slices: int = Field(16, ge=1)
     max_slice_spacing_mm: float = Field(3.0, gt=0)
+    max_slice_thickness_mm: float = Field(3.0, gt=0)
 
 
 class SourceEntry(BaseModel):

@@ -27,6 +27,7 @@ RUNTIME_KEYS = {
     "completion.quiet_seconds": ("completion", "quiet_seconds"),
     "eligibility.min_slices": ("eligibility", "min_slices"),
     "eligibility.max_slice_spacing_mm": ("eligibility", "max_slice_spacing_mm"),
+    "eligibility.max_slice_thickness_mm": ("eligibility", "max_slice_thickness_mm"),
 }
 
 

@@ -50,6 +50,7 @@ def evaluate_series(node: Node, s: Session, series: Series, model_version: str) 
         headers,
         min_slices=int(node.effective("eligibility.min_slices", s)),
         max_slice_spacing_mm=float(node.effective("eligibility.max_slice_spacing_mm", s)),
+        max_slice_thickness_mm=float(node.effective("eligibility.max_slice_thickness_mm", s)),
     )
     if problem is not None:
         series.eligible, series.eligibility_reason = False, problem

@@ -12,7 +12,7 @@ from enum import Enum
 from pathlib import Path
 
 from pydicom import dcmread
-from pynetdicom import AE, build_context
+from pynetdicom import AE
 from pynetdicom.sop_class import Verification
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def store(paths: list[Path], ae_title: str, host: str, port: int, *, calling_ae:
             continue
         seen.add(key)
         syntaxes = list(dict.fromkeys([ds.file_meta.TransferSyntaxUID, "1.2.840.10008.1.2.1", "1.2.840.10008.1.2"]))
-        ae.add_requested_context(build_context(ds.SOPClassUID, syntaxes))
+        ae.add_requested_context(ds.SOPClassUID, syntaxes)
     assoc = ae.associate(host, port, ae_title=ae_title)
     if not assoc.is_established:
         return _association_failure(assoc, ae_title, host, port)

@@ -132,16 +132,13 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
     t3 = time.monotonic()
     if beat.lost:
         raise RuntimeError("lease lost while processing; another worker owns the job now")
-    tracking = {}
-    if results.seg is not None:
-        tracking = {int(x.SegmentNumber): str(x.get("TrackingUID", "")) or None for x in results.seg.SegmentSequence}
     with node.sessions.begin() as s:
         job = s.get(Job, job_id)
         if job.claimed_by != beat.worker_id or job.state is not JobState.RUNNING:
             raise RuntimeError("job was taken over by another worker")
         study = job.series.study
         for n, f in enumerate(findings, start=1):
-            s.add(FindingRow(job=job, study_id=study.id, number=n, tracking_uid=tracking.get(n),
+            s.add(FindingRow(job=job, study_id=study.id, number=n, tracking_uid=results.tracking_uids[n - 1],
                              center_x_mm=float(f.center_mm[0]), center_y_mm=float(f.center_mm[1]),
                              center_z_mm=float(f.center_mm[2]), center_voxel=[float(v) for v in f.center_voxel],
                              diameter_mm=float(f.diameter_mm), volume_mm3=float(f.volume_mm3),
