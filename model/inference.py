@@ -30,10 +30,10 @@ import torch
 from scipy import ndimage as ndi
 
 from model.data import resample_to_iso, voxel_to_world
-from model.detector import Detection, decode, suppress
+from model.detector import Detection, _sample_map, decode, suppress
 from model.finding import Finding
 from model.lungs import bounding_box, lung_region
-from model.network import INPUT_MULTIPLE
+from model.network import HEATMAP_STRIDE, INPUT_MULTIPLE, MALIGNANCY_STRIDE
 from model.train import load_weights
 from model.transforms import normalize_hu
 
@@ -128,6 +128,19 @@ class Predictor:
         arr = sitk.GetArrayFromImage(image)
         return self(arr, tuple(image.GetSpacing()[::-1]), tuple(image.GetOrigin()), np.array(image.GetDirection()).reshape(3, 3))
 
+    def describe(self, volume: np.ndarray, center_voxel, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
+                 direction: np.ndarray | None = None) -> Finding:
+        """The refinement pass alone at a given nodule centre (z, y, x) voxel of ``volume``:
+        malignancy, diameter and mask of a nodule whose location is known (used to evaluate
+        characterisation separately from detection). ``score`` is the heatmap there."""
+        spacing = tuple(float(s) for s in spacing)
+        direction = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
+        iso = resample_to_iso(np.asarray(volume), spacing)
+        c_iso = np.asarray(center_voxel, float) * np.asarray(spacing)
+        with torch.inference_mode():
+            return self._refine(iso, Detection(tuple(c_iso), 10.0, float("nan"), float("nan")), np.asarray(volume).shape,
+                                spacing, origin, direction)
+
     # ------------------------------------------------------------------ passes
     def _run(self, hu_crop: np.ndarray, with_mask: bool) -> dict[str, torch.Tensor]:
         x = torch.from_numpy(normalize_hu(hu_crop))[None, None].to(self.device)
@@ -177,8 +190,10 @@ class Predictor:
         near = [d for d in dets if np.linalg.norm(np.asarray(d.center) - local) <= max(3.0, det.diameter / 2)]
         best = max(near, key=lambda d: d.score) if near else None
         centre_l = np.asarray(best.center) if best is not None else local
-        diameter = best.diameter if best is not None else det.diameter
-        malignancy = best.malignancy if best is not None else det.malignancy
+        cell = tuple(np.clip((centre_l // HEATMAP_STRIDE).astype(int), 0, np.asarray(out["size"].shape[2:]) - 1))
+        diameter = best.diameter if best is not None else float(torch.exp(out["size"][(0, 0) + cell]))
+        malignancy = _sample_map(torch.sigmoid(out["malignancy"][0]), centre_l, MALIGNANCY_STRIDE)
+        score = det.score if np.isfinite(det.score) else float(torch.sigmoid(out["heatmap"][(0, 0) + cell]))
         prob = torch.sigmoid(out["mask"][0, 0]).numpy()
         mask = _component_near(prob >= 0.5, centre_l, radius=max(2.0, diameter / 2))
         centre_iso = centre_l + start
@@ -193,7 +208,7 @@ class Predictor:
             diameter_mm=float(diameter),
             volume_mm3=vol_mm3,
             malignancy=float(np.clip(malignancy, 0, 1)),
-            score=float(det.score),
+            score=float(score),
             mask=m_in,
             mask_offset=m_off,
         )

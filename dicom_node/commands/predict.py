@@ -1,0 +1,91 @@
+"""``dicom-node predict``: run Res-MTNet on DICOM series folders or volume files.
+
+Prints one JSON object per input on its own line (DESIGN.md):
+``{"input": ..., "findings": [{"center_mm": [x, y, z], "diameter_mm": ..., "volume_mm3": ...,
+"malignancy": p, "score": s}, ...], "seconds": ...}`` with coordinates in DICOM patient (LPS)
+millimetres; an input that cannot be read gives ``{"input": ..., "error": "..."}`` and exit
+status 1. With ``--masks DIR`` each input's nodule mask (label i = finding i, by score) is
+written as ``DIR/<name>_mask.nii.gz`` with the input's geometry.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("predict", help="find and characterise lung nodules in CT volumes", description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", metavar="PATH", help="DICOM series folder or volume file (.mha, .mhd, .nii.gz, .nrrd)")
+    p.add_argument("--json", action="store_true", help="one JSON object per input on stdout (the only output format)")
+    p.add_argument("--masks", metavar="DIR", default=None, help="write each input's nodule label mask here")
+    p.add_argument("--threshold", type=float, default=None,
+                   help="minimum detection score (default: the validated operating point, ~1 false positive per scan)")
+    p.add_argument("--weights", default=None, help="weights file (default: the shipped model/weights/resmtnet.pt)")
+    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.set_defaults(func=run)
+
+
+def mask_name(path: Path) -> str:
+    """A safe file stem for the mask of ``path`` (volume file suffixes removed)."""
+    name = path.name if path.is_dir() else re.sub(r"(\.nii\.gz|\.nii|\.mha|\.mhd|\.nrrd|\.dcm)$", "", path.name)
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", name) or "input"
+
+
+def write_mask(image, findings, out: Path) -> None:
+    """Label volume (uint8/uint16, label i+1 for finding i) with ``image``'s geometry."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    shape = image.GetSize()[::-1]
+    labels = np.zeros(shape, np.uint16 if len(findings) > 255 else np.uint8)
+    for i, f in enumerate(findings):
+        if f.mask is None:
+            continue
+        sl = tuple(slice(o, min(o + n, s)) for o, n, s in zip(f.mask_offset, f.mask.shape, shape))
+        sub = f.mask[tuple(slice(0, s.stop - s.start) for s in sl)]
+        view = labels[sl]
+        view[sub & (view == 0)] = i + 1
+    img = sitk.GetImageFromArray(labels)
+    img.CopyInformation(image)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    sitk.WriteImage(img, str(out), useCompression=True)
+
+
+def run(args) -> int:
+    import torch
+
+    from model.data import read_image
+    from model.inference import Predictor
+
+    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
+    try:
+        predictor = Predictor(args.weights, threshold=args.threshold, device=args.device)
+    except FileNotFoundError as exc:
+        print(f"dicom-node predict: {exc}", file=sys.stderr)
+        return 2
+    show = sys.stderr.isatty()
+    status = 0
+    for k, raw in enumerate(args.paths, start=1):
+        path = Path(raw)
+        if show:
+            print(f"[{k}/{len(args.paths)}] {raw} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        try:
+            image = read_image(path)
+        except (ValueError, RuntimeError) as exc:
+            print(json.dumps({"input": raw, "error": str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)}), flush=True)
+            status = 1
+            continue
+        findings = predictor.predict_image(image)
+        seconds = time.perf_counter() - t
+        if args.masks:
+            write_mask(image, findings, Path(args.masks) / f"{mask_name(path)}_mask.nii.gz")
+        print(json.dumps({"input": raw, "findings": [f.to_json() for f in findings], "seconds": round(seconds, 2)}), flush=True)
+        if show:
+            print(f"[{k}/{len(args.paths)}] {len(findings)} finding(s) in {seconds:.1f} s", file=sys.stderr, flush=True)
+    return status

@@ -1,0 +1,241 @@
+"""Validation of Res-MTNet on the held-out series (never seen in training).
+
+Three parts, all on the validation series of :func:`model.data.split_by_series`:
+
+1. **Characterisation on the validation cubes** (nodule location given): the refinement pass
+   (:meth:`model.inference.Predictor.describe`) at the reference centre of each cube gives the
+   malignancy (accuracy at 0.5 and ROC AUC, by the median rule — median > 3 malignant, < 3
+   benign, 3 and unrated left out — and by ``is_malignant``), the diameter (absolute error vs
+   the LUNA16 diameter, mm) and the mask (Dice vs the cube's mask).
+2. **Whole-scan detection** (LUNA16 FROC / CPM, :mod:`model.metrics`): validation nodules are
+   pasted (:func:`model.data.paste_nodule`) at random aerated-lung positions into (a) the
+   validation part of LIDC-IDRI-0001 (z < -180 mm; training only ever saw z >= -180 mm) and
+   (b) synthetic chest phantoms (:mod:`model.phantom`, seeds disjoint from training); each
+   nodule is used once. The full :class:`~model.inference.Predictor` runs on each scan with a
+   low threshold, so the whole FROC curve is available. The operating point is the lowest
+   threshold with at most 1 false positive per scan.
+3. **Baselines on the same data**: malignancy from the diameter alone (AUC of the diameter; a
+   diameter cut fitted for accuracy on the training cubes) and a classical LoG blob detector
+   (:func:`model.baselines.blob_candidates`) on the same whole-scan volumes.
+
+Plus the end-to-end check on the real LIDC-IDRI-0001 at the operating point.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from model import data as D
+from model.baselines import blob_candidates
+from model.lungs import lung_region
+from model.metrics import ScanResult, accuracy, best_threshold, dice, froc, roc_auc, threshold_at_fp_rate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ValScan:
+    """A whole-scan validation volume on the 1 mm grid (voxel index = mm).
+
+    nodules: list of (centre (z, y, x), diameter mm); region: the lung region."""
+
+    name: str
+    hu: np.ndarray
+    region: np.ndarray
+    nodules: list[tuple[tuple[float, float, float], float]]
+
+
+def _place(rng, pool: np.ndarray, shape, taken: list[np.ndarray], diameter: float) -> np.ndarray | None:
+    for _ in range(200):
+        c = np.asarray(np.unravel_index(pool[rng.integers(pool.size)], shape), float)
+        if np.any(c < diameter / 2 + 3) or np.any(c > np.asarray(shape) - diameter / 2 - 4):
+            continue
+        if all(np.linalg.norm(c - t) > 30 for t in taken):
+            return c
+    return None
+
+
+def _paste_all(name, hu, region, rng, cubes) -> ValScan:
+    from model.train import parenchyma_mask
+
+    pool = np.flatnonzero(parenchyma_mask(hu, region))
+    nodules, taken = [], []
+    for cube in cubes:
+        c = _place(rng, pool, hu.shape, taken, cube.diameter_mm)
+        if c is None:
+            continue
+        at = np.round(c).astype(int) - np.round(np.asarray(cube.center) - np.asarray(cube.image.shape) // 2).astype(int)
+        D.paste_nodule(hu, cube.image, cube.mask, tuple(at))
+        taken.append(c)
+        nodules.append((tuple(np.round(c).astype(float)), cube.diameter_mm))
+    return ValScan(name, hu, region, nodules)
+
+
+def validation_scans(val_cubes: list[D.Cube], seed: int = 0, per_lidc: int = 6, per_phantom: int = 4, max_lidc: int = 16):
+    """Yield :class:`ValScan` volumes, using each matched validation cube at most once:
+    LIDC-IDRI-0001 validation part first (up to ``max_lidc`` scans), phantoms for the rest."""
+    rng = np.random.default_rng(seed)
+    cubes = [c for c in val_cubes if c.matched]
+    order = rng.permutation(len(cubes))
+    queue = [cubes[i] for i in order]
+    try:
+        hu, lung, origin = D.lidc_0001_iso()
+        cut = int(np.floor(D.LIDC_0001_Z_CUT_MM - origin[2]))
+        base_hu, base_region = hu[:cut].copy(), lung[:cut].copy()
+    except FileNotFoundError:
+        base_hu = None
+    k = 0
+    while queue and base_hu is not None and k < max_lidc:
+        take, queue = queue[:per_lidc], queue[per_lidc:]
+        yield _paste_all(f"LIDC-IDRI-0001[z<-180mm]#{k}", base_hu.copy(), base_region, rng, take)
+        k += 1
+    from model.phantom import make_phantom
+
+    k = 0
+    while queue:
+        take, queue = queue[:per_phantom], queue[per_phantom:]
+        ph = make_phantom(seed=90_000 + seed * 1000 + k, n_nodules=0)
+        yield _paste_all(f"phantom#{k}", ph.hu.copy(), ph.lungs, rng, take)
+        k += 1
+
+
+def characterise(predictor, cubes: list[D.Cube]) -> list[dict]:
+    """Per cube: malignancy, diameter and Dice at the reference centre (location given)."""
+    rows = []
+    for c in cubes:
+        f = predictor.describe(c.image, c.center)
+        pred_mask = np.zeros(c.mask.shape, bool)
+        if f.mask is not None:
+            o = f.mask_offset
+            sl = tuple(slice(a, min(a + n, s)) for a, n, s in zip(o, f.mask.shape, c.mask.shape))
+            pred_mask[sl] = f.mask[tuple(slice(0, s.stop - s.start) for s in sl)]
+        rows.append({
+            "name": c.name, "matched": c.matched, "diameter_ref": c.diameter_mm, "diameter_pred": f.diameter_mm,
+            "malignancy": f.malignancy, "median": c.median, "median_label": c.median_label,
+            "is_malignant": c.is_malignant, "rated": bool(c.ratings), "dice": dice(pred_mask, c.mask),
+        })
+    return rows
+
+
+def malignancy_metrics(rows: list[dict], score_key: str, cut: float = 0.5) -> dict:
+    med = [r for r in rows if np.isfinite(r["median_label"])]
+    rated = [r for r in rows if r["rated"]]
+    return {
+        "median_rule": {"n": len(med), "accuracy": accuracy([r[score_key] for r in med], [r["median_label"] for r in med], cut),
+                        "auc": roc_auc([r[score_key] for r in med], [r["median_label"] for r in med])},
+        "is_malignant": {"n": len(rated), "accuracy": accuracy([r[score_key] for r in rated], [r["is_malignant"] for r in rated], cut),
+                         "auc": roc_auc([r[score_key] for r in rated], [r["is_malignant"] for r in rated])},
+    }
+
+
+def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.Cube] | None = None,
+             max_lidc: int = 16, progress: bool = False) -> dict:
+    """Run the whole validation (see the module docstring); returns a JSON-able dict with the
+    FROC curves under ``"_curves"``."""
+    from tqdm import tqdm
+
+    t0 = time.time()
+    cubes = cubes if cubes is not None else D.load_cubes()
+    val_series = D.split_by_series([c.seriesuid for c in cubes], val_fraction)
+    val = [c for c in cubes if c.seriesuid in val_series]
+    train = [c for c in cubes if c.seriesuid not in val_series]
+    # 1. characterisation
+    rows = characterise(predictor, tqdm(val, desc="cubes", disable=not progress))
+    matched = [r for r in rows if r["matched"]]
+    err = np.abs(np.array([r["diameter_pred"] - r["diameter_ref"] for r in matched]))
+    net_mal = malignancy_metrics(rows, "malignancy")
+    # diameter-only baseline: cut fitted on the training cubes
+    tr_med = [c for c in train if np.isfinite(c.median_label)]
+    cut_med = best_threshold([c.diameter_mm for c in tr_med], [c.median_label for c in tr_med])
+    tr_rated = [c for c in train if c.ratings]
+    cut_mal = best_threshold([c.diameter_mm for c in tr_rated], [c.is_malignant for c in tr_rated])
+    base_med = malignancy_metrics(rows, "diameter_ref", cut_med)["median_rule"]
+    base_ism = malignancy_metrics(rows, "diameter_ref", cut_mal)["is_malignant"]
+    # 2./3. whole-scan detection, network and blob baseline
+    saved_thr = predictor.threshold
+    predictor.threshold = 0.05
+    net_scans, blob_scans, seconds, scan_names = [], [], [], []
+    try:
+        for vs in tqdm(validation_scans(val, seed=seed, max_lidc=max_lidc), desc="scans", disable=not progress):
+            t = time.time()
+            fs = predictor(vs.hu, (1.0, 1.0, 1.0))
+            seconds.append(time.time() - t)
+            nod = np.array([n[0] for n in vs.nodules]).reshape(-1, 3)
+            rad = np.array([n[1] / 2 for n in vs.nodules])
+            net_scans.append(ScanResult(np.array([f.center_voxel for f in fs]).reshape(-1, 3), np.array([f.score for f in fs]), nod, rad))
+            blobs = blob_candidates(vs.hu, vs.region)
+            blob_scans.append(ScanResult(np.array([b[0] for b in blobs]).reshape(-1, 3), np.array([b[1] for b in blobs]), nod, rad))
+            scan_names.append(vs.name)
+    finally:
+        predictor.threshold = saved_thr
+    f_net, f_blob = froc(net_scans), froc(blob_scans)
+    op = threshold_at_fp_rate(f_net, 1.0)
+    lidc = [i for i, n in enumerate(scan_names) if n.startswith("LIDC")]
+    phan = [i for i, n in enumerate(scan_names) if n.startswith("phantom")]
+    result = {
+        "validation": {"series": len(val_series), "cubes": len(val), "cubes_matched": len(matched),
+                       "whole_scans": len(scan_names), "lidc_scans": len(lidc), "phantom_scans": len(phan)},
+        "detection": {
+            "network": f_net.to_json(),
+            "network_lidc_background": froc([net_scans[i] for i in lidc]).to_json() if lidc else None,
+            "network_phantom_background": froc([net_scans[i] for i in phan]).to_json() if phan else None,
+            "blob_baseline": f_blob.to_json(),
+            "operating_threshold_1fp": round(op, 4),
+            "seconds_per_scan_mean": round(float(np.mean(seconds)), 2) if seconds else None,
+        },
+        "malignancy": {"network": net_mal, "diameter_baseline": {"median_rule": base_med, "is_malignant": base_ism,
+                                                                "cut_mm_median_rule": cut_med, "cut_mm_is_malignant": cut_mal}},
+        "segmentation": {"dice_mean": float(np.mean([r["dice"] for r in rows])), "dice_median": float(np.median([r["dice"] for r in rows])), "n": len(rows)},
+        "diameter": {"abs_error_mm_mean": float(err.mean()), "abs_error_mm_median": float(np.median(err)), "n": len(matched)},
+        "seconds": round(time.time() - t0, 1),
+        "_curves": {"network": (f_net.fp_per_scan.tolist(), f_net.sensitivity.tolist()),
+                    "blob_baseline": (f_blob.fp_per_scan.tolist(), f_blob.sensitivity.tolist())},
+    }
+    return result
+
+
+def lidc_end_to_end(predictor) -> dict:
+    """The real LIDC-IDRI-0001 at the predictor's threshold: is the reference nodule found?"""
+    import resource
+
+    img = D.read_image(D.LIDC_0001)
+    t = time.time()
+    fs = predictor.predict_image(img)
+    secs = time.time() - t
+    ref = np.asarray(D.LIDC_0001_NODULE_MM)
+    hits = [f for f in fs if np.linalg.norm(np.asarray(f.center_mm) - ref) <= 33.0 / 2]
+    best = max(hits, key=lambda f: f.score) if hits else None
+    return {
+        "seconds": round(secs, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "n_findings": len(fs), "reference_found": best is not None,
+        "reference": None if best is None else {**best.to_json(), "distance_mm": round(float(np.linalg.norm(np.asarray(best.center_mm) - ref)), 2)},
+        "false_positives": len(fs) - len(hits),
+    }
+
+
+def plot_froc(result: dict, path) -> None:
+    """FROC curves (network and blob baseline) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    for name, (fp, sens) in result["_curves"].items():
+        cpm = result["detection"]["network" if name == "network" else "blob_baseline"]["cpm"]
+        order = np.argsort(fp)
+        ax.step(np.asarray(fp)[order], np.asarray(sens)[order], where="post", label=f"{name} (CPM {cpm:.3f})")
+    ax.set_xscale("log", base=2)
+    ax.set_xlim(1 / 8, 8)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("average false positives per scan")
+    ax.set_ylabel("sensitivity")
+    ax.set_title("FROC, whole-scan validation (LUNA16 protocol)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
