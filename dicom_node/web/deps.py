@@ -51,6 +51,17 @@ DB = Annotated[Session, Depends(db)]
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/token", auto_error=False)
 
 
+def _end_read(s: Session) -> None:
+    """End the read transaction of the authentication look-up.
+
+    On SQLite every transaction holds the database write lock (BEGIN IMMEDIATE), so a route
+    that opens its own sessions (C-ECHO, key images) must not find this one still open; the
+    next use of ``s`` simply begins a new transaction. Loaded objects stay usable
+    (``expire_on_commit=False``).
+    """
+    s.commit()
+
+
 def session_user(request: Request, s: Session) -> User | None:
     """The user of the page session cookie, if it is valid and the password is unchanged."""
     name = request.session.get("user")
@@ -58,6 +69,7 @@ def session_user(request: Request, s: Session) -> User | None:
     if not name or not fp:
         return None
     user = users.get_user(s, name)
+    _end_read(s)
     if user is None or password_fingerprint(user.password_hash) != fp:
         return None
     return user
@@ -78,6 +90,7 @@ def api_user(request: Request, s: DB, token: Annotated[str | None, Depends(oauth
     if claims is None:
         raise _unauthorized("invalid or expired token")
     user = users.get_user(s, claims.username)
+    _end_read(s)
     if user is None or password_fingerprint(user.password_hash) != claims.fingerprint:
         raise _unauthorized("token no longer valid (user removed or password changed)")
     return user

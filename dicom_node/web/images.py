@@ -83,10 +83,17 @@ def seg_mask(seg_path: Path, volume, segment_number: int) -> np.ndarray | None:
     by_uid = {str(ds.SOPInstanceUID): z for z, ds in enumerate(volume.datasets)}
     mask = np.zeros(volume.array.shape, dtype=bool)
     found = False
+    shared = None
+    try:  # with one segment, writers may put its identification in the shared groups
+        shared = int(seg.SharedFunctionalGroupsSequence[0].SegmentIdentificationSequence[0].ReferencedSegmentNumber)
+    except (AttributeError, IndexError):
+        pass
     for i, frame in enumerate(getattr(seg, "PerFrameFunctionalGroupsSequence", [])):
         try:
             number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
         except (AttributeError, IndexError):
+            number = shared
+        if number is None:
             continue
         if number != segment_number:
             continue

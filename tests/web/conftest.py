@@ -1,0 +1,112 @@
+"""Fixtures for the web tests: one node per database backend for the whole session.
+
+The API tests run on SQLite and on PostgreSQL. PostgreSQL: the server at ``DICOM_NODE_TEST_PG``
+(default ``postgresql://postgres@127.0.0.1:5432/postgres``); a fresh database is created for the
+session and dropped at the end; when no server answers those variants are skipped with a
+message. Between tests every table is emptied except the two fixture accounts, which is much
+faster than migrating a database per test.
+"""
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from sqlalchemy import delete
+
+PG_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+from webtools import ADMIN, RAD
+
+
+def _pg_admin():
+    import psycopg
+
+    try:
+        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+    except psycopg.OperationalError as exc:
+        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL} ({exc.__class__.__name__}); "
+                    "set DICOM_NODE_TEST_PG or start a server to run the PostgreSQL variants")
+
+
+@pytest.fixture(scope="session", params=["sqlite", "postgresql"])
+def web_db_url(request, tmp_path_factory):
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path_factory.mktemp('web-sqlite') / 'node.sqlite3'}"
+        return
+    name = f"dicomnode_web_{uuid.uuid4().hex[:10]}"
+    with _pg_admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    with _pg_admin() as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def build_node(database_url: str, data_dir):
+    from dicom_node.config import Settings
+    from dicom_node.node import open_node
+
+    settings = Settings(node={"data_dir": str(data_dir), "port": 11112, "host": "127.0.0.1", "ae_title": "WEBTEST"},
+                        database={"url": database_url}, web={"secret_key": "test-secret-" + uuid.uuid4().hex})
+    return open_node(settings)
+
+
+def create_accounts(node) -> None:
+    from dicom_node.web.security import hash_password
+    from storage import users
+
+    with node.sessions.begin() as s:
+        for (name, password), role in ((ADMIN, "admin"), (RAD, "radiologist")):
+            if users.get_user(s, name) is None:
+                users.add_user(s, name, role, hash_password(password))
+
+
+def clean_tables(node) -> None:
+    from storage.models import Base, User
+
+    with node.sessions.begin() as s:
+        for table in reversed(Base.metadata.sorted_tables):
+            if table.name == "users":
+                s.execute(delete(User).where(User.username.not_in([ADMIN[0], RAD[0]])))
+            else:
+                s.execute(table.delete())
+
+
+@pytest.fixture(scope="session")
+def web_node(web_db_url, tmp_path_factory):
+    node = build_node(web_db_url, tmp_path_factory.mktemp("web-data"))
+    create_accounts(node)
+    yield node
+    node.sessions.kw["bind"].dispose()
+
+
+@pytest.fixture(scope="session")
+def client(web_node):
+    from fastapi.testclient import TestClient
+
+    from dicom_node.web.app import create_app
+
+    with TestClient(create_app(web_node)) as c:
+        yield c
+
+
+def get_token(client, user: tuple[str, str]) -> str:
+    r = client.post("/api/token", data={"username": user[0], "password": user[1]})
+    assert r.status_code == 200, r.text
+    return r.json()["access_token"]
+
+
+@pytest.fixture(scope="session")
+def admin_h(client):
+    return {"Authorization": f"Bearer {get_token(client, ADMIN)}"}
+
+
+@pytest.fixture(scope="session")
+def rad_h(client):
+    return {"Authorization": f"Bearer {get_token(client, RAD)}"}
+
+
+@pytest.fixture
+def node(web_node):
+    clean_tables(web_node)
+    yield web_node
