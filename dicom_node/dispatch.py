@@ -84,7 +84,7 @@ def dispatch_once(node: Node, worker_id: str) -> bool:
             delay = backoff_seconds(attempt, cfg.backoff_base_seconds, cfg.backoff_max_seconds)
             t.state, t.error = TransferState.PENDING, outcome.message
             t.next_attempt_at = ended + timedelta(seconds=delay)
-            log.warning("transfer %d: %s; retry in %.0f s", transfer_id, outcome.message, delay)
+            log.warning("transfer %d: %s; retry in %.1f s", transfer_id, outcome.message, delay)
         repo.log_association(
             s, direction="out", peer_host=dest_info[2], peer_port=dest_info[3], calling_ae=calling_ae,
             called_ae=dest_info[1],

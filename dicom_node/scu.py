@@ -65,9 +65,8 @@ def _association_failure(assoc, ae_title: str, host: str, port: int) -> Outcome:
         detail = f"result {getattr(rej, 'result_str', '?')}, source {getattr(rej, 'source_str', '?')}, reason {getattr(rej, 'reason_str', '?')}"
         transient = getattr(rej, "result", None) == 0x02  # rejected-transient
         return Outcome(Kind.TRANSIENT if transient else Kind.PERMANENT, f"association rejected by {where} ({detail})")
-    if assoc.is_aborted:
-        return Outcome(Kind.TRANSIENT, f"association aborted by {where}")
-    return Outcome(Kind.TRANSIENT, f"could not connect to {where}")
+    return Outcome(Kind.TRANSIENT, f"could not connect to {where} (connection refused, timed out, or aborted "
+                                   "before the association was accepted)")
 
 
 def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "DICOM_NODE", timeout: float = 10.0) -> Outcome:
@@ -132,7 +131,11 @@ def store(paths: list[Path], ae_title: str, host: str, port: int, *, calling_ae:
                 acknowledged.append(ds.SOPInstanceUID)
                 log.info("stored %s on %s (status 0x%04X)", ds.SOPInstanceUID, ae_title, status.Status)
             else:
-                failure = Outcome(Kind.PERMANENT, f"{ae_title} refused {ds.SOPInstanceUID} with status 0x{status.Status:04X}")
+                # 0xA7xx "Refused: Out of Resources" may clear (the peer frees disk): retry.
+                # Any other failure (0xA9xx does not match SOP class, 0xCxxx cannot understand,
+                # 0x0122 SOP class not supported, ...) will not change by retrying.
+                kind = Kind.TRANSIENT if 0xA700 <= status.Status <= 0xA7FF else Kind.PERMANENT
+                failure = Outcome(kind, f"{ae_title} refused {ds.SOPInstanceUID} with status 0x{status.Status:04X}")
                 break
     finally:
         if assoc.is_established:
