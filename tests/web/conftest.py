@@ -16,7 +16,7 @@ from sqlalchemy import delete
 
 PG_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
 
-from webtools import ADMIN, RAD
+from webtools import ADMIN, RAD, build_node, create_accounts
 
 
 def _pg_admin():
@@ -40,25 +40,6 @@ def web_db_url(request, tmp_path_factory):
     yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
     with _pg_admin() as conn:
         conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-
-
-def build_node(database_url: str, data_dir):
-    from dicom_node.config import Settings
-    from dicom_node.node import open_node
-
-    settings = Settings(node={"data_dir": str(data_dir), "port": 11112, "host": "127.0.0.1", "ae_title": "WEBTEST"},
-                        database={"url": database_url}, web={"secret_key": "test-secret-" + uuid.uuid4().hex})
-    return open_node(settings)
-
-
-def create_accounts(node) -> None:
-    from dicom_node.web.security import hash_password
-    from storage import users
-
-    with node.sessions.begin() as s:
-        for (name, password), role in ((ADMIN, "admin"), (RAD, "radiologist")):
-            if users.get_user(s, name) is None:
-                users.add_user(s, name, role, hash_password(password))
 
 
 def clean_tables(node) -> None:

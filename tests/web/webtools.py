@@ -6,6 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
+import uuid
 from pathlib import Path
 
 import pytest
@@ -73,3 +74,22 @@ def page_login(client, user: tuple[str, str]) -> None:
     r = client.post("/login", data={"username": user[0], "password": user[1], "csrf_token": token, "next": "/worklist"},
                     follow_redirects=False)
     assert r.status_code == 303, r.text
+
+
+def build_node(database_url: str, data_dir):
+    from dicom_node.config import Settings
+    from dicom_node.node import open_node
+
+    settings = Settings(node={"data_dir": str(data_dir), "port": 11112, "host": "127.0.0.1", "ae_title": "WEBTEST"},
+                        database={"url": database_url}, web={"secret_key": "test-secret-" + uuid.uuid4().hex})
+    return open_node(settings)
+
+
+def create_accounts(node) -> None:
+    from dicom_node.web.security import hash_password
+    from storage import users
+
+    with node.sessions.begin() as s:
+        for (name, password), role in ((ADMIN, "admin"), (RAD, "radiologist")):
+            if users.get_user(s, name) is None:
+                users.add_user(s, name, role, hash_password(password))
