@@ -7,7 +7,7 @@ Conventions: voxel coordinates are continuous (z, y, x) indices into the network
 ``c / s - floor(c / s)`` in [0, 1) and size target ``log(d)``. The heatmap target is a Gaussian
 around ``c / s`` whose sigma grows with the nodule radius; the assigned cell is exactly 1.
 Malignancy is supervised on the stride-4 cells inside the nodule's core (radius ``max(1, r/2)``
-cells) and read back at the centre.
+cells) and on the 2^dims cells around the centre, and read back there by trilinear interpolation.
 """
 from __future__ import annotations
 
@@ -76,8 +76,11 @@ def make_targets(shape: tuple[int, ...], nodules: list[NoduleTarget]) -> dict[st
             cm = c / MALIGNANCY_STRIDE
             rad = max(1.0, nod.diameter / (2.0 * MALIGNANCY_STRIDE) / 2.0)
             inside = sum((grids_m[i] - cm[i]) ** 2 for i in range(dims)) <= rad**2
-            nearest = tuple(np.minimum(np.round(cm).astype(int), np.asarray(gm) - 1))
-            inside[nearest] = True
+            # the cells that the trilinear read-out at the centre interpolates between
+            base = np.floor(cm).astype(int)
+            for corner in range(2**dims):
+                cell_m = tuple(int(min(max(base[i] + ((corner >> i) & 1), 0), gm[i] - 1)) for i in range(dims))
+                inside[cell_m] = True
             mal[0][inside] = nod.malignancy
             malw[0][inside] = 1.0
     return {

@@ -152,6 +152,7 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
     cut_med = best_threshold([c.diameter_mm for c in tr_med], [c.median_label for c in tr_med])
     tr_rated = [c for c in train if c.ratings]
     cut_mal = best_threshold([c.diameter_mm for c in tr_rated], [c.is_malignant for c in tr_rated])
+    const_d = float(np.median([c.diameter_mm for c in train if c.matched]))  # constant-diameter baseline
     base_med = malignancy_metrics(rows, "diameter_ref", cut_med)["median_rule"]
     base_ism = malignancy_metrics(rows, "diameter_ref", cut_mal)["is_malignant"]
     # 2./3. whole-scan detection, network and blob baseline
@@ -189,7 +190,9 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
         "malignancy": {"network": net_mal, "diameter_baseline": {"median_rule": base_med, "is_malignant": base_ism,
                                                                 "cut_mm_median_rule": cut_med, "cut_mm_is_malignant": cut_mal}},
         "segmentation": {"dice_mean": float(np.mean([r["dice"] for r in rows])), "dice_median": float(np.median([r["dice"] for r in rows])), "n": len(rows)},
-        "diameter": {"abs_error_mm_mean": float(err.mean()), "abs_error_mm_median": float(np.median(err)), "n": len(matched)},
+        "diameter": {"abs_error_mm_mean": float(err.mean()), "abs_error_mm_median": float(np.median(err)), "n": len(matched),
+                     "constant_baseline_abs_error_mm_mean": float(np.mean(np.abs(np.array([r["diameter_ref"] for r in matched]) - const_d))),
+                     "constant_baseline_mm": const_d},
         "seconds": round(time.time() - t0, 1),
         "_curves": {"network": (f_net.fp_per_scan.tolist(), f_net.sensitivity.tolist()),
                     "blob_baseline": (f_blob.fp_per_scan.tolist(), f_blob.sensitivity.tolist())},

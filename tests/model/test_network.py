@@ -1,0 +1,55 @@
+"""Res-MTNet shapes (3-D and 2-D), the input-size check, and the cross-task ablation switch."""
+import pytest
+import torch
+
+from model.network import HEATMAP_STRIDE, MALIGNANCY_STRIDE, ResMTNet
+
+
+def test_3d_head_shapes():
+    net = ResMTNet(widths=(4, 8, 8), mask_width=2).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(2, 1, 16, 24, 32))
+    assert set(out) == {"heatmap", "offset", "size", "malignancy", "mask"}
+    g = (16 // HEATMAP_STRIDE, 24 // HEATMAP_STRIDE, 32 // HEATMAP_STRIDE)
+    assert out["heatmap"].shape == (2, 1) + g
+    assert out["offset"].shape == (2, 3) + g
+    assert out["size"].shape == (2, 1) + g
+    assert out["malignancy"].shape == (2, 1, 16 // MALIGNANCY_STRIDE, 24 // MALIGNANCY_STRIDE, 32 // MALIGNANCY_STRIDE)
+    assert out["mask"].shape == (2, 1, 16, 24, 32)
+
+
+def test_mask_head_optional():
+    net = ResMTNet(widths=(4, 8, 8), mask_width=2).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, 16, 16, 16), with_mask=False)
+    assert "mask" not in out
+
+
+def test_2d_network_for_radiographs():
+    net = ResMTNet(spatial_dims=2, widths=(4, 8, 8), mask_width=2).eval()
+    with torch.no_grad():
+        out = net(torch.zeros(1, 1, 32, 48))
+    assert out["offset"].shape == (1, 2, 16, 24)
+    assert out["malignancy"].shape == (1, 1, 8, 12)
+    assert out["mask"].shape == (1, 1, 32, 48)
+
+
+def test_rejects_extent_not_multiple_of_8():
+    net = ResMTNet(widths=(4, 8, 8), mask_width=2)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        net(torch.zeros(1, 1, 16, 16, 20))
+
+
+def test_cross_task_connections_couple_the_branches():
+    """With cross-task connections the detection heatmap depends on the malignancy branch;
+    without them it does not."""
+    torch.manual_seed(0)
+    for cross in (True, False):
+        net = ResMTNet(widths=(4, 8, 8), mask_width=2, cross_task=cross).eval()
+        x = torch.randn(1, 1, 16, 16, 16)
+        with torch.no_grad():
+            before = net(x)["heatmap"].clone()
+            for p in net.mal3.parameters():
+                p.add_(torch.randn_like(p))
+            after = net(x)["heatmap"]
+        assert (not torch.allclose(before, after)) == cross
