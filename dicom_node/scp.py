@@ -16,7 +16,8 @@ import io
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from pydicom import dcmread
 from pydicom.errors import InvalidDicomError
@@ -95,6 +96,7 @@ class Listener:
         self._assocs: dict[int, _AssocState] = {}
         self._lock = threading.Lock()
         self._server = None
+        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self.port: int | None = None
         self.ae = self._build_ae()
 
@@ -261,14 +263,23 @@ class Listener:
         store = self.node.store
         relpath = store.instance_relpath(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
         try:
-            size, sha = store.write_atomic(relpath, data)
+            pending = store.begin_write(relpath, data)
         except StoreError as exc:
             log.error("cannot store %s: %s", meta.sop_instance_uid, exc)
             return OUT_OF_RESOURCES
+        # fsync in a helper thread while the index row is prepared; the index transaction
+        # commits only after the file is durable, so the index never names a lost file.
+        synced = self._io.submit(pending.commit)
         try:
             with self.node.sessions.begin() as s:
-                outcome = repo.index_instance(s, meta, relpath, size, sha, st.calling_ae, st.log_id)
+                outcome = repo.index_instance(s, meta, relpath, pending.size, pending.sha256, st.calling_ae, st.log_id)
+                s.flush()
+                synced.result()
+        except StoreError as exc:
+            log.error("cannot store %s: %s", meta.sop_instance_uid, exc)
+            return OUT_OF_RESOURCES
         except Exception as exc:  # noqa: BLE001 - database down: the sender must retry
+            # The sender retries; the retry rewrites the file and indexes it.
             log.error("cannot index %s: %s", meta.sop_instance_uid, exc)
             return OUT_OF_RESOURCES
         st.instances += 1

@@ -30,6 +30,41 @@ def safe_uid(uid: str) -> str:
     return "x" + hashlib.sha256(uid.encode("utf-8", "surrogateescape")).hexdigest()[:40]
 
 
+def _unlink(path) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+
+
+class PendingWrite:
+    """Bytes written to a temporary file, not yet durable or visible under their name."""
+
+    def __init__(self, relpath: str, target: Path, tmp: Path, size: int, sha256: str):
+        self.relpath, self.target, self.tmp, self.size, self.sha256 = relpath, target, tmp, size, sha256
+
+    def commit(self) -> None:
+        """fsync the file, rename it into place, fsync the folder; raises StoreError."""
+        try:
+            fd = os.open(self.tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(self.tmp, self.target)
+            dir_fd = os.open(self.target.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError as exc:
+            self.abort()
+            raise StoreError(exc.errno, f"cannot write {self.relpath}: {exc.strerror or exc}") from exc
+
+    def abort(self) -> None:
+        _unlink(self.tmp)
+
+
 class FileStore:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
@@ -42,44 +77,41 @@ class FileStore:
         return f"results/{int(job_id)}/{kind}-{safe_uid(sop_uid)}.dcm"
 
     def path(self, relpath: str) -> Path:
-        p = (self.root / relpath).resolve()
-        if self.root not in p.parents:
+        """The absolute path of ``relpath``; refuses anything that would leave the store."""
+        joined = os.path.normpath(os.path.join(self.root, relpath))
+        if not joined.startswith(str(self.root) + os.sep):
             raise ValueError(f"path {relpath!r} is outside the file store {self.root}")
-        return p
+        return Path(joined)
 
     def write_atomic(self, relpath: str, chunks: list[bytes] | bytes) -> tuple[int, str]:
         """Write ``chunks`` to ``relpath`` durably; returns (size in bytes, sha256 hex)."""
+        pending = self.begin_write(relpath, chunks)
+        pending.commit()
+        return pending.size, pending.sha256
+
+    def begin_write(self, relpath: str, chunks: list[bytes] | bytes) -> PendingWrite:
+        """Write the bytes to a temporary file beside ``relpath``; ``commit()`` makes them durable
+        and visible (fsync, rename, fsync folder), ``abort()`` removes them. Lets a caller index
+        the file in the database while the fsync runs, and commit both only when both succeeded."""
         target = self.path(relpath)
         if isinstance(chunks, (bytes, bytearray, memoryview)):
             chunks = [bytes(chunks)]
         digest = hashlib.sha256()
         size = 0
+        tmp = None
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
-            try:
-                with os.fdopen(fd, "wb") as fh:
-                    for chunk in chunks:
-                        fh.write(chunk)
-                        digest.update(chunk)
-                        size += len(chunk)
-                    fh.flush()
-                    os.fsync(fh.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                try:
-                    os.unlink(tmp)
-                except FileNotFoundError:
-                    pass
-                raise
-            dir_fd = os.open(target.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
+            with os.fdopen(fd, "wb") as fh:
+                for chunk in chunks:
+                    fh.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
         except OSError as exc:
+            if tmp is not None:
+                _unlink(tmp)
             raise StoreError(exc.errno, f"cannot write {relpath}: {exc.strerror or exc}") from exc
-        return size, digest.hexdigest()
+        return PendingWrite(relpath, target, Path(tmp), size, digest.hexdigest())
 
     def read_bytes(self, relpath: str) -> bytes:
         return self.path(relpath).read_bytes()
