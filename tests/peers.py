@@ -83,10 +83,11 @@ class StoreSCP:
 class Orthanc:
     """A real Orthanc PACS with its REST API, DICOM server and one modality (the node)."""
 
-    def __init__(self, folder: Path, node_ae: str, node_port: int, ae_title: str = "ORTHANC"):
+    def __init__(self, folder: Path, node_ae: str, node_port: int, ae_title: str = "ORTHANC",
+                 dicom_port: int | None = None):
         self.folder = Path(folder)
         self.ae_title = ae_title
-        self.http_port, self.dicom_port = free_port(), free_port()
+        self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
         self.node_ae, self.node_port = node_ae, node_port
         self.proc: subprocess.Popen | None = None
 
