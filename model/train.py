@@ -311,8 +311,10 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path:
-    """Run (or resume) training; returns the path of the final weights."""
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path | None:
+    """Run (or resume) training; returns the path of the final weights, or None when stopped
+    early by ``stop_after`` (a number of steps in this session; the checkpoint allows resuming
+    with the same config)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
@@ -346,7 +348,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
     net.train()
     t0 = time.time()
     it = iter(loader)
+    session_steps = 0
     while step < cfg.steps:
+        if stop_after is not None and session_steps >= stop_after:
+            bar.close()
+            return None
+        session_steps += 1
         batch = {k: v.to(device) for k, v in next(it).items()}
         outp = net(batch["image"])
         terms = joint_loss(outp, batch, cfg.loss_weights)
@@ -359,7 +366,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True) -> Path
         history.append({"step": step, **rec})
         bar.set_postfix(loss=rec["total"], heat=rec["heat"], mal=rec["mal"])
         bar.update(1)
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or (stop_after is not None and session_steps >= stop_after):
             torch.save({"net": net.state_dict(), "opt": opt.state_dict(), "sched": sched.state_dict(),
                         "step": step, "torch_rng": torch.get_rng_state()}, ckpt)
             with open(out / "history.jsonl", "a") as f:

@@ -1,0 +1,122 @@
+"""The Predictor with the shipped default weights: interface, geometry, a validation cube, the
+real LIDC-IDRI-0001 reference nodule, and the ``predict`` command."""
+import argparse
+import json
+import sys
+import time
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from model import data as D
+from model.finding import Finding
+
+
+def test_import_model_does_not_import_torch():
+    import subprocess
+
+    code = "import sys, model; from model import Finding; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
+def _val_cube(luna_cubes, big=True):
+    val = D.split_by_series([c.seriesuid for c in luna_cubes])
+    cubes = [c for c in luna_cubes if c.seriesuid in val and c.matched]
+    return max(cubes, key=lambda c: c.diameter_mm) if big else cubes[0]
+
+
+def test_finds_a_validation_nodule_in_a_40mm_crop(predictor, luna_cubes):
+    cube = _val_cube(luna_cubes)
+    findings = predictor(cube.image, (1.0, 1.0, 1.0), origin=(10.0, 20.0, 30.0))
+    assert findings and all(isinstance(f, Finding) for f in findings)
+    f = findings[0]
+    assert np.linalg.norm(np.subtract(f.center_voxel, cube.center)) <= cube.diameter_mm / 2
+    # LPS: identity direction, 1 mm -> origin + (x, y, z) index
+    np.testing.assert_allclose(f.center_mm, np.add((10.0, 20.0, 30.0), f.center_voxel[::-1]), atol=1e-6)
+    assert 0 <= f.malignancy <= 1 and 0 <= f.score <= 1
+    # a real mask: overlaps the reference mask
+    m = np.zeros(cube.mask.shape, bool)
+    o = f.mask_offset
+    m[o[0]:o[0] + f.mask.shape[0], o[1]:o[1] + f.mask.shape[1], o[2]:o[2] + f.mask.shape[2]] = f.mask
+    assert 2 * (m & cube.mask).sum() / (m.sum() + cube.mask.sum()) > 0.5
+    assert abs(f.volume_mm3 - m.sum()) < 1e-6
+
+
+def test_geometry_follows_spacing_and_direction(predictor, luna_cubes):
+    """The same nodule given on a 2x-coarser z grid with a flipped x axis: voxel and LPS centres
+    follow the stated geometry."""
+    cube = _val_cube(luna_cubes)
+    img = sitk.GetImageFromArray(cube.image)
+    coarse_spacing = (1.0, 1.0, 2.0)
+    ref = sitk.ResampleImageFilter()
+    ref.SetOutputSpacing(coarse_spacing)
+    ref.SetSize((40, 40, 20))
+    ref.SetInterpolator(sitk.sitkLinear)
+    coarse = ref.Execute(img)
+    arr = sitk.GetArrayFromImage(coarse)
+    direction = np.diag([-1.0, 1.0, 1.0])
+    origin = (100.0, -50.0, 7.0)
+    fs = predictor(arr, (2.0, 1.0, 1.0), origin=origin, direction=direction)
+    assert fs
+    f = min(fs, key=lambda f: np.linalg.norm(np.subtract(f.center_voxel, np.divide(cube.center, (2, 1, 1)))))
+    expected_vox = np.divide(cube.center, (2.0, 1.0, 1.0))
+    assert np.linalg.norm((np.asarray(f.center_voxel) - expected_vox) * (2, 1, 1)) <= cube.diameter_mm / 2
+    z, y, x = f.center_voxel
+    np.testing.assert_allclose(f.center_mm, (100.0 - x * 1.0, -50.0 + y * 1.0, 7.0 + z * 2.0), atol=1e-6)
+    assert f.mask.shape[0] <= 20 and f.mask_offset[0] + f.mask.shape[0] <= 20
+
+
+def test_rejects_bad_input(predictor):
+    with pytest.raises(ValueError, match="3-D"):
+        predictor(np.zeros((4, 4)), (1, 1, 1))
+    with pytest.raises(ValueError, match="spacing"):
+        predictor(np.zeros((8, 8, 8)), (1, 0, 1))
+
+
+def test_lidc_0001_reference_nodule_end_to_end(predictor, lidc_dir):
+    import resource
+
+    img = D.read_image(lidc_dir)
+    t = time.perf_counter()
+    findings = predictor.predict_image(img)
+    seconds = time.perf_counter() - t
+    ref = np.asarray(D.LIDC_0001_NODULE_MM)
+    hits = [f for f in findings if np.linalg.norm(np.subtract(f.center_mm, ref)) <= 33.0 / 2]
+    assert hits, f"reference nodule not found; findings: {[f.to_json() for f in findings]}"
+    assert hits[0].malignancy > 0.5
+    assert hits[0].mask is not None and hits[0].mask.sum() * np.prod(img.GetSpacing()) > 1000  # a ~25 mm nodule
+    assert seconds < 60  # 30 s on an idle 2-core CPU (benchmarks/bench_predict.py); slack for a busy one
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 < 3072
+
+
+def _cli(argv):
+    from dicom_node.commands import predict
+
+    parser = argparse.ArgumentParser()
+    sub = parser.add_subparsers()
+    predict.register(sub)
+    args = parser.parse_args(["predict", *argv])
+    return args.func(args)
+
+
+def test_predict_command_json_and_masks(predictor, luna_cubes, tmp_path, capsys):
+    cube = _val_cube(luna_cubes)
+    img = sitk.GetImageFromArray(cube.image)
+    img.SetOrigin((-12.5, 30.0, -200.0))
+    path = tmp_path / "nodule crop.nii.gz"
+    sitk.WriteImage(img, str(path))
+    rc = _cli([str(path), str(tmp_path / "missing.mha"), "--json", "--masks", str(tmp_path / "masks")])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 1  # one input could not be read
+    ok, bad = lines
+    assert ok["input"] == str(path) and ok["findings"] and ok["seconds"] >= 0
+    assert set(ok["findings"][0]) == {"center_mm", "diameter_mm", "volume_mm3", "malignancy", "score"}
+    assert "error" in bad and bad["input"].endswith("missing.mha")
+    mask = sitk.ReadImage(str(tmp_path / "masks" / "nodule_crop_mask.nii.gz"))
+    assert mask.GetSize() == img.GetSize() and mask.GetOrigin() == img.GetOrigin()
+    assert sitk.GetArrayFromImage(mask)[tuple(np.round(cube.center).astype(int))] == 1
+    # a threshold above every score gives no findings
+    _cli([str(path), "--json", "--threshold", "1.01"])
+    assert json.loads(capsys.readouterr().out)["findings"] == []
