@@ -42,9 +42,14 @@ class Node:
         section, name = RUNTIME_KEYS[key]
         default = getattr(getattr(self.settings, section), name)
         if session is not None:
-            return repo.get_setting(session, key, default)
-        with self.sessions() as s:
-            return repo.get_setting(s, key, default)
+            value = repo.get_setting(session, key, default)
+        else:
+            with self.sessions() as s:
+                value = repo.get_setting(s, key, default)
+        # JSON columns on SQLite have numeric affinity (30.0 reads back as 30): restore the type.
+        if isinstance(default, (int, float)) and not isinstance(default, bool) and value is not None:
+            value = type(default)(value)
+        return value
 
 
 def open_node(settings: Settings, *, seed: bool = True) -> Node:

@@ -204,3 +204,19 @@ def test_listener_does_not_import_torch():
     r = subprocess.run([sys.executable, "-c", "import sys, dicom_node.scp, dicom_node.stages, dicom_node.cli; "
                         "assert 'torch' not in sys.modules, 'torch imported'"], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
+
+
+def test_sender_that_aborts_mid_association_keeps_what_was_acknowledged(listener):
+    node, scp = listener
+    files = sorted(need_lidc().iterdir())[:5]
+    ae = AE(ae_title="NODETEST")
+    ae.add_requested_context(CTImageStorage)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
+    statuses = [assoc.send_c_store(p).Status for p in files[:3]]
+    assoc.abort()
+    assert statuses == [SUCCESS] * 3
+    time.sleep(0.5)
+    row = audit_rows(node)[-1]
+    assert row.result is AssociationResult.ABORTED and row.instances == 3
+    with node.sessions() as s:
+        assert len(s.scalars(select(Instance)).all()) == 3

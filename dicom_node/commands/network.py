@@ -5,20 +5,24 @@ import argparse
 import sys
 from pathlib import Path
 
+from dicom_node.cli import add_config_argument, settings_from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("echo", help="C-ECHO a peer", description="Verify a DICOM peer with C-ECHO.")
     p.add_argument("peer", metavar="AE@HOST:PORT")
-    p.add_argument("--calling-ae", default="DICOM_NODE", help="our AE title (default: %(default)s)")
+    p.add_argument("--calling-ae", default=None, help="our AE title (default: [node] ae_title of the config)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default: %(default)s)")
+    add_config_argument(p)
     p.set_defaults(func=run_echo)
 
     p = sub.add_parser("send", help="C-STORE files or folders to a peer",
                        description="Send DICOM files (folders are searched recursively) with C-STORE.")
     p.add_argument("paths", nargs="+", metavar="PATH")
     p.add_argument("peer", metavar="AE@HOST:PORT")
-    p.add_argument("--calling-ae", default="DICOM_NODE", help="our AE title (default: %(default)s)")
+    p.add_argument("--calling-ae", default=None, help="our AE title (default: [node] ae_title of the config)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds (default: %(default)s)")
+    add_config_argument(p)
     p.set_defaults(func=run_send)
 
 
@@ -36,9 +40,13 @@ def run_echo(args) -> int:
     from dicom_node.scu import echo
 
     ae, host, port = _peer(args.peer)
-    outcome = echo(ae, host, port, calling_ae=args.calling_ae, timeout=args.timeout)
+    outcome = echo(ae, host, port, calling_ae=_calling_ae(args), timeout=args.timeout)
     print(outcome.message, file=sys.stdout if outcome.ok else sys.stderr)
     return 0 if outcome.ok else 1
+
+
+def _calling_ae(args) -> str:
+    return args.calling_ae or settings_from_args(args).node.ae_title
 
 
 def collect_files(paths: list[str]) -> list[Path]:
@@ -77,7 +85,7 @@ def run_send(args) -> int:
     if not dicom_files:
         print("dicom-node: no DICOM files to send", file=sys.stderr)
         return 2
-    outcome = store(dicom_files, ae, host, port, calling_ae=args.calling_ae, timeout=args.timeout)
+    outcome = store(dicom_files, ae, host, port, calling_ae=_calling_ae(args), timeout=args.timeout)
     print(f"{len(outcome.acknowledged)}/{len(dicom_files)} stored: {outcome.message}",
           file=sys.stdout if outcome.ok else sys.stderr)
     return 0 if outcome.ok else 1
