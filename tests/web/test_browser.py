@@ -1,0 +1,279 @@
+"""The pages in a real browser: Debian's Chromium, headless, driven by Playwright, at 1366x768.
+
+The node's web stage runs in-process under uvicorn on a free loopback port, on SQLite. The
+processed study is the real LIDC-IDRI-0001 CT (when ``../shared/data`` is present; else the
+synthetic phantom) with the rows the worker leaves behind inserted directly: a done job, the
+reference nodule as a finding, an SR and a threshold SEG of the nodule. Screenshots of each
+step go to ``docs/screenshots/`` for the README.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from phantom import NODULE_DIAMETER_MM, NODULE_MM, add_done_job, add_study_row, lidc_files, nodule_mask, store_files, store_phantom
+from storage.models import StudyStatus
+from webtools import ADMIN, LIDC_NODULE_MM, LIDC_SERIES, REPO, RAD, StoreSCP, build_node, create_accounts, free_port, wait_port
+
+CHROMIUM = os.environ.get("DICOM_NODE_CHROMIUM", "/usr/bin/chromium")
+SHOTS = REPO / "docs" / "screenshots"
+VIEWPORT = {"width": 1366, "height": 768}
+
+pytestmark = pytest.mark.slow
+
+
+def _lidc_study(node):
+    """Store LIDC-IDRI-0001 and record the reference nodule as the job's finding, with a SEG."""
+    from scipy import ndimage
+
+    from dicom_node.volume import load_series
+
+    study_uid, series_uid, _ = store_files(node, lidc_files(LIDC_SERIES))
+    with node.sessions() as s:
+        from sqlalchemy import select
+
+        from storage.models import Instance, Series
+        paths = [node.store.path(p) for (p,) in s.execute(
+            select(Instance.path).join(Series).where(Series.series_instance_uid == series_uid))]
+    volume = load_series(paths)
+    centre = volume.lps_to_voxel(LIDC_NODULE_MM)
+    zz, yy, xx = np.ogrid[:volume.array.shape[0], :volume.array.shape[1], :volume.array.shape[2]]
+    sz, sy, sx = volume.spacing
+    dist = np.sqrt(((zz - centre[0]) * sz) ** 2 + ((yy - centre[1]) * sy) ** 2 + ((xx - centre[2]) * sx) ** 2)
+    solid = (dist <= 17.0) & (volume.array > -400)
+    labels, _ = ndimage.label(solid)
+    c = tuple(int(round(v)) for v in centre)
+    mask = labels == labels[c] if labels[c] else solid
+    mask = ndimage.binary_opening(mask, iterations=1) | (mask & (dist <= 6))
+    volume_mm3 = float(mask.sum() * sz * sy * sx)
+    diameter = float(2 * (3 * volume_mm3 / (4 * np.pi)) ** (1 / 3))
+
+    class _Src:  # what write_seg needs: the source datasets in volume order
+        datasets = volume.datasets
+
+    with node.sessions.begin() as s:
+        from storage.models import Study
+        study = s.query(Study).filter_by(study_instance_uid=study_uid).one()
+        study.study_description = "CT CHEST (LIDC-IDRI-0001)"
+    add_done_job(node, series_uid, [
+        {"center_mm": LIDC_NODULE_MM, "diameter_mm": round(diameter, 1), "volume_mm3": round(volume_mm3),
+         "malignancy": 0.93, "score": 0.97, "location": "right lung"},
+    ], seg_from=_Src, seg_mask=mask, inference_seconds=41.7)
+    return study_uid
+
+
+def _phantom_study(node):
+    ph = store_phantom(node, patient=("PHANTOM^CHEST", "PH0001"), accession="ACC20410")
+    mask = nodule_mask(ph.hu, (-142.5, -142.5, -100.0), (2.5, 3.0, 3.0), NODULE_MM, NODULE_DIAMETER_MM)
+    add_done_job(node, ph.series_uid, [{"center_mm": NODULE_MM, "diameter_mm": NODULE_DIAMETER_MM, "volume_mm3": 1436,
+                                        "malignancy": 0.93, "location": "right lung"}], seg_from=ph, seg_mask=mask)
+    return ph.study_uid
+
+
+def _other_studies(node):
+    """A realistic mix of worklist rows (synthetic names), all less suspicious than the LIDC study."""
+    rows = [
+        ("1.2.826.0.1.3680043.10.1.1", dict(malignancy=0.64, diameter=11.2, count=2, patient=("MARTIN^CLAIRE", "P004512"),
+                                            accession="ACC20398", study_date="20260112", description="CT THORAX")),
+        ("1.2.826.0.1.3680043.10.1.2", dict(malignancy=0.41, diameter=7.8, count=1, patient=("NGUYEN^BAO", "P004588"),
+                                            accession="ACC20401", study_date="20260114", description="CT CHEST LOW DOSE")),
+        ("1.2.826.0.1.3680043.10.1.3", dict(malignancy=0.18, diameter=5.1, count=3, patient=("SCHMIDT^ANNA", "P004601"),
+                                            accession="ACC20405", study_date="20260115", description="CT CHEST")),
+        ("1.2.826.0.1.3680043.10.1.4", dict(malignancy=None, diameter=None, count=0, patient=("OKAFOR^JOHN", "P004622"),
+                                            accession="ACC20407", study_date="20260115", description="CT CHEST LOW DOSE")),
+        ("1.2.826.0.1.3680043.10.1.5", dict(status=StudyStatus.PROCESSING, patient=("ROSSI^MARCO", "P004630"),
+                                            accession="ACC20411", study_date="20260116", description="CT THORAX")),
+        ("1.2.826.0.1.3680043.10.1.6", dict(status=StudyStatus.WAITING, patient=("SILVA^ANA", "P004633"),
+                                            accession="ACC20412", study_date="20260116", description="CT CHEST")),
+        ("1.2.826.0.1.3680043.10.1.7", dict(status=StudyStatus.RECEIVED, patient=("KOWALSKI^PIOTR", "P004640"),
+                                            accession="ACC20414", study_date="20260116", description="CT CHEST")),
+        ("1.2.826.0.1.3680043.10.1.8", dict(status=StudyStatus.NOT_ELIGIBLE, patient=("DUBOIS^LEA", "P004577"),
+                                            accession="ACC20399", study_date="20260113", modalities="CR",
+                                            description="CHEST PA",
+                                            reason="not eligible yet: chest radiographs (CR/DX) are not analysed by this version")),
+        ("1.2.826.0.1.3680043.10.1.9", dict(status=StudyStatus.FAILED, patient=("BERG^ERIK", "P004590"),
+                                            accession="ACC20402", study_date="20260114", description="CT CHEST",
+                                            reason="series has a gap: 2 slices missing between z=-120.0 and z=-115.0 mm")),
+    ]
+    with node.sessions.begin() as s:
+        for uid, kw in rows:
+            add_study_row(s, uid, **kw)
+
+
+class _Server:
+    def __init__(self, app, port):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.port = port
+
+    def __enter__(self):
+        self.thread.start()
+        wait_port(self.port)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    from dicom_node.web.app import create_app
+
+    tmp = tmp_path_factory.mktemp("browser")
+    node = build_node(f"sqlite:///{tmp / 'node.sqlite3'}", tmp / "data")
+    create_accounts(node)
+    study_uid = _lidc_study(node) if LIDC_SERIES.is_dir() else _phantom_study(node)
+    _other_studies(node)
+    port = free_port()
+    scp = StoreSCP(tmp / "storescp", ae_title="PACS_TEST").start()
+    with _Server(create_app(node), port):
+        yield {"url": f"http://127.0.0.1:{port}", "study_uid": study_uid, "node": node, "scp": scp}
+    scp.stop()
+
+
+@pytest.fixture(scope="module")
+def chromium(site):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
+            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"])
+        yield browser
+        browser.close()
+
+
+@pytest.fixture
+def page(chromium, site):
+    context = chromium.new_context(viewport=VIEWPORT, base_url=site["url"])
+    offsite = []
+    context.on("request", lambda req: offsite.append(req.url) if not req.url.startswith((site["url"], "blob:", "data:")) else None)
+    pg = context.new_page()
+    pg.set_default_timeout(15000)
+    yield pg
+    context.close()
+    assert offsite == [], f"the page fetched from outside the node: {offsite}"
+
+
+def shot(page, name: str, full_page: bool = False) -> None:
+    SHOTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
+
+
+def login(page, user):
+    page.goto("/login")
+    page.fill("#username", user[0])
+    page.fill("#password", user[1])
+    page.keyboard.press("Enter")  # by keyboard
+    page.wait_for_url("**/worklist")
+
+
+def test_login_worklist_and_study_with_nodule_image(page, site):
+    page.goto("/worklist")
+    page.wait_for_url("**/login?next=*")
+    page.fill("#username", RAD[0])
+    page.fill("#password", RAD[1])
+    shot(page, "01-login")
+    page.keyboard.press("Enter")
+    page.wait_for_url("**/worklist")
+    first = page.locator("table.worklist tbody tr").first
+    assert "Done" in first.inner_text()
+    assert "93%" in first.inner_text()
+    href = first.locator("a.rowlink").get_attribute("href")
+    assert href == f"/studies/{site['study_uid']}"
+    assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"], "worklist scrolls sideways at 1366 px"
+    shot(page, "02-worklist")
+
+    # Open the study by keyboard: focus the top row's link and press Enter.
+    first.locator("a.rowlink").focus()
+    page.keyboard.press("Enter")
+    page.wait_for_url(f"**{href}")
+    img = page.locator("#axial-image")
+    img.wait_for()
+    page.wait_for_function("document.getElementById('axial-image').complete && "
+                           "document.getElementById('axial-image').naturalWidth > 0")
+    assert page.evaluate("document.getElementById('axial-image').naturalWidth") == 512
+    page.wait_for_function("Array.from(document.querySelectorAll('.reformats img')).every(i => i.complete && i.naturalWidth > 0)")
+    assert "right lung" in page.locator("table.findings").inner_text()
+    assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
+    shot(page, "03-study")
+    shot(page, "03-study-full", full_page=True)
+
+    # Scroll two slices with the keyboard on the focused image.
+    img.focus()
+    page.keyboard.press("ArrowDown")
+    page.wait_for_function("document.getElementById('slice-label').textContent.includes('+1')")
+    page.keyboard.press("ArrowDown")
+    page.wait_for_function("document.getElementById('slice-label').textContent.includes('+2 slices')")
+    assert page.evaluate("document.getElementById('axial-image').src").startswith("blob:")
+
+
+def test_admin_adds_source_and_runs_c_echo(page, site):
+    from storage import repo
+
+    login(page, ADMIN)
+    page.click("text=Administration")
+    page.wait_for_url("**/admin/node")
+    shot(page, "04-admin-node")
+    page.click("nav.subnav >> text=Sources")
+    page.fill("#new-ae", "CT_SCANNER_3")
+    page.fill("#new-host", "127.0.0.1")
+    page.fill("#new-desc", "CT scanner, room 3")
+    page.click("text=Add source")
+    page.wait_for_selector(".flash-ok")
+    assert "Source CT_SCANNER_3 added" in page.inner_text(".flash-ok")
+    with site["node"].sessions() as s:
+        assert repo.source_allows(s, "CT_SCANNER_3", "127.0.0.1") is None
+    shot(page, "05-admin-sources")
+
+    page.click("nav.subnav >> text=Destinations")
+    page.fill("#new-name", "pacs")
+    page.fill("#new-ae", site["scp"].ae_title)
+    page.fill("#new-host", "127.0.0.1")
+    page.fill("#new-port", str(site["scp"].port))
+    page.click("text=Add destination")
+    page.wait_for_selector(".flash-ok")
+    page.click("button[aria-label='Test pacs with C-ECHO']")
+    page.wait_for_selector("#echo-result")
+    text = page.inner_text("#echo-result")
+    assert "success" in text and "PACS_TEST" in text, text
+    shot(page, "06-admin-destinations-echo")
+
+    page.click("nav.subnav >> text=Audit trail")
+    audit = page.inner_text("table.grid")
+    assert "source.add" in audit and "destination.add" in audit and "destination.echo" in audit
+    shot(page, "07-admin-audit")
+
+
+def test_radiologist_refused_admin_pages(page, site):
+    login(page, RAD)
+    assert page.locator("text=Administration").count() == 0
+    for url in ("/admin/sources", "/admin/destinations", "/admin/users"):
+        response = page.goto(url)
+        assert response.status == 403
+        assert "This page is for administrators" in page.inner_text("main")
+    shot(page, "08-radiologist-refused")
+
+
+def test_docs_page_works_offline(page, site):
+    login(page, ADMIN)
+    errors = []
+    page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    page.on("pageerror", lambda e: errors.append(str(e)))
+    page.goto("/docs")
+    page.wait_for_selector("text=Worklist: studies with AI status and findings, most suspicious first", timeout=20000)
+    assert page.locator(".opblock").count() >= 25
+    assert errors == []
+    shot(page, "09-api-docs")
