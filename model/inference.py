@@ -33,7 +33,7 @@ from model.data import resample_to_iso, voxel_to_world
 from model.detector import Detection, _sample_map, decode, suppress
 from model.finding import Finding
 from model.lungs import bounding_box, lung_region
-from model.network import HEATMAP_STRIDE, INPUT_MULTIPLE, MALIGNANCY_STRIDE
+from model.network import HEATMAP_STRIDE, INPUT_MULTIPLE, MALIGNANCY_STRIDE, fold_batchnorm
 from model.train import load_weights
 from model.transforms import normalize_hu
 
@@ -80,7 +80,8 @@ class Predictor:
             raise FileNotFoundError(f"weights {str(path)!r} not found")
         self.weights_path = path
         self.device = torch.device(device)
-        self.net, self.meta = load_weights(path, device=device)
+        net, self.meta = load_weights(path, device=device)
+        self.net = fold_batchnorm(net)
         stored = self.meta.get("threshold")
         self.threshold = float(threshold if threshold is not None else (stored if stored is not None else FALLBACK_THRESHOLD))
         self.last_timing: dict[str, float] = {}

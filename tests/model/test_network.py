@@ -53,3 +53,27 @@ def test_cross_task_connections_couple_the_branches():
                 p.add_(torch.randn_like(p))
             after = net(x)["heatmap"]
         assert (not torch.allclose(before, after)) == cross
+
+
+def test_fold_batchnorm_keeps_outputs():
+    import copy
+
+    from model.network import fold_batchnorm
+
+    torch.manual_seed(1)
+    net = ResMTNet(widths=(4, 8, 8), mask_width=2)
+    with torch.no_grad():  # non-trivial running statistics
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm3d):
+                m.running_mean.uniform_(-1, 1); m.running_var.uniform_(0.5, 2)
+                m.weight.uniform_(0.5, 1.5); m.bias.uniform_(-1, 1)
+    net.eval()
+    folded = fold_batchnorm(copy.deepcopy(net))
+    assert not any(isinstance(m, torch.nn.BatchNorm3d) for m in folded.modules())
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        a, b = net(x), folded(x)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="eval mode"):
+        fold_batchnorm(ResMTNet(widths=(4, 8, 8), mask_width=2))
