@@ -21,6 +21,7 @@ from scipy import ndimage as ndi
 DATA_ROOT = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 LUNA_CUBES = DATA_ROOT / "luna16-nodules"
 LIDC_0001 = DATA_ROOT / "lidc-idri" / "LIDC-IDRI-0001"
+LIDC_0001_XML = DATA_ROOT / "lidc-idri" / "LIDC-IDRI-0001-reads-069.xml"
 # LIDC-IDRI-0001 reference nodule (LPS mm) and the z (mm) that splits its lungs into the part
 # used for training negatives (z >= cut) and the part used for whole-scan validation (z < cut).
 LIDC_0001_NODULE_MM = (56.17, 86.20, -115.86)
@@ -271,6 +272,38 @@ def read_lidc_xml(xml_path: str | Path, origin_xyz, spacing_zyx, direction=None)
     for g in groups:
         centre = np.mean([x[1].center_mm for x in g], 0)
         out.append(Annotation(tuple(float(v) for v in centre), float(np.mean([x[2] for x in g])), [x[1].malignancy for x in g], len(g)))
+    return out
+
+
+def read_lidc_excluded(xml_path: str | Path, origin_xyz, spacing_zyx, direction=None) -> list[tuple[tuple[float, float, float], float]]:
+    """Reader marks that the LUNA16 protocol counts neither way: nodules < 3 mm (single-point
+    ROIs without characteristics) and non-nodules (``locus``), as (LPS mm centre, radius mm);
+    the radius is 5 mm (these marks have no size)."""
+    ns = {"n": "http://www.nih.gov"}
+    root = ET.parse(xml_path).getroot()
+    tag = (lambda t: f"n:{t}") if root.tag.startswith("{") else (lambda t: t)
+    d = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
+
+    def to_mm(x, y, z):
+        p = np.asarray(origin_xyz, float) + d @ np.array([x * spacing_zyx[2], y * spacing_zyx[1], 0.0])
+        p[2] = z
+        return tuple(float(v) for v in p)
+
+    out = []
+    for sess in root.iter(f"{{{ns['n']}}}readingSession" if root.tag.startswith("{") else "readingSession"):
+        for nod in sess.findall(tag("unblindedReadNodule"), ns):
+            ch = nod.find(tag("characteristics"), ns)
+            if ch is not None and ch.find(tag("malignancy"), ns) is not None:
+                continue
+            for roi in nod.findall(tag("roi"), ns):
+                z = float(roi.find(tag("imageZposition"), ns).text)
+                for e in roi.findall(tag("edgeMap"), ns):
+                    out.append((to_mm(int(e.find(tag("xCoord"), ns).text), int(e.find(tag("yCoord"), ns).text), z), 5.0))
+                    break
+        for non in sess.findall(tag("nonNodule"), ns):
+            z = float(non.find(tag("imageZposition"), ns).text)
+            loc = non.find(tag("locus"), ns)
+            out.append((to_mm(int(loc.find(tag("xCoord"), ns).text), int(loc.find(tag("yCoord"), ns).text), z), 5.0))
     return out
 
 

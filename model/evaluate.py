@@ -22,6 +22,7 @@ Plus the end-to-end check on the real LIDC-IDRI-0001 at the operating point.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass
@@ -40,12 +41,14 @@ log = logging.getLogger(__name__)
 class ValScan:
     """A whole-scan validation volume on the 1 mm grid (voxel index = mm).
 
-    nodules: list of (centre (z, y, x), diameter mm); region: the lung region."""
+    nodules: list of (centre (z, y, x), diameter mm); region: the lung region; excluded:
+    (centre (z, y, x), radius mm) of reader marks that count neither way."""
 
     name: str
     hu: np.ndarray
     region: np.ndarray
     nodules: list[tuple[tuple[float, float, float], float]]
+    excluded: list[tuple[tuple[float, float, float], float]] = dataclasses.field(default_factory=list)
 
 
 def _place(rng, pool: np.ndarray, shape, taken: list[np.ndarray], diameter: float) -> np.ndarray | None:
@@ -85,12 +88,19 @@ def validation_scans(val_cubes: list[D.Cube], seed: int = 0, per_lidc: int = 6, 
         hu, lung, origin = D.lidc_0001_iso()
         cut = int(np.floor(D.LIDC_0001_Z_CUT_MM - origin[2]))
         base_hu, base_region = hu[:cut].copy(), lung[:cut].copy()
+        excluded = []
+        if D.LIDC_0001_XML.exists():
+            img = D.read_image(D.LIDC_0001)
+            for c_mm, r in D.read_lidc_excluded(D.LIDC_0001_XML, img.GetOrigin(), img.GetSpacing()[::-1], img.GetDirection()):
+                excluded.append((tuple(D.world_to_voxel(c_mm, origin, (1.0, 1.0, 1.0))), r))
     except FileNotFoundError:
         base_hu = None
     k = 0
     while queue and base_hu is not None and k < max_lidc:
         take, queue = queue[:per_lidc], queue[per_lidc:]
-        yield _paste_all(f"LIDC-IDRI-0001[z<-180mm]#{k}", base_hu.copy(), base_region, rng, take)
+        vs = _paste_all(f"LIDC-IDRI-0001[z<-180mm]#{k}", base_hu.copy(), base_region, rng, take)
+        vs.excluded = excluded
+        yield vs
         k += 1
     from model.phantom import make_phantom
 
@@ -156,8 +166,8 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
     base_med = malignancy_metrics(rows, "diameter_ref", cut_med)["median_rule"]
     base_ism = malignancy_metrics(rows, "diameter_ref", cut_mal)["is_malignant"]
     # 2./3. whole-scan detection, network and blob baseline
-    saved_thr = predictor.threshold
-    predictor.threshold = 0.05
+    saved_thr, saved_max = predictor.threshold, predictor.max_findings
+    predictor.threshold, predictor.max_findings = 0.05, 30
     net_scans, blob_scans, seconds, scan_names = [], [], [], []
     try:
         for vs in tqdm(validation_scans(val, seed=seed, max_lidc=max_lidc), desc="scans", disable=not progress):
@@ -166,12 +176,14 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
             seconds.append(time.time() - t)
             nod = np.array([n[0] for n in vs.nodules]).reshape(-1, 3)
             rad = np.array([n[1] / 2 for n in vs.nodules])
-            net_scans.append(ScanResult(np.array([f.center_voxel for f in fs]).reshape(-1, 3), np.array([f.score for f in fs]), nod, rad))
+            ex = np.array([e[0] for e in vs.excluded]).reshape(-1, 3)
+            ex_r = np.array([e[1] for e in vs.excluded])
+            net_scans.append(ScanResult(np.array([f.center_voxel for f in fs]).reshape(-1, 3), np.array([f.score for f in fs]), nod, rad, ex, ex_r))
             blobs = blob_candidates(vs.hu, vs.region)
-            blob_scans.append(ScanResult(np.array([b[0] for b in blobs]).reshape(-1, 3), np.array([b[1] for b in blobs]), nod, rad))
+            blob_scans.append(ScanResult(np.array([b[0] for b in blobs]).reshape(-1, 3), np.array([b[1] for b in blobs]), nod, rad, ex, ex_r))
             scan_names.append(vs.name)
     finally:
-        predictor.threshold = saved_thr
+        predictor.threshold, predictor.max_findings = saved_thr, saved_max
     f_net, f_blob = froc(net_scans), froc(blob_scans)
     op = threshold_at_fp_rate(f_net, 1.0)
     lidc = [i for i, n in enumerate(scan_names) if n.startswith("LIDC")]

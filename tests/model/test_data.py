@@ -97,3 +97,18 @@ def test_real_luna_cubes(luna_cubes):
     assert c.mask[tuple(np.round(c.center).astype(int))]  # the centre is inside the nodule mask
     labelled = [c for c in luna_cubes if np.isfinite(c.median_label)]
     assert 400 < len(labelled) < 906
+
+
+def test_lidc_xml_excluded_marks(tmp_path):
+    small = ("<unblindedReadNodule><noduleID>Nodule 002</noduleID>"
+             + _roi(-150.0, "1.2.5", [(187, 166)]) + "</unblindedReadNodule>")
+    non = ("<nonNodule><nonNoduleID>_Non-nodule 001</nonNoduleID><imageZposition>-185.000000 </imageZposition>"
+           "<imageSOP_UID>1.2.6</imageSOP_UID><locus><xCoord>396</xCoord><yCoord>216</yCoord></locus></nonNodule>")
+    big = _nodule("Nodule 001", 5, [_roi(-125.0, "1.2.3", [(300, 350), (310, 350), (310, 360)])])
+    xml = ('<?xml version="1.0" encoding="UTF-8"?>\n<LidcReadMessage uid="1" xmlns="http://www.nih.gov">'
+           f"<readingSession><servicingRadiologistID>1</servicingRadiologistID>{big}{small}{non}</readingSession></LidcReadMessage>")
+    (tmp_path / "r.xml").write_text(xml)
+    ex = D.read_lidc_excluded(tmp_path / "r.xml", (-166.0, -171.7, -340.0), (2.5, 0.703125, 0.703125))
+    centres = sorted(c for c, _ in ex)
+    expected = sorted([(-166 + 187 * 0.703125, -171.7 + 166 * 0.703125, -150.0), (-166 + 396 * 0.703125, -171.7 + 216 * 0.703125, -185.0)])
+    np.testing.assert_allclose(centres, expected, atol=1e-6)
