@@ -1,0 +1,93 @@
+"""storage: migrations, claims under concurrency, leases, the file store."""
+from __future__ import annotations
+
+import threading
+import time
+from datetime import timedelta
+
+import pytest
+from sqlalchemy import select
+
+from storage import repo
+from storage.db import migrate, open_database
+from storage.filestore import FileStore, safe_uid
+from storage.models import Job, JobState, Series, Study, utcnow
+
+
+def _jobs(sessions, n: int) -> None:
+    with sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.3")
+        for i in range(n):
+            series = Series(series_instance_uid=f"1.2.3.{i}", study=study)
+            s.add(Job(series=series, idempotency_key=f"key-{i}"))
+
+
+def test_migrations_apply_twice_without_harm(db_url):
+    sessions = open_database(db_url)
+    migrate(sessions.kw["bind"])
+    with sessions() as s:
+        assert s.scalars(select(Job)).all() == []
+
+
+def test_concurrent_claims_never_take_the_same_job(db_url):
+    sessions = open_database(db_url)
+    _jobs(sessions, 24)
+    claimed: list[int] = []
+    lock = threading.Lock()
+
+    def worker(n: int) -> None:
+        while True:
+            with sessions.begin() as s:
+                job = repo.claim_job(s, f"w{n}", 60)
+                if job is None:
+                    return
+                with lock:
+                    claimed.append(job.id)
+            time.sleep(0.001)
+
+    threads = [threading.Thread(target=worker, args=(n,)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(claimed) == list(range(1, 25))  # every job once, none twice
+
+
+def test_expired_lease_is_claimed_again_and_renewal_is_refused_to_the_old_owner(db_url):
+    sessions = open_database(db_url)
+    _jobs(sessions, 1)
+    with sessions.begin() as s:
+        job = repo.claim_job(s, "dead-worker", 60)
+        job.lease_until = utcnow() - timedelta(seconds=1)  # its worker died long ago
+    with sessions.begin() as s:
+        again = repo.claim_job(s, "new-worker", 60)
+        assert again is not None and again.attempts == 2 and again.state is JobState.RUNNING
+    with sessions.begin() as s:
+        assert not repo.renew_lease(s, Job, again.id, "dead-worker", 60)
+        assert repo.renew_lease(s, Job, again.id, "new-worker", 60)
+
+
+@pytest.mark.parametrize("uid", ["../../etc/passwd", "1.2.3/../../x", "1.2.840.x", "", "9" * 70])
+def test_unsafe_uids_never_become_paths(tmp_path, uid):
+    name = safe_uid(uid)
+    assert "/" not in name and ".." not in name and len(name) <= 64
+    store = FileStore(tmp_path)
+    rel = store.instance_relpath(uid, uid, uid)
+    assert store.path(rel).is_relative_to(tmp_path.resolve())
+
+
+def test_valid_uid_is_kept_and_path_escape_is_refused(tmp_path):
+    assert safe_uid("1.2.840.10008.5.1.4.1.1.2") == "1.2.840.10008.5.1.4.1.1.2"
+    store = FileStore(tmp_path)
+    with pytest.raises(ValueError, match="outside the file store"):
+        store.path("../outside.dcm")
+
+
+def test_atomic_write_leaves_no_temporary_file_and_reports_the_hash(tmp_path):
+    import hashlib
+
+    store = FileStore(tmp_path)
+    size, sha = store.write_atomic("a/b.dcm", [b"abc", b"def"])
+    assert (size, sha) == (6, hashlib.sha256(b"abcdef").hexdigest())
+    assert (tmp_path / "a" / "b.dcm").read_bytes() == b"abcdef"
+    assert list((tmp_path / "a").glob(".tmp-*")) == []
