@@ -4,6 +4,7 @@ audit and metrics."""
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 from sqlalchemy import select
@@ -408,3 +409,30 @@ def test_unknown_study_is_404(node, client, rad_h):
     assert client.get("/api/results/424242/file", headers=rad_h).status_code == 404
     with node.sessions() as s:
         assert s.scalar(select(Destination)) is None and s.scalar(select(AssociationLog)) is None
+
+
+def test_source_added_through_api_is_accepted_by_the_listener_at_once(node, client, admin_h):
+    """The real SCP (dicom_node.scp.Listener) on a free loopback port, a real C-ECHO SCU."""
+    from dicom_node import scu
+    from dicom_node.scp import Listener
+
+    listener = Listener(node)
+    port = listener.start(port=0)
+    try:
+        before = scu.echo("WEBTEST", "127.0.0.1", port, calling_ae="NEW_MODALITY", timeout=5)
+        assert not before.ok and "rejected" in before.message
+        r = client.post("/api/sources", headers=admin_h, json={"ae_title": "NEW_MODALITY", "host": "127.0.0.1"})
+        assert r.status_code == 201
+        after = scu.echo("WEBTEST", "127.0.0.1", port, calling_ae="NEW_MODALITY", timeout=5)
+        assert after.ok, after.message
+        # The listener audits an association when its connection closes: wait for both rows.
+        deadline = time.monotonic() + 10
+        while True:
+            log = client.get("/api/associations", headers=admin_h).json()["items"]
+            if len(log) >= 2 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    finally:
+        listener.stop()
+    assert sorted((a["calling_ae"], a["result"]) for a in log) == [("NEW_MODALITY", "accepted"),
+                                                                   ("NEW_MODALITY", "rejected")]
