@@ -63,7 +63,7 @@ def create_app(node: Node) -> FastAPI:
     app.state.metrics_registry = make_registry(node.sessions)
     app.state.templates = make_templates(HERE / "templates")
     app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie="dicom_node_session",
-                       max_age=SESSION_SECONDS, same_site="strict", https_only=False)
+                       max_age=SESSION_SECONDS, same_site="lax", https_only=False)
 
     @app.middleware("http")
     async def security_headers(request: Request, call_next):

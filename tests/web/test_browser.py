@@ -9,9 +9,7 @@ step go to ``docs/screenshots/`` for the README.
 from __future__ import annotations
 
 import os
-import shutil
 import threading
-import time
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +104,44 @@ def _other_studies(node):
             add_study_row(s, uid, **kw)
 
 
+def _queue_and_log_rows(node):
+    """Transfers in several states and an association log, as the dispatcher and listener leave them."""
+    from datetime import timedelta
+
+    from sqlalchemy import select
+
+    from storage import repo
+    from storage.models import AssociationResult, Job, ResultObject, Transfer, TransferState, utcnow
+
+    with node.sessions.begin() as s:
+        job = s.scalar(select(Job).order_by(Job.id).limit(1))
+        ids = [r.id for r in s.scalars(select(ResultObject).where(ResultObject.job_id == job.id))]
+        archive = repo.ensure_destination(s, "archive", "ARCHIVE", "10.20.0.15", 104, ["sr", "seg"])
+        viewer = repo.ensure_destination(s, "reading-room", "VIEWER_RR1", "10.20.0.40", 11112, ["sr", "seg", "sc"])
+        s.flush()
+        now = utcnow()
+        s.add_all([
+            Transfer(job_id=job.id, destination_id=archive.id, result_object_ids=ids, state=TransferState.SENT,
+                     attempts=1, sent_sop_instance_uids=["x"] * len(ids), sent_at=now),
+            Transfer(job_id=job.id, destination_id=viewer.id, result_object_ids=ids, state=TransferState.FAILED,
+                     attempts=12, error="could not connect to VIEWER_RR1@10.20.0.40:11112 (12 attempts)"),
+            Transfer(job_id=job.id, destination_id=archive.id, result_object_ids=ids, state=TransferState.PENDING,
+                     attempts=2, next_attempt_at=now + timedelta(seconds=40),
+                     error="association aborted by ARCHIVE@10.20.0.15:104"),
+        ])
+        repo.log_association(s, calling_ae="STORESCU", called_ae="WEBTEST", peer_host="10.20.0.7", peer_port=51012,
+                             result=AssociationResult.ACCEPTED, instances=133, duration_s=6.8,
+                             started_at=now - timedelta(minutes=9), ended_at=now - timedelta(minutes=9))
+        repo.log_association(s, calling_ae="CT_ROOM_9", called_ae="WEBTEST", peer_host="10.20.3.9", peer_port=40222,
+                             result=AssociationResult.REJECTED, duration_s=0.0,
+                             reason="calling AE title 'CT_ROOM_9' is not a configured source",
+                             started_at=now - timedelta(minutes=4))
+        repo.log_association(s, calling_ae="PACS", called_ae="DICOMNODE", peer_host="10.20.0.15", peer_port=40990,
+                             result=AssociationResult.REJECTED, duration_s=0.0,
+                             reason="called AE title 'DICOMNODE' is not this node's AE title 'WEBTEST'",
+                             started_at=now - timedelta(minutes=2))
+
+
 class _Server:
     def __init__(self, app, port):
         import uvicorn
@@ -136,6 +172,7 @@ def site(tmp_path_factory):
     create_accounts(node)
     study_uid = _lidc_study(node) if LIDC_SERIES.is_dir() else _phantom_study(node)
     _other_studies(node)
+    _queue_and_log_rows(node)
     port = free_port()
     scp = StoreSCP(tmp / "storescp", ae_title="PACS_TEST").start()
     with _Server(create_app(node), port):
@@ -255,6 +292,14 @@ def test_admin_adds_source_and_runs_c_echo(page, site):
     audit = page.inner_text("table.grid")
     assert "source.add" in audit and "destination.add" in audit and "destination.echo" in audit
     shot(page, "07-admin-audit")
+
+    page.click("nav.subnav >> text=Queues")
+    queues = page.inner_text("main")
+    assert "could not connect to VIEWER_RR1" in queues and "Retry now" in queues
+    shot(page, "10-admin-queues")
+    page.click("nav.subnav >> text=Association log")
+    assert "is not a configured source" in page.inner_text("table.grid")
+    shot(page, "11-admin-associations")
 
 
 def test_radiologist_refused_admin_pages(page, site):

@@ -19,7 +19,8 @@ from dicom_node.web import schemas, services
 from dicom_node.web.deps import CSRF, DB, NodeDep, PageAdmin
 from dicom_node.web.services import ServiceError
 from dicom_node.web.templating import flash, render
-from storage import users
+from storage import repo, users
+from storage.models import Job, Transfer
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin")
@@ -217,8 +218,7 @@ def queues_page(request: Request, s: DB, user: PageAdmin, transfer_state: str = 
         jobs, jobs_total = services.list_jobs(s, job_state or None, page, PAGE_SIZE)
     except ServiceError:
         jobs, jobs_total = [], 0
-    counts = {"transfers": services.repo.count_by(s, services.Transfer.state),
-              "jobs": services.repo.count_by(s, services.Job.state)}
+    counts = {"transfers": repo.count_by(s, Transfer.state), "jobs": repo.count_by(s, Job.state)}
     return render(request, "admin/queues.html", {
         "user": user, "nav": "queues", "title": "Queues",
         "transfers": [services.transfer_out(t, n) for t, n in transfers], "jobs": jobs, "counts": counts,

@@ -13,7 +13,7 @@ from dicom_node.web import services
 from dicom_node.web.deps import CSRF, DB, PageUser, session_user
 from dicom_node.web.security import dummy_verify, new_csrf_token, password_fingerprint, verify_password
 from dicom_node.web.services import ServiceError
-from dicom_node.web.templating import csrf_token, flash, render
+from dicom_node.web.templating import flash, render
 from storage import users
 
 log = logging.getLogger(__name__)
@@ -152,5 +152,3 @@ def study_resend(request: Request, s: DB, user: PageUser, study_uid: str):
         flash(request, "error", exc.message)
     return _see_other(f"/studies/{study_uid}")
 
-
-__all__ = ["router", "csrf_token"]
