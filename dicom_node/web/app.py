@@ -71,8 +71,8 @@ def create_app(node: Node) -> FastAPI:
         response.headers.setdefault("X-Content-Type-Options", "nosniff")
         response.headers.setdefault("X-Frame-Options", "DENY")
         response.headers.setdefault("Referrer-Policy", "same-origin")
-        if response.headers.get("content-type", "").startswith("text/html"):
-            response.headers.setdefault("Cache-Control", "no-store")
+        if response.headers.get("content-type", "").startswith(("text/html", "application/json")):
+            response.headers.setdefault("Cache-Control", "no-store")  # patient data stays out of caches
         return response
 
     @app.exception_handler(ServiceError)
