@@ -31,6 +31,7 @@ from storage.models import FindingRow, Instance, Job, ResultObject, Series
 log = logging.getLogger(__name__)
 
 PLANES = ("axial", "coronal", "sagittal")
+ZOOMS = (1, 2, 4)
 LUNG_WINDOW = (-600.0, 1500.0)  # level, width (HU)
 OUTLINE_RGB = (255, 196, 0)
 DISPLAY_PX = 512
@@ -174,10 +175,16 @@ class KeyImages:
 
     # --- rendering --------------------------------------------------------------------------------
 
-    def render(self, finding_id: int, plane: str = "axial", offset: int = 0) -> tuple[bytes, dict]:
-        """PNG bytes and facts about the slice shown (index, count, outline source)."""
+    def render(self, finding_id: int, plane: str = "axial", offset: int = 0, zoom: int = 1) -> tuple[bytes, dict]:
+        """PNG bytes and facts about the slice shown (index, count, outline source).
+
+        ``zoom`` 1 shows the whole slice (longest side 512 px); 2 and 4 show a 512 px square
+        centred on the nodule, magnified.
+        """
         if plane not in PLANES:
             raise ImageError(422, f"plane {plane!r} is not one of {list(PLANES)}")
+        if zoom not in ZOOMS:
+            raise ImageError(422, f"zoom {zoom!r} is not one of {list(ZOOMS)}")
         geo = self.geometry(finding_id)
         volume, masks = self._volume_and_masks(geo)
         mask = self._mask(geo, volume, masks)
@@ -203,8 +210,9 @@ class KeyImages:
         flip = axis != 0 and self._z_goes_up(volume)
         dist_mm = abs(index - centre[axis]) * (sz, sy, sx)[axis]
         outline = "seg" if mask is not None else "circle"
-        png = self._draw(img, m2, flip, px_h, px_w, c_row, c_col, geo.diameter_mm, dist_mm)
-        return png, {"index": index, "count": count, "centre_index": base, "outline": outline, "plane": plane}
+        png = self._draw(img, m2, flip, px_h, px_w, c_row, c_col, geo.diameter_mm, dist_mm, zoom)
+        return png, {"index": index, "count": count, "centre_index": base, "outline": outline, "plane": plane,
+                     "zoom": zoom}
 
     @staticmethod
     def _z_goes_up(volume) -> bool:
@@ -213,7 +221,7 @@ class KeyImages:
 
     @staticmethod
     def _draw(img: np.ndarray, m2: np.ndarray | None, flip: bool, px_h: float, px_w: float,
-              c_row: float, c_col: float, diameter_mm: float, dist_mm: float) -> bytes:
+              c_row: float, c_col: float, diameter_mm: float, dist_mm: float, zoom: int = 1) -> bytes:
         from PIL import Image, ImageDraw
 
         level, width = LUNG_WINDOW
@@ -224,9 +232,9 @@ class KeyImages:
             grey = grey[::-1]
             m2 = None if m2 is None else m2[::-1]
             c_row = rows - 1 - c_row
-        # Square millimetres, longest side DISPLAY_PX.
+        # Square millimetres, longest side DISPLAY_PX (times the zoom, cropped below).
         h_mm, w_mm = rows * px_h, cols * px_w
-        scale = DISPLAY_PX / max(h_mm, w_mm)  # display pixels per mm
+        scale = DISPLAY_PX * zoom / max(h_mm, w_mm)  # display pixels per mm
         out_h, out_w = max(1, round(h_mm * scale)), max(1, round(w_mm * scale))
         image = Image.fromarray(grey, mode="L").resize((out_w, out_h), Image.Resampling.BILINEAR).convert("RGB")
         if m2 is not None and m2.any():
@@ -246,6 +254,11 @@ class KeyImages:
             cx = (c_col + 0.5) * px_w * scale
             r = max(radius_mm * scale, 4.0) + 2
             ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), outline=OUTLINE_RGB, width=2)
+        if zoom > 1:
+            cy = (c_row + 0.5) * px_h * scale
+            cx = (c_col + 0.5) * px_w * scale
+            left, top = round(cx - DISPLAY_PX / 2), round(cy - DISPLAY_PX / 2)
+            image = image.crop((left, top, left + DISPLAY_PX, top + DISPLAY_PX))  # outside: black
         buf = io.BytesIO()
         image.save(buf, format="PNG", compress_level=1)
         return buf.getvalue()

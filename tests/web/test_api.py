@@ -206,6 +206,16 @@ def test_outlined_pixels_are_drawn_on_the_nodule(node, client, rad_h):
     cx = (NODULE_MM[0] - (-142.5) + 1.5) * scale
     cy = (NODULE_MM[1] - (-142.5) + 1.5) * scale
     assert abs(xs.mean() - cx) < 6 and abs(ys.mean() - cy) < 6
+    # Zoomed 4x: a 512 px square centred on the nodule, the outline 4 times as far from it.
+    r = client.get(f"/api/findings/{fid}/image", params={"zoom": 4}, headers=rad_h)
+    assert r.headers["x-zoom"] == "4"
+    rgb = np.asarray(Image.open(io.BytesIO(r.content)).convert("RGB")).astype(int)
+    assert rgb.shape == (512, 512, 3)
+    yellow = (rgb[..., 0] > 200) & (rgb[..., 1] > 150) & (rgb[..., 2] < 80)
+    ys4, xs4 = np.nonzero(yellow)
+    assert abs(xs4.mean() - 256) < 8 and abs(ys4.mean() - 256) < 8
+    assert np.ptp(xs4) == pytest.approx(4 * np.ptp(xs), rel=0.25)
+    assert client.get(f"/api/findings/{fid}/image", params={"zoom": 3}, headers=rad_h).status_code == 422
 
 
 def test_source_added_through_api_is_allowed_at_once(node, client, admin_h):

@@ -233,6 +233,16 @@ def test_login_worklist_and_study_with_nodule_image(page, site):
     assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"], "worklist scrolls sideways at 1366 px"
     shot(page, "02-worklist")
 
+    # Auto-refresh: a study that arrives meanwhile shows without reloading the page.
+    with site["node"].sessions.begin() as s:
+        add_study_row(s, "1.2.826.0.1.3680043.10.1.99", status=StudyStatus.RECEIVED, patient=("NEW^ARRIVAL", "P009999"),
+                      accession="ACC20499", study_date="20260117")
+    assert page.locator("text=ACC20499").count() == 0
+    page.evaluate("window.dicomNodeRefreshWorklist()")
+    page.wait_for_selector("text=ACC20499")
+    assert "Received" in page.locator("tr", has_text="ACC20499").inner_text()
+    first = page.locator("table.worklist tbody tr").first
+
     # Open the study by keyboard: focus the top row's link and press Enter.
     first.locator("a.rowlink").focus()
     page.keyboard.press("Enter")
@@ -255,6 +265,12 @@ def test_login_worklist_and_study_with_nodule_image(page, site):
     page.keyboard.press("ArrowDown")
     page.wait_for_function("document.getElementById('slice-label').textContent.includes('+2 slices')")
     assert page.evaluate("document.getElementById('axial-image').src").startswith("blob:")
+    # Zoom by keyboard: Z magnifies all three planes around the nodule.
+    page.keyboard.press("z")
+    page.wait_for_function("document.querySelector('a.zoom[data-zoom=\"2\"]').getAttribute('aria-pressed') === 'true'")
+    page.wait_for_function("Array.from(document.querySelectorAll('.reformats img')).every("
+                           "i => i.src.includes('zoom=2') && i.complete && i.naturalWidth > 0)")
+    shot(page, "03-study-zoom")
 
 
 def test_admin_adds_source_and_runs_c_echo(page, site):

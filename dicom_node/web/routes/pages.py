@@ -99,7 +99,7 @@ def worklist(request: Request, s: DB, user: PageUser, status: str = "", date_fro
 
 @router.get("/studies/{study_uid}")
 def study_page(request: Request, s: DB, user: PageUser, study_uid: str, finding: int | None = None,
-               offset: int = 0):
+               offset: int = 0, zoom: int = 1):
     detail = services.study_detail(s, study_uid) if _exists(s, study_uid) else None
     if detail is None:
         return render(request, "error.html", {"user": user, "title": "Not found", "code": 404,
@@ -109,6 +109,7 @@ def study_page(request: Request, s: DB, user: PageUser, study_uid: str, finding:
     return render(request, "study.html", {
         "user": user, "nav": "worklist", "title": f"Study {detail.accession_number or detail.study_instance_uid}",
         "study": detail, "selected": selected, "offset": max(-500, min(500, offset)),
+        "zoom": zoom if zoom in (1, 2, 4) else 1,
         "analysed_series": [x for x in detail.series if not x.is_result],
     })
 

@@ -46,13 +46,14 @@ def get_study(study_uid: str, s: DB, user: AnyUser) -> schemas.StudyDetail:
             summary="Key image of a finding (PNG, lung window, nodule outlined)")
 def finding_image(request: Request, finding_id: int, user: AnyUser,
                   plane: Annotated[str, Query(description="axial, coronal or sagittal")] = "axial",
-                  offset: Annotated[int, Query(ge=-2000, le=2000, description="slices from the nodule centre")] = 0) -> Response:
+                  offset: Annotated[int, Query(ge=-2000, le=2000, description="slices from the nodule centre")] = 0,
+                  zoom: Annotated[int, Query(description="1 (whole slice), 2 or 4 (centred on the nodule)")] = 1) -> Response:
     try:
-        png, info = request.app.state.key_images.render(finding_id, plane, offset)
+        png, info = request.app.state.key_images.render(finding_id, plane, offset, zoom)
     except ImageError as exc:
         raise HTTPException(exc.status_code, detail=exc.message) from None
     headers = {"Cache-Control": "private, max-age=300", "X-Slice-Index": str(info["index"]),
-               "X-Slice-Count": str(info["count"]), "X-Outline": info["outline"]}
+               "X-Slice-Count": str(info["count"]), "X-Outline": info["outline"], "X-Zoom": str(info["zoom"])}
     return Response(png, media_type="image/png", headers=headers)
 
 

@@ -19,13 +19,18 @@
   var results = document.getElementById("worklist-results");
   if (results) {
     var seconds = parseInt(results.getAttribute("data-refresh-seconds") || "15", 10);
-    setInterval(function () {
-      if (document.hidden) return;
-      if (results.contains(document.activeElement) && document.activeElement !== document.body) return;
-      fetch(results.getAttribute("data-refresh-url"), { credentials: "same-origin", headers: { "Accept": "text/html" } })
+    var refresh = function () {
+      return fetch(results.getAttribute("data-refresh-url"), { credentials: "same-origin", headers: { "Accept": "text/html" } })
         .then(function (r) { if (r.ok && !r.redirected) return r.text(); throw new Error("refresh " + r.status); })
         .then(function (html) { results.innerHTML = html; })
         .catch(function () { /* keep the current table; try again next time */ });
+    };
+    window.dicomNodeRefreshWorklist = refresh;
+    setInterval(function () {
+      if (document.hidden) return;
+      // Do not move the table under someone who is tabbing through it.
+      if (results.contains(document.activeElement) && document.activeElement !== document.body) return;
+      refresh();
     }, seconds * 1000);
   }
 
@@ -36,13 +41,27 @@
     var label = document.getElementById("slice-label");
     var finding = scroller.getAttribute("data-finding");
     var offset = parseInt(scroller.getAttribute("data-offset") || "0", 10);
+    var zoom = parseInt(scroller.getAttribute("data-zoom") || "1", 10);
     var busy = false, wanted = null;
-    function show(next) {
+    var zoomLinks = document.querySelectorAll("a.zoom[data-zoom]");
+    function setZoom(z) {
+      zoom = z;
+      zoomLinks.forEach(function (a) { a.setAttribute("aria-pressed", String(a.getAttribute("data-zoom") === String(z))); });
+      document.querySelectorAll(".reformats img[data-plane]").forEach(function (im) {
+        im.src = "/api/findings/" + finding + "/image?plane=" + im.getAttribute("data-plane") + "&zoom=" + z;
+      });
+      show(offset, true);
+    }
+    zoomLinks.forEach(function (a) {
+      a.addEventListener("click", function (e) { e.preventDefault(); setZoom(parseInt(a.getAttribute("data-zoom"), 10)); });
+    });
+    function show(next, force) {
+      if (next === offset && !force && wanted === null) return;
       wanted = next;
       if (busy) return;
       busy = true;
       var target = wanted;
-      var url = "/api/findings/" + finding + "/image?plane=axial&offset=" + target;
+      var url = "/api/findings/" + finding + "/image?plane=axial&offset=" + target + "&zoom=" + zoom;
       fetch(url, { credentials: "same-origin" }).then(function (r) {
         if (!r.ok) throw new Error("image " + r.status);
         var idx = parseInt(r.headers.get("X-Slice-Index"), 10), count = parseInt(r.headers.get("X-Slice-Count"), 10);
@@ -55,16 +74,17 @@
         });
       }).catch(function () {}).then(function () {
         busy = false;
-        if (wanted !== target) show(wanted);
+        if (wanted !== target) { show(wanted, true); } else { wanted = null; }
       });
     }
-    function step(d) { show(offset + d); }
+    function step(d) { show((wanted !== null ? wanted : offset) + d); }
     document.getElementById("slice-prev").addEventListener("click", function (e) { e.preventDefault(); step(-1); });
     document.getElementById("slice-next").addEventListener("click", function (e) { e.preventDefault(); step(1); });
     document.getElementById("slice-centre").addEventListener("click", function (e) { e.preventDefault(); show(0); });
     img.addEventListener("keydown", function (e) {
       var d = { ArrowUp: -1, ArrowDown: 1, PageUp: -5, PageDown: 5, k: -1, j: 1 }[e.key];
       if (e.key === "Home") { e.preventDefault(); show(0); return; }
+      if (e.key === "z" || e.key === "Z") { e.preventDefault(); setZoom(zoom === 1 ? 2 : zoom === 2 ? 4 : 1); return; }
       if (d) { e.preventDefault(); step(d); }
     });
     img.addEventListener("wheel", function (e) { e.preventDefault(); step(e.deltaY > 0 ? 1 : -1); }, { passive: false });
