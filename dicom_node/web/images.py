@@ -124,6 +124,8 @@ class KeyImages:
         self.cache_size = cache_size
         self._cache: OrderedDict[tuple, tuple] = OrderedDict()
         self._lock = threading.Lock()
+        self._loading: dict[tuple, threading.Lock] = {}
+        self._mask_lock = threading.Lock()
 
     # --- data -------------------------------------------------------------------------------------
 
@@ -151,27 +153,39 @@ class KeyImages:
             )
 
     def _volume_and_masks(self, geo: FindingGeometry):
+        """The cached (volume, masks) of a series; one thread loads a series, others wait for it."""
         with self._lock:
             hit = self._cache.get(geo.cache_key)
             if hit is not None:
                 self._cache.move_to_end(geo.cache_key)
                 return hit
+            loading = self._loading.setdefault(geo.cache_key, threading.Lock())
+        with loading:
+            with self._lock:
+                hit = self._cache.get(geo.cache_key)
+            if hit is not None:
+                return hit
             try:
                 volume = load_volume(list(geo.paths))
             except (ValueError, OSError) as exc:
                 raise ImageError(422, f"series {geo.series_uid} cannot be shown: {exc}") from None
+            finally:
+                with self._lock:
+                    self._loading.pop(geo.cache_key, None)
             entry = (volume, {})
-            self._cache[geo.cache_key] = entry
-            while len(self._cache) > self.cache_size:
-                self._cache.popitem(last=False)
+            with self._lock:
+                self._cache[geo.cache_key] = entry
+                while len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
             return entry
 
     def _mask(self, geo: FindingGeometry, volume, masks: dict) -> np.ndarray | None:
         if geo.seg_path is None:
             return None
-        if geo.number not in masks:
-            masks[geo.number] = seg_mask(geo.seg_path, volume, geo.number) if geo.seg_path.exists() else None
-        return masks[geo.number]
+        with self._mask_lock:
+            if geo.number not in masks:
+                masks[geo.number] = seg_mask(geo.seg_path, volume, geo.number) if geo.seg_path.exists() else None
+            return masks[geo.number]
 
     # --- rendering --------------------------------------------------------------------------------
 
