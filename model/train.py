@@ -325,17 +325,24 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     val = D.split_by_series([c.seriesuid for c in cubes], cfg.val_fraction)
     train_cubes = [c for c in cubes if c.seriesuid not in val]
     log.info("cubes: %d train, %d validation (%d series)", len(train_cubes), len(cubes) - len(train_cubes), len(val))
-    (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), **provenance(),
-                                                 "train_cubes": len(train_cubes), "val_series": sorted(val)}, indent=2) + "\n")
+    ckpt = out / "checkpoint.pt"
+    resumed_at = torch.load(ckpt, map_location="cpu", weights_only=False)["step"] if resume and ckpt.exists() else 0
+    name = "config.json" if not resumed_at else f"config.resume-{resumed_at}.json"
+    (out / name).write_text(json.dumps({"config": dataclasses.asdict(cfg), **provenance(), "resumed_at_step": resumed_at,
+                                        "train_cubes": len(train_cubes), "val_series": sorted(val)}, indent=2) + "\n")
     net = ResMTNet(widths=cfg.widths, mask_width=cfg.mask_width, cross_task=cfg.cross_task).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     step = 0
-    ckpt = out / "checkpoint.pt"
     if resume and ckpt.exists():
         st = torch.load(ckpt, map_location=device, weights_only=False)
-        net.load_state_dict(st["net"]); opt.load_state_dict(st["opt"]); sched.load_state_dict(st["sched"])
+        net.load_state_dict(st["net"]); opt.load_state_dict(st["opt"])
         step = st["step"]
+        if st["sched"].get("total_steps") == cfg.steps:
+            sched.load_state_dict(st["sched"])
+        else:  # resumed with a different --steps: the same one-cycle shape over the new total
+            log.info("schedule changed from %s to %d steps at step %d", st["sched"].get("total_steps"), cfg.steps, step)
+            sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1, last_epoch=step - 1)
         torch.set_rng_state(st["torch_rng"])
         log.info("resumed at step %d", step)
     stream = SampleStream(train_cubes, cfg, start=step)
@@ -375,7 +382,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             history = []
     bar.close()
     net.eval()
+    sessions = sorted(p.name for p in out.glob("config*.json"))
     meta = {"config": dataclasses.asdict(cfg), **provenance(), "train_seconds_this_session": round(time.time() - t0, 1),
+            "sessions": sessions,
             "train_cubes": len(train_cubes), "threshold": None,
             "note": "threshold is set by `dicom-node evaluate --write-threshold` on validation"}
     path = out / "resmtnet.pt"

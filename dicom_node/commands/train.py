@@ -26,7 +26,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="data-sampling processes")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--limit-cubes", type=int, default=None, help="use only the first N cubes (smoke tests)")
-    p.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from OUT/checkpoint.pt (a different --steps keeps the one-cycle shape over the new total)")
+    p.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop (with a checkpoint) after N steps of this session")
     p.set_defaults(func=run)
 
 
@@ -41,6 +43,6 @@ def run(args) -> int:
         phantoms=args.phantoms, use_lidc_background=not args.no_lidc_background, cross_task=not args.no_cross_task,
         threads=args.threads, workers=args.workers, device=args.device, limit_cubes=args.limit_cubes,
     )
-    path = train(cfg, resume=args.resume, progress=sys.stderr.isatty())
-    print(path)
+    path = train(cfg, resume=args.resume, progress=sys.stderr.isatty(), stop_after=args.stop_after)
+    print(path if path is not None else f"stopped; resume with --resume --out {args.out}")
     return 0

@@ -64,5 +64,10 @@ def test_training_smoke_and_resume(tmp_path, luna_cubes):
     assert meta["config"]["steps"] == 3 and meta["git_revision"] and meta["torch"]
     hist = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
     assert [h["step"] for h in hist] == [1, 2, 3]  # resumed at 2, not restarted
+    cfg.steps = 5  # a longer schedule on resume
+    train(cfg, resume=True, progress=False)
+    hist = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
+    assert [h["step"] for h in hist] == [1, 2, 3, 4, 5]
+    assert (tmp_path / "config.resume-3.json").exists()
     net, meta = load_weights(path)
     assert not net.training and meta["config"]["widths"] == [4, 8, 8]
