@@ -212,8 +212,9 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
     return result
 
 
-def lidc_end_to_end(predictor) -> dict:
-    """The real LIDC-IDRI-0001 at the predictor's threshold: is the reference nodule found?"""
+def lidc_end_to_end(predictor, figure_path=None) -> dict:
+    """The real LIDC-IDRI-0001 at the predictor's threshold: is the reference nodule found?
+    With ``figure_path``, also draws the axial slice through each finding with its mask."""
     import resource
 
     img = D.read_image(D.LIDC_0001)
@@ -223,6 +224,8 @@ def lidc_end_to_end(predictor) -> dict:
     ref = np.asarray(D.LIDC_0001_NODULE_MM)
     hits = [f for f in fs if np.linalg.norm(np.asarray(f.center_mm) - ref) <= 33.0 / 2]
     best = max(hits, key=lambda f: f.score) if hits else None
+    if figure_path is not None and fs:
+        _plot_findings(img, fs, ref, figure_path)
     return {
         "seconds": round(secs, 2), "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "n_findings": len(fs), "reference_found": best is not None,
@@ -253,4 +256,34 @@ def plot_froc(result: dict, path) -> None:
     ax.legend(loc="lower right")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _plot_findings(img, findings, ref_mm, path, max_panels: int = 4) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import SimpleITK as sitk
+
+    arr = sitk.GetArrayFromImage(img)
+    shown = findings[:max_panels]
+    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4.2), squeeze=False)
+    for ax, f in zip(axes[0], shown):
+        z = int(round(f.center_voxel[0]))
+        ax.imshow(arr[z], cmap="gray", vmin=-1000, vmax=400)
+        if f.mask is not None:
+            m = np.zeros(arr.shape[1:], bool)
+            k = z - f.mask_offset[0]
+            if 0 <= k < f.mask.shape[0]:
+                o = f.mask_offset
+                m[o[1]:o[1] + f.mask.shape[1], o[2]:o[2] + f.mask.shape[2]] = f.mask[k]
+                ax.contour(m, [0.5], colors="r", linewidths=1)
+        is_ref = np.linalg.norm(np.asarray(f.center_mm) - ref_mm) <= 33.0 / 2
+        ax.set_title(f"{'reference nodule' if is_ref else 'other finding'}: score {f.score:.2f}\n"
+                     f"d {f.diameter_mm:.1f} mm, malignancy {f.malignancy:.2f}", fontsize=9)
+        ax.axis("off")
+    fig.suptitle("LIDC-IDRI-0001, Res-MTNet findings at the operating point (mask in red)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -46,12 +46,12 @@ def run(args) -> int:
         return 2
     op = result["detection"]["operating_threshold_1fp"]
     predictor.threshold = op
-    try:
-        result["lidc_idri_0001_end_to_end"] = E.lidc_end_to_end(predictor)
-    except (FileNotFoundError, ValueError) as exc:
-        result["lidc_idri_0001_end_to_end"] = {"skipped": str(exc)}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    try:
+        result["lidc_idri_0001_end_to_end"] = E.lidc_end_to_end(predictor, figure_path=out / "lidc0001_findings.png")
+    except (FileNotFoundError, ValueError) as exc:
+        result["lidc_idri_0001_end_to_end"] = {"skipped": str(exc)}
     E.plot_froc(result, out / "froc.png")
     curves = result.pop("_curves")
     result["weights"] = str(weights)
