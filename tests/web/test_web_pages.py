@@ -7,7 +7,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
-from phantom import NODULE_MM, add_done_job, add_study_row, store_phantom
+from web_phantom import NODULE_MM, add_done_job, add_study_row, store_phantom
 from storage import repo
 from storage.models import AuditEvent, Source, StudyStatus
 from webtools import ADMIN, RAD, build_node, csrf_of, page_login

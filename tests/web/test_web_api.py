@@ -9,7 +9,7 @@ import time
 import pytest
 from sqlalchemy import select
 
-from phantom import NODULE_DIAMETER_MM, NODULE_MM, add_done_job, add_study_row, nodule_mask, store_phantom
+from web_phantom import NODULE_DIAMETER_MM, NODULE_MM, add_done_job, add_study_row, nodule_mask, store_phantom
 from storage import repo
 from storage.models import (
     AssociationLog,

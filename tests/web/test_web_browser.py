@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from phantom import NODULE_DIAMETER_MM, NODULE_MM, add_done_job, add_study_row, lidc_files, nodule_mask, store_files, store_phantom
+from web_phantom import NODULE_DIAMETER_MM, NODULE_MM, add_done_job, add_study_row, lidc_files, nodule_mask, store_files, store_phantom
 from storage.models import StudyStatus
 from webtools import ADMIN, LIDC_NODULE_MM, LIDC_SERIES, REPO, RAD, StoreSCP, build_node, create_accounts, free_port, wait_port
 
