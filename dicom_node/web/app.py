@@ -24,7 +24,7 @@ from dicom_node.node import Node
 from dicom_node.web.deps import LoginRequired, PageForbidden
 from dicom_node.web.images import KeyImages
 from dicom_node.web.metrics import make_registry
-from dicom_node.web.security import SESSION_SECONDS, Tokens, load_secret_key
+from dicom_node.web.security import SESSION_SECONDS, LoginThrottle, Tokens, load_secret_key
 from dicom_node.web.services import ServiceError
 from dicom_node.web.templating import make_templates, render
 from storage import users
@@ -59,6 +59,7 @@ def create_app(node: Node) -> FastAPI:
     secret = load_secret_key(node.settings.web.secret_key, node.settings.node.data_dir)
     app.state.node = node
     app.state.tokens = Tokens(secret)
+    app.state.login_throttle = LoginThrottle()
     app.state.key_images = KeyImages(node)
     app.state.metrics_registry = make_registry(node.sessions)
     app.state.templates = make_templates(HERE / "templates")

@@ -16,6 +16,9 @@ import hmac
 import logging
 import os
 import secrets
+import threading
+import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -134,3 +137,44 @@ def new_csrf_token() -> str:
 
 def csrf_matches(expected: str | None, given: str | None) -> bool:
     return bool(expected) and bool(given) and hmac.compare_digest(str(expected), str(given))
+
+
+class LoginThrottle:
+    """Slows password guessing: after ``limit`` failed logins for one user name within
+    ``window`` seconds, further attempts for that name are refused until the window passes.
+
+    Kept in memory per web process (each process counts on its own), which is enough to turn
+    an online guessing attack from thousands of tries a minute into a handful.
+    """
+
+    def __init__(self, limit: int = 5, window: float = 300.0):
+        self.limit, self.window = limit, window
+        self._failures: dict[str, deque] = {}
+        self._lock = threading.Lock()
+
+    def _recent(self, key: str, now: float) -> deque:
+        q = self._failures.setdefault(key, deque())
+        while q and now - q[0] > self.window:
+            q.popleft()
+        return q
+
+    def retry_after(self, username: str) -> int:
+        """Seconds until ``username`` may try again; 0 when it may try now."""
+        now = time.monotonic()
+        with self._lock:
+            q = self._recent(username.lower(), now)
+            if len(q) < self.limit:
+                return 0
+            return max(1, int(self.window - (now - q[0])) + 1)
+
+    def failed(self, username: str) -> None:
+        now = time.monotonic()
+        with self._lock:
+            q = self._recent(username.lower(), now)
+            q.append(now)
+            if len(self._failures) > 10000:  # bound memory under a spray of names
+                self._failures = {k: v for k, v in self._failures.items() if v}
+
+    def succeeded(self, username: str) -> None:
+        with self._lock:
+            self._failures.pop(username.lower(), None)

@@ -104,6 +104,15 @@ def test_token_refused_for_wrong_password_and_unknown_user(client):
     assert r.status_code == 200 and r.json()["role"] == "radiologist" and r.json()["token_type"] == "bearer"
 
 
+def test_password_guessing_is_throttled(client):
+    for _ in range(5):
+        assert client.post("/api/token", data={"username": "mallory", "password": "guess-1234"}).status_code == 401
+    r = client.post("/api/token", data={"username": "mallory", "password": "guess-1234"})
+    assert r.status_code == 429 and int(r.headers["retry-after"]) > 0
+    # Other names are not affected.
+    assert client.post("/api/token", data={"username": RAD[0], "password": RAD[1]}).status_code == 200
+
+
 def test_worklist_order_filters_and_pagination(node, client, rad_h):
     with node.sessions.begin() as s:
         add_study_row(s, "1.2.3.1", malignancy=0.35, diameter=6.0, count=1, study_date="20260110", accession="A1")

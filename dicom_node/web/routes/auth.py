@@ -18,6 +18,12 @@ router = APIRouter(prefix="/api", tags=["auth"])
 
 @router.post("/token", response_model=schemas.Token, summary="Get a bearer token (OAuth2 password flow)")
 def token(request: Request, s: DB, form: Annotated[OAuth2PasswordRequestForm, Depends()]) -> schemas.Token:
+    throttle = request.app.state.login_throttle
+    wait = throttle.retry_after(form.username)
+    if wait:
+        raise HTTPException(status.HTTP_429_TOO_MANY_REQUESTS,
+                            detail=f"too many failed logins for this user name; try again in {wait} s",
+                            headers={"Retry-After": str(wait)})
     user = users.get_user(s, form.username)
     if user is None:
         dummy_verify(form.password)
@@ -25,9 +31,11 @@ def token(request: Request, s: DB, form: Annotated[OAuth2PasswordRequestForm, De
     else:
         ok = verify_password(form.password, user.password_hash)
     if not ok:
+        throttle.failed(form.username)
         log.info("API login refused for a user name of %d characters", len(form.username or ""))
         raise HTTPException(status.HTTP_401_UNAUTHORIZED, detail="wrong user name or password",
                             headers={"WWW-Authenticate": "Bearer"})
+    throttle.succeeded(form.username)
     tokens = request.app.state.tokens
     return schemas.Token(access_token=tokens.issue(user.username, user.password_hash), expires_in=tokens.max_age,
                          role=user.role.value)

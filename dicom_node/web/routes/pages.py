@@ -48,12 +48,20 @@ def login_page(request: Request, s: DB, next: str = "/worklist"):
 @router.post("/login", dependencies=[CSRF])
 def login(request: Request, s: DB, username: Annotated[str, Form()] = "", password: Annotated[str, Form()] = "",
           next: Annotated[str, Form()] = "/worklist"):
+    throttle = request.app.state.login_throttle
+    wait = throttle.retry_after(username.strip())
+    if wait:
+        return render(request, "login.html", {"next": _safe_next(next), "username": username, "title": "Sign in",
+                                             "error": f"Too many failed sign-ins for this user name. Try again in {wait} s."},
+                      status_code=429)
     user = users.get_user(s, username.strip())
     if user is None:
         dummy_verify(password)
     if user is None or not verify_password(password, user.password_hash):
+        throttle.failed(username.strip())
         return render(request, "login.html", {"next": _safe_next(next), "error": "Wrong user name or password.",
                                              "username": username, "title": "Sign in"}, status_code=401)
+    throttle.succeeded(user.username)
     request.session.clear()
     request.session.update({"user": user.username, "role": user.role.value,
                             "fp": password_fingerprint(user.password_hash), "csrf": new_csrf_token()})
