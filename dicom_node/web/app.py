@@ -21,7 +21,7 @@ from starlette.middleware.sessions import SessionMiddleware
 
 from dicom_node import __version__
 from dicom_node.node import Node
-from dicom_node.web.deps import LoginRequired, PageForbidden
+from dicom_node.web.deps import LoginRequired, PageForbidden, session_user
 from dicom_node.web.images import KeyImages
 from dicom_node.web.metrics import make_registry
 from dicom_node.web.security import SESSION_SECONDS, LoginThrottle, Tokens, load_secret_key
@@ -89,7 +89,9 @@ def create_app(node: Node) -> FastAPI:
 
     @app.exception_handler(PageForbidden)
     async def page_forbidden(request: Request, exc: PageForbidden):
-        return render(request, "error.html", {"title": "Not allowed", "code": 403,
+        with node.sessions() as s:
+            user = session_user(request, s)  # to keep the navigation on the error page
+        return render(request, "error.html", {"user": user, "title": "Not allowed", "code": 403,
                                              "message": "This page is for administrators. Your account is a radiologist account."},
                       status_code=403)
 
