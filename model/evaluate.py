@@ -167,7 +167,9 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
     base_ism = malignancy_metrics(rows, "diameter_ref", cut_mal)["is_malignant"]
     # 2./3. whole-scan detection, network and blob baseline
     saved_thr, saved_max = predictor.threshold, predictor.max_findings
-    predictor.threshold, predictor.max_findings = 0.05, 30
+    # detection metrics use centres and scores only, which the flip averaging does not change
+    saved_tta = predictor.tta
+    predictor.threshold, predictor.max_findings, predictor.tta = 0.05, 30, False
     net_scans, blob_scans, seconds, scan_names = [], [], [], []
     try:
         for vs in tqdm(validation_scans(val, seed=seed, max_lidc=max_lidc), desc="scans", disable=not progress):
@@ -183,7 +185,7 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
             blob_scans.append(ScanResult(np.array([b[0] for b in blobs]).reshape(-1, 3), np.array([b[1] for b in blobs]), nod, rad, ex, ex_r))
             scan_names.append(vs.name)
     finally:
-        predictor.threshold, predictor.max_findings = saved_thr, saved_max
+        predictor.threshold, predictor.max_findings, predictor.tta = saved_thr, saved_max, saved_tta
     f_net, f_blob = froc(net_scans), froc(blob_scans)
     op = threshold_at_fp_rate(f_net, 1.0)
     lidc = [i for i, n in enumerate(scan_names) if n.startswith("LIDC")]
@@ -268,7 +270,7 @@ def _plot_findings(img, findings, ref_mm, path, max_panels: int = 4) -> None:
 
     arr = sitk.GetArrayFromImage(img)
     shown = findings[:max_panels]
-    fig, axes = plt.subplots(1, len(shown), figsize=(4 * len(shown), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(shown), figsize=(max(6.0, 4.0 * len(shown)), 4.6), squeeze=False)
     for ax, f in zip(axes[0], shown):
         z = int(round(f.center_voxel[0]))
         ax.imshow(arr[z], cmap="gray", vmin=-1000, vmax=400)
@@ -283,7 +285,7 @@ def _plot_findings(img, findings, ref_mm, path, max_panels: int = 4) -> None:
         ax.set_title(f"{'reference nodule' if is_ref else 'other finding'}: score {f.score:.2f}\n"
                      f"d {f.diameter_mm:.1f} mm, malignancy {f.malignancy:.2f}", fontsize=9)
         ax.axis("off")
-    fig.suptitle("LIDC-IDRI-0001, Res-MTNet findings at the operating point (mask in red)", fontsize=10)
+    fig.suptitle("LIDC-IDRI-0001: Res-MTNet findings at the operating point (mask in red)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

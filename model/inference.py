@@ -73,6 +73,7 @@ class Predictor:
     slab = 160  # largest z extent (voxels = mm) of one detection-pass tile (bounds memory)
     margin = 16  # context (voxels) around each tile's core
     max_findings = 50
+    tta = True  # flip averaging in the refinement pass (malignancy, size, mask)
 
     def __init__(self, weights: str | Path | None = None, *, threshold: float | None = None, device: str = "cpu"):
         path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
@@ -147,6 +148,19 @@ class Predictor:
         x = torch.from_numpy(normalize_hu(hu_crop))[None, None].to(self.device)
         return {k: v.float().cpu() for k, v in self.net(x, with_mask=with_mask).items()}
 
+    def _flip_average(self, crop: np.ndarray, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Test-time augmentation of the refinement pass: the malignancy, size and mask maps are
+        averaged over the crop flipped along y, x and both (maps flip back exactly because the
+        crop extent is a multiple of every stride); heatmap and offsets stay those of the
+        unflipped crop, so the centre is unchanged."""
+        acc = {k: out[k].clone() for k in ("malignancy", "size", "mask")}
+        flips = [(3,), (4,), (3, 4)]
+        for dims in flips:
+            o = self._run(np.ascontiguousarray(np.flip(crop, axis=tuple(d - 2 for d in dims))), True)
+            for k in acc:
+                acc[k] += torch.flip(o[k], dims)
+        return {**out, **{k: v / (len(flips) + 1) for k, v in acc.items()}}
+
     def _detect(self, iso: np.ndarray, region: np.ndarray) -> list[Detection]:
         """Detection pass over the region's bounding box; detections in iso voxel coordinates."""
         box = bounding_box(region) or tuple(slice(0, n) for n in iso.shape)
@@ -186,6 +200,8 @@ class Predictor:
         start = c0 - size // 2
         crop = _pad_crop(iso, start, np.array([size] * 3), -1000)
         out = self._run(crop, True)
+        if self.tta:
+            out = self._flip_average(crop, out)
         local = np.asarray(det.center) - start
         dets = decode(out, threshold=0.0, max_detections=20)[0]
         near = [d for d in dets if np.linalg.norm(np.asarray(d.center) - local) <= max(3.0, det.diameter / 2)]
