@@ -114,13 +114,19 @@ def supervise(settings: Settings, stages: list[str], verbose: int = 0, restart_d
 
     for name in stages:
         start(name)
+    failures = {name: 0 for name in stages}
+    started = {name: time.monotonic() for name in stages}
     while not stop.wait(0.5):
         for name, p in list(procs.items()):
             if not p.is_alive():
-                log.error("stage %s exited with code %s; restarting in %.0f s", name, p.exitcode, restart_delay)
-                if stop.wait(restart_delay):
+                # Back off on a stage that keeps dying (e.g. missing weights): 2, 4, 8 ... 60 s.
+                failures[name] = 0 if time.monotonic() - started[name] > 300 else failures[name] + 1
+                delay = min(60.0, restart_delay * 2 ** max(0, failures[name] - 1))
+                log.error("stage %s exited with code %s; restarting in %.0f s", name, p.exitcode, delay)
+                if stop.wait(delay):
                     break
                 start(name)
+                started[name] = time.monotonic()
     log.info("stopping stages")
     for p in procs.values():
         if p.is_alive():

@@ -142,7 +142,8 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
                              center_x_mm=float(f.center_mm[0]), center_y_mm=float(f.center_mm[1]),
                              center_z_mm=float(f.center_mm[2]), center_voxel=[float(v) for v in f.center_voxel],
                              diameter_mm=float(f.diameter_mm), volume_mm3=float(f.volume_mm3),
-                             malignancy=float(f.malignancy), score=float(f.score)))
+                             malignancy=float(f.malignancy), score=float(f.score),
+                             location=side_of(f.center_mm)))
         rows = {}
         for kind, ds, rel in written:
             row = ResultObject(job=job, kind=kind, sop_class_uid=str(ds.SOPClassUID),
@@ -165,6 +166,11 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
         refresh_study_status(s, study)
     log.info("job %d done: %d finding(s); load %.1f s, model %.1f s, results %.1f s",
              job_id, len(findings), t1 - t0, t2 - t1, t3 - t2)
+
+
+def side_of(center_mm) -> str:
+    """The patient's side from the LPS x coordinate (+x is the patient's left); the lobe is not known."""
+    return "left lung" if float(center_mm[0]) > 0 else "right lung"
 
 
 def _finish_failed(node: Node, job_id: int, error: str, *, retry: bool) -> None:
