@@ -20,7 +20,9 @@ from storage.models import StudyStatus
 from webtools import ADMIN, LIDC_NODULE_MM, LIDC_SERIES, REPO, RAD, StoreSCP, build_node, create_accounts, free_port, wait_port
 
 CHROMIUM = os.environ.get("DICOM_NODE_CHROMIUM", "/usr/bin/chromium")
-SHOTS = REPO / "docs" / "screenshots"
+#: Screenshots are written only when asked (``DICOM_NODE_SCREENSHOTS=docs/screenshots``), so that a
+#: test run does not rewrite the committed pictures; otherwise they go to a temporary folder.
+SHOTS = Path(os.environ.get("DICOM_NODE_SCREENSHOTS") or (Path(__import__("tempfile").gettempdir()) / "dicom-node-shots"))
 VIEWPORT = {"width": 1366, "height": 768}
 
 pytestmark = pytest.mark.slow
