@@ -35,6 +35,14 @@ def check_ae_title(value: str) -> str:
     return stripped
 
 
+def check_outputs(value: list[str]) -> list[str]:
+    """Result kinds a destination receives: any of ``OUTPUTS``, each once."""
+    bad = [o for o in value if o not in OUTPUTS]
+    if bad:
+        raise ValueError(f"unknown output(s) {bad}; choose from {list(OUTPUTS)}")
+    return list(dict.fromkeys(value))
+
+
 class NodeSection(BaseModel):
     ae_title: str = "DICOM_NODE"
     host: str = "0.0.0.0"
@@ -85,14 +93,7 @@ class DestinationEntry(BaseModel):
     outputs: list[str] = ["sr", "seg"]
 
     _ae = field_validator("ae_title")(check_ae_title)
-
-    @field_validator("outputs")
-    @classmethod
-    def _outputs(cls, v: list[str]) -> list[str]:
-        bad = [o for o in v if o not in OUTPUTS]
-        if bad:
-            raise ValueError(f"unknown output(s) {bad}; choose from {list(OUTPUTS)}")
-        return v
+    _outputs = field_validator("outputs")(check_outputs)
 
 
 class WorkerSection(BaseModel):

@@ -6,34 +6,15 @@ dropping it after; when no server answers they are skipped with a message saying
 """
 from __future__ import annotations
 
-import os
-import uuid
-
 import pytest
 
-PG_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
-
-def _pg_admin():
-    import psycopg
-
-    try:
-        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL} ({exc.__class__.__name__}); "
-                    "set DICOM_NODE_TEST_PG or start a server to run the PostgreSQL variants")
-
+from tests.peers import pg_database
 
 @pytest.fixture
 def pg_url():
     """A fresh, empty PostgreSQL database URL (dropped after the test)."""
-    name = f"dicomnode_test_{uuid.uuid4().hex[:10]}"
-    with _pg_admin() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    base = PG_ADMIN_URL.rsplit("/", 1)[0]
-    yield f"{base}/{name}"
-    with _pg_admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with pg_database() as url:
+        yield url
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

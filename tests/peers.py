@@ -2,6 +2,7 @@
 node itself (``dicom-node serve`` as a child process in its own process group)."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -12,6 +13,7 @@ import sys
 import textwrap
 import time
 import urllib.request
+import uuid
 from pathlib import Path
 
 import pytest
@@ -219,6 +221,32 @@ class NodeProcess:
         import tomllib
 
         return tomllib.loads(self.config.read_text())["database"]["url"]
+
+
+PG_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+@contextlib.contextmanager
+def pg_database(prefix: str = "dicomnode_test"):
+    """A fresh, empty PostgreSQL database (its URL), dropped afterwards. Skips the test with a
+    message when no server answers at ``DICOM_NODE_TEST_PG``."""
+    import psycopg
+
+    def admin():
+        try:
+            return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
+        except psycopg.OperationalError as exc:
+            pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL} ({exc.__class__.__name__}); "
+                        "set DICOM_NODE_TEST_PG or start a server to run the PostgreSQL variants")
+
+    name = f"{prefix}_{uuid.uuid4().hex[:10]}"
+    with admin() as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with admin() as conn:
+            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def wait_for(predicate, timeout: float, interval: float = 0.5, what: str = "condition"):

@@ -10,7 +10,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from dicom_node.config import OUTPUTS, check_ae_title
+from dicom_node.config import check_ae_title, check_outputs
 
 
 def _blank_to_none(v):
@@ -157,14 +157,7 @@ class DestinationIn(BaseModel):
     enabled: bool = True
 
     _ae = field_validator("ae_title")(check_ae_title)
-
-    @field_validator("outputs")
-    @classmethod
-    def _outputs(cls, v: list[str]) -> list[str]:
-        bad = [o for o in v if o not in OUTPUTS]
-        if bad:
-            raise ValueError(f"unknown output(s) {bad}; choose from {list(OUTPUTS)}")
-        return list(dict.fromkeys(v))
+    _outputs = field_validator("outputs")(check_outputs)
 
 
 class DestinationOut(DestinationIn):

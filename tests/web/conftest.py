@@ -8,25 +8,11 @@ faster than migrating a database per test.
 """
 from __future__ import annotations
 
-import os
-import uuid
-
 import pytest
 from sqlalchemy import delete
 
-PG_ADMIN_URL = os.environ.get("DICOM_NODE_TEST_PG", "postgresql://postgres@127.0.0.1:5432/postgres")
-
+from tests.peers import pg_database
 from webtools import ADMIN, RAD, build_node, create_accounts
-
-
-def _pg_admin():
-    import psycopg
-
-    try:
-        return psycopg.connect(PG_ADMIN_URL, autocommit=True, connect_timeout=3)
-    except psycopg.OperationalError as exc:
-        pytest.skip(f"PostgreSQL not reachable at {PG_ADMIN_URL} ({exc.__class__.__name__}); "
-                    "set DICOM_NODE_TEST_PG or start a server to run the PostgreSQL variants")
 
 
 @pytest.fixture(scope="session", params=["sqlite", "postgresql"])
@@ -34,12 +20,8 @@ def web_db_url(request, tmp_path_factory):
     if request.param == "sqlite":
         yield f"sqlite:///{tmp_path_factory.mktemp('web-sqlite') / 'node.sqlite3'}"
         return
-    name = f"dicomnode_web_{uuid.uuid4().hex[:10]}"
-    with _pg_admin() as conn:
-        conn.execute(f'CREATE DATABASE "{name}"')
-    yield f"{PG_ADMIN_URL.rsplit('/', 1)[0]}/{name}"
-    with _pg_admin() as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with pg_database("dicomnode_web") as url:
+        yield url
 
 
 def clean_tables(node) -> None:
