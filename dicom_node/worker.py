@@ -83,6 +83,15 @@ def work_once(node: Node, worker_id: str, predictor: Callable, weights_version: 
             return False
         job_id, attempts, max_attempts = job.id, job.attempts, job.max_attempts
         uid_seed = job.idempotency_key
+        if attempts > max_attempts:
+            # Claimed again after its lease expired too often: the worker keeps dying on it.
+            job.state, job.finished_at, job.lease_until = JobState.FAILED, utcnow(), None
+            job.error = (f"abandoned after {attempts - 1} attempts: the worker stopped while processing "
+                         f"(killed, or out of memory); last error: {job.error or 'none'}")
+            log.error("job %d: %s", job_id, job.error)
+            s.flush()
+            refresh_study_status(s, job.series.study)
+            return True
         series = job.series
         series_uid = series.series_instance_uid
         paths = [node.store.path(i.path) for i in series.instances]

@@ -91,3 +91,22 @@ def test_atomic_write_leaves_no_temporary_file_and_reports_the_hash(tmp_path):
     assert (size, sha) == (6, hashlib.sha256(b"abcdef").hexdigest())
     assert (tmp_path / "a" / "b.dcm").read_bytes() == b"abcdef"
     assert list((tmp_path / "a").glob(".tmp-*")) == []
+
+
+def test_a_job_whose_worker_keeps_dying_is_failed_not_retried_forever(make_node):
+    from dicom_node.worker import work_once
+
+    node = make_node()
+    _jobs(node.sessions, 1)
+    for _ in range(3):  # three workers claim it and die (their leases expire)
+        with node.sessions.begin() as s:
+            job = repo.claim_job(s, "doomed", 60)
+            job.lease_until = utcnow() - timedelta(seconds=1)
+
+    def must_not_run(*_args):
+        raise AssertionError("the predictor must not run a fourth time")
+
+    assert work_once(node, "w4", must_not_run, "v1")
+    with node.sessions() as s:
+        job = s.scalar(select(Job))
+        assert job.state is JobState.FAILED and "abandoned after 3 attempts" in job.error
