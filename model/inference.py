@@ -48,14 +48,17 @@ def _ceil_to(n: int, m: int) -> int:
     return int(-(-n // m) * m)
 
 
-def _pad_crop(vol: np.ndarray, lo: np.ndarray, size: np.ndarray, fill: float) -> np.ndarray:
-    """vol[lo:lo+size] with out-of-volume voxels set to ``fill`` (lo may be negative)."""
-    out = np.full(tuple(int(s) for s in size), fill, vol.dtype)
-    a = np.maximum(lo, 0)
-    b = np.minimum(lo + size, vol.shape)
-    if np.all(b > a):
-        out[tuple(slice(x - l, y - l) for x, y, l in zip(a, b, lo))] = vol[tuple(slice(x, y) for x, y in zip(a, b))]
-    return out
+def _pad_crop(vol: np.ndarray, lo: np.ndarray, size: np.ndarray) -> np.ndarray:
+    """vol[lo:lo+size] where voxels outside the volume mirror the volume (symmetric
+    reflection about its faces, any distance): anatomy continues at the ends of a scan and
+    around a small crop instead of meeting an artificial wall of air."""
+    idx = []
+    for a, n, s in zip(lo, vol.shape, size):
+        i = np.arange(int(a), int(a) + int(s)) % (2 * n)
+        idx.append(np.where(i >= n, 2 * n - 1 - i, i))
+    if all(np.array_equal(i, np.arange(i[0], i[0] + len(i))) for i in idx):
+        return vol[tuple(slice(int(i[0]), int(i[0]) + len(i)) for i in idx)].copy()
+    return vol[np.ix_(*idx)]
 
 
 class Predictor:
@@ -181,7 +184,7 @@ class Predictor:
             core_hi = np.array([z1, lo[1] + sub[1].stop, lo[2] + sub[2].stop])
             size = np.maximum(_ceil_to_arr(core_hi - core_lo + 2 * margin, INPUT_MULTIPLE), 32)
             start = core_lo - (size - (core_hi - core_lo)) // 2
-            crop = _pad_crop(iso, start, size, -1000)
+            crop = _pad_crop(iso, start, size)
             for d in decode(self._run(crop, False), threshold=cand_thr)[0]:
                 c = np.asarray(d.center) + start
                 if np.all(c >= core_lo - 0.5) and np.all(c < core_hi - 0.5):
@@ -198,7 +201,7 @@ class Predictor:
         size = int(min(64, max(32, _ceil_to(int(1.6 * det.diameter + 12), INPUT_MULTIPLE))))
         c0 = np.round(np.asarray(det.center)).astype(int)
         start = c0 - size // 2
-        crop = _pad_crop(iso, start, np.array([size] * 3), -1000)
+        crop = _pad_crop(iso, start, np.array([size] * 3))
         out = self._run(crop, True)
         if self.tta:
             out = self._flip_average(crop, out)
