@@ -196,9 +196,16 @@ class Predictor:
                 inside.append(d)
         return suppress(inside)
 
-    def _refine(self, iso, det: Detection, in_shape, spacing, origin, direction) -> Finding | None:
-        """Refinement pass on a crop centred on ``det``; returns the Finding in input coordinates."""
-        size = int(min(64, max(32, _ceil_to(int(1.6 * det.diameter + 12), INPUT_MULTIPLE))))
+    @staticmethod
+    def _refine_size(diameter: float) -> int:
+        """Side (voxels = mm) of the refinement crop for a nodule of ``diameter`` mm."""
+        return int(min(64, max(32, _ceil_to(int(1.6 * diameter + 12), INPUT_MULTIPLE))))
+
+    def _refine(self, iso, det: Detection, in_shape, spacing, origin, direction, again: bool = True) -> Finding | None:
+        """Refinement pass on a crop centred on ``det``; returns the Finding in input
+        coordinates. When the refined diameter needs a larger crop than the one used, the pass
+        runs once more with it (so large nodules are not cut by the crop)."""
+        size = self._refine_size(det.diameter)
         c0 = np.round(np.asarray(det.center)).astype(int)
         start = c0 - size // 2
         crop = _pad_crop(iso, start, np.array([size] * 3))
@@ -212,6 +219,9 @@ class Predictor:
         centre_l = np.asarray(best.center) if best is not None else local
         cell = tuple(np.clip((centre_l // HEATMAP_STRIDE).astype(int), 0, np.asarray(out["size"].shape[2:]) - 1))
         diameter = best.diameter if best is not None else float(torch.exp(out["size"][(0, 0) + cell]))
+        if again and self._refine_size(diameter) > size:
+            bigger = Detection(tuple(centre_l + start), diameter, det.score, det.malignancy)
+            return self._refine(iso, bigger, in_shape, spacing, origin, direction, again=False)
         malignancy = _sample_map(torch.sigmoid(out["malignancy"][0]), centre_l, MALIGNANCY_STRIDE)
         score = det.score if np.isfinite(det.score) else float(torch.sigmoid(out["heatmap"][(0, 0) + cell]))
         prob = torch.sigmoid(out["mask"][0, 0]).numpy()
