@@ -54,10 +54,12 @@ def test_kill_9_during_ingest_keeps_every_acknowledged_instance(tmp_path):
 
 
 @pytest.mark.slow
-def test_kill_9_during_processing_then_restart_completes_the_job(tmp_path):
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_kill_9_during_processing_then_restart_completes_the_job(tmp_path, db_url):
     series = need_lidc()
     peer = StoreSCP(tmp_path / "pacs").start()
-    node = NodeProcess(tmp_path / "node", destinations=[{"name": "pacs", "ae_title": "STORESCP", "port": peer.port}])
+    node = NodeProcess(tmp_path / "node", destinations=[{"name": "pacs", "ae_title": "STORESCP", "port": peer.port}],
+                       database_url=db_url if db_url.startswith("postgresql") else "")
     try:
         node.start(timeout=120)
         r = subprocess.run(["storescu", "-aec", "DICOM_NODE", "127.0.0.1", str(node.port), "+sd", str(series)],
