@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.models import (
@@ -107,12 +107,53 @@ def index_instance(s: Session, meta: InstanceMeta, relpath: str, size: int, sha2
     Duplicate SOP Instance UID policy: identical content is acknowledged and changes nothing;
     different content replaces the stored file (the newest wins) and marks the series for
     re-evaluation, so a corrected instance triggers a re-run.
+
+    This is the listener's hot path (once per received instance): Core statements on known
+    rows, the ORM only when a study or series is new.
     """
     now = utcnow()
-    study = s.scalar(select(Study).where(Study.study_instance_uid == meta.study_instance_uid))
-    if study is None:
+    study_id = s.scalar(select(Study.id).where(Study.study_instance_uid == meta.study_instance_uid))
+    if study_id is None:
         study = Study(study_instance_uid=meta.study_instance_uid, status=StudyStatus.RECEIVED)
         s.add(study)
+        s.flush()
+        study_id = study.id
+    row = s.execute(select(Series.id, Series.is_result).where(
+        Series.series_instance_uid == meta.series_instance_uid)).first()
+    if row is None:
+        series = Series(series_instance_uid=meta.series_instance_uid, study_id=study_id, modality=meta.modality,
+                        series_number=meta.series_number, series_description=meta.series_description,
+                        is_result=meta.is_result, instance_count=0)
+        s.add(series)
+        s.flush()
+        series_id, is_result = series.id, meta.is_result
+        _update_study_attributes(s, study_id, meta)
+    else:
+        series_id, is_result = row
+    existing = s.execute(select(Instance.id, Instance.sha256).where(
+        Instance.sop_instance_uid == meta.sop_instance_uid)).first()
+    if existing is not None and existing.sha256 == sha256:
+        return "duplicate"
+    values = dict(series_id=series_id, sop_class_uid=meta.sop_class_uid, transfer_syntax_uid=meta.transfer_syntax_uid,
+                  instance_number=meta.instance_number, path=relpath, size_bytes=size, sha256=sha256,
+                  calling_ae=calling_ae, association_id=association_id, received_at=now)
+    if existing is None:
+        s.execute(insert(Instance).values(sop_instance_uid=meta.sop_instance_uid, **values))
+    else:
+        s.execute(update(Instance).where(Instance.id == existing.id).values(**values))
+    s.execute(update(Series).where(Series.id == series_id).values(
+        instance_count=Series.instance_count + (1 if existing is None else 0), last_received_at=now,
+        dirty=not is_result))
+    if not is_result:
+        s.execute(update(Study).where(Study.id == study_id,
+                                      Study.status.not_in([StudyStatus.RECEIVED, StudyStatus.PROCESSING]))
+                  .values(status=StudyStatus.RECEIVED, status_reason=None, updated_at=now))
+    return "new" if existing is None else "replaced"
+
+
+def _update_study_attributes(s: Session, study_id: int, meta: InstanceMeta) -> None:
+    """Patient/study attributes and the modality list, refreshed when a series first arrives."""
+    study = s.get(Study, study_id)
     for attr in ("patient_name", "patient_id", "accession_number", "study_date", "study_description"):
         value = getattr(meta, attr)
         if value and getattr(study, attr) != value:
@@ -121,37 +162,7 @@ def index_instance(s: Session, meta: InstanceMeta, relpath: str, size: int, sha2
         mods = set(filter(None, (study.modalities or "").split("\\")))
         if meta.modality not in mods:
             study.modalities = "\\".join(sorted(mods | {meta.modality}))
-    series = s.scalar(select(Series).where(Series.series_instance_uid == meta.series_instance_uid))
-    if series is None:
-        series = Series(series_instance_uid=meta.series_instance_uid, study=study, modality=meta.modality,
-                        series_number=meta.series_number, series_description=meta.series_description,
-                        is_result=meta.is_result, instance_count=0)
-        s.add(series)
-        s.flush()
-    inst = s.scalar(select(Instance).where(Instance.sop_instance_uid == meta.sop_instance_uid))
-    if inst is not None and inst.sha256 == sha256:
-        return "duplicate"
-    outcome = "replaced" if inst is not None else "new"
-    if inst is None:
-        inst = Instance(sop_instance_uid=meta.sop_instance_uid, series=series)
-        s.add(inst)
-        series.instance_count = (series.instance_count or 0) + 1
-    inst.sop_class_uid = meta.sop_class_uid
-    inst.transfer_syntax_uid = meta.transfer_syntax_uid
-    inst.instance_number = meta.instance_number
-    inst.path = relpath
-    inst.size_bytes = size
-    inst.sha256 = sha256
-    inst.calling_ae = calling_ae
-    inst.association_id = association_id
-    inst.received_at = now
-    series.last_received_at = now
-    if not series.is_result:
-        series.dirty = True
-        if study.status not in (StudyStatus.PROCESSING,):
-            study.status = StudyStatus.RECEIVED
-            study.status_reason = None
-    return outcome
+    s.flush()
 
 
 # --- association audit -------------------------------------------------------------------------
