@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
-from sqlalchemy import func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from storage.models import (
@@ -100,6 +100,23 @@ class InstanceMeta:
     is_result: bool = False
 
 
+# Statements of the hot path, built once (building them per call costs more than running them).
+_STUDY_ID = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
+_SERIES_ROW = select(Series.id, Series.is_result).where(Series.series_instance_uid == bindparam("uid"))
+_INSTANCE_ROW = select(Instance.id, Instance.sha256).where(Instance.sop_instance_uid == bindparam("uid"))
+_INSTANCE_FIELDS = ("series_id", "sop_class_uid", "transfer_syntax_uid", "instance_number", "path", "size_bytes",
+                    "sha256", "calling_ae", "association_id", "received_at")
+_INSERT_INSTANCE = insert(Instance).values({f: bindparam(f) for f in ("sop_instance_uid", *_INSTANCE_FIELDS)})
+_UPDATE_INSTANCE = update(Instance).where(Instance.id == bindparam("row_id")).values(
+    {f: bindparam(f) for f in _INSTANCE_FIELDS})
+_TOUCH_SERIES = update(Series).where(Series.id == bindparam("row_id")).values(
+    instance_count=Series.instance_count + bindparam("added"), last_received_at=bindparam("now"),
+    dirty=bindparam("dirty"))
+_REOPEN_STUDY = update(Study).where(
+    Study.id == bindparam("row_id"), Study.status.not_in([StudyStatus.RECEIVED, StudyStatus.PROCESSING])
+).values(status=StudyStatus.RECEIVED, status_reason=None, updated_at=bindparam("now"))
+
+
 def index_instance(s: Session, meta: InstanceMeta, relpath: str, size: int, sha256: str,
                    calling_ae: str | None, association_id: int | None) -> str:
     """Index a stored instance; returns "new", "duplicate" (same bytes) or "replaced".
@@ -112,14 +129,13 @@ def index_instance(s: Session, meta: InstanceMeta, relpath: str, size: int, sha2
     rows, the ORM only when a study or series is new.
     """
     now = utcnow()
-    study_id = s.scalar(select(Study.id).where(Study.study_instance_uid == meta.study_instance_uid))
+    study_id = s.scalar(_STUDY_ID, {"uid": meta.study_instance_uid})
     if study_id is None:
         study = Study(study_instance_uid=meta.study_instance_uid, status=StudyStatus.RECEIVED)
         s.add(study)
         s.flush()
         study_id = study.id
-    row = s.execute(select(Series.id, Series.is_result).where(
-        Series.series_instance_uid == meta.series_instance_uid)).first()
+    row = s.execute(_SERIES_ROW, {"uid": meta.series_instance_uid}).first()
     if row is None:
         series = Series(series_instance_uid=meta.series_instance_uid, study_id=study_id, modality=meta.modality,
                         series_number=meta.series_number, series_description=meta.series_description,
@@ -130,24 +146,20 @@ def index_instance(s: Session, meta: InstanceMeta, relpath: str, size: int, sha2
         _update_study_attributes(s, study_id, meta)
     else:
         series_id, is_result = row
-    existing = s.execute(select(Instance.id, Instance.sha256).where(
-        Instance.sop_instance_uid == meta.sop_instance_uid)).first()
+    existing = s.execute(_INSTANCE_ROW, {"uid": meta.sop_instance_uid}).first()
     if existing is not None and existing.sha256 == sha256:
         return "duplicate"
     values = dict(series_id=series_id, sop_class_uid=meta.sop_class_uid, transfer_syntax_uid=meta.transfer_syntax_uid,
                   instance_number=meta.instance_number, path=relpath, size_bytes=size, sha256=sha256,
                   calling_ae=calling_ae, association_id=association_id, received_at=now)
     if existing is None:
-        s.execute(insert(Instance).values(sop_instance_uid=meta.sop_instance_uid, **values))
+        s.execute(_INSERT_INSTANCE, {"sop_instance_uid": meta.sop_instance_uid, **values})
     else:
-        s.execute(update(Instance).where(Instance.id == existing.id).values(**values))
-    s.execute(update(Series).where(Series.id == series_id).values(
-        instance_count=Series.instance_count + (1 if existing is None else 0), last_received_at=now,
-        dirty=not is_result))
+        s.execute(_UPDATE_INSTANCE, {"row_id": existing.id, **values})
+    s.execute(_TOUCH_SERIES, {"row_id": series_id, "added": 1 if existing is None else 0, "now": now,
+                              "dirty": not is_result})
     if not is_result:
-        s.execute(update(Study).where(Study.id == study_id,
-                                      Study.status.not_in([StudyStatus.RECEIVED, StudyStatus.PROCESSING]))
-                  .values(status=StudyStatus.RECEIVED, status_reason=None, updated_at=now))
+        s.execute(_REOPEN_STUDY, {"row_id": study_id, "now": now})
     return "new" if existing is None else "replaced"
 
 
