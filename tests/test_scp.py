@@ -220,3 +220,26 @@ def test_sender_that_aborts_mid_association_keeps_what_was_acknowledged(listener
     assert row.result is AssociationResult.ABORTED and row.instances == 3
     with node.sessions() as s:
         assert len(s.scalars(select(Instance)).all()) == 3
+
+
+@pytest.mark.parametrize("db_url", ["sqlite"], indirect=True)
+def test_port_change_rebinds_without_restart(make_node, db_url):
+    from dicom_node.scp import run_listener
+    from tests.peers import free_port, wait_port
+
+    first, second = free_port(), free_port()
+    node = make_node(db_url, node={"port": first})
+    stop = threading.Event()
+    thread = threading.Thread(target=run_listener, args=(node, stop, 0.2), daemon=True)
+    thread.start()
+    try:
+        wait_port(first)
+        with node.sessions.begin() as s:
+            repo.set_setting(s, "node.port", second)
+        wait_port(second, timeout=10)
+        r = subprocess.run([need("echoscu"), "-aet", "STORESCU", "-aec", "DICOM_NODE", "127.0.0.1", str(second)],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+    finally:
+        stop.set()
+        thread.join(10)
