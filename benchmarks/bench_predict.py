@@ -70,6 +70,49 @@ def child_resmtnet(repeat: int, threads: int) -> dict:
     }
 
 
+def _has_torchvision() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("torchvision") is not None
+
+
+def _intermediate_layer_getter():
+    import torch
+
+    class IntermediateLayerGetter(torch.nn.ModuleDict):
+        """torchvision.models._utils.IntermediateLayerGetter (BSD-3-Clause), same behaviour:
+        the backbone's children up to the last returned layer, returning those outputs."""
+
+        def __init__(self, model, return_layers):
+            wanted = dict(return_layers)
+            layers = {}
+            for name, module in model.named_children():
+                layers[name] = module
+                wanted.pop(name, None)
+                if not wanted:
+                    break
+            super().__init__(layers)
+            self.return_layers = dict(return_layers)
+
+        def forward(self, x):
+            out = {}
+            for name, module in self.items():
+                x = module(x)
+                if name in self.return_layers:
+                    out[self.return_layers[name]] = x
+            return out
+
+    return IntermediateLayerGetter
+
+
+class _Lazy:
+    def __call__(self, *a, **k):
+        return _intermediate_layer_getter()(*a, **k)
+
+
+_IntermediateLayerGetter = _Lazy()
+
+
 def _windows(size, roi, overlap=0.25) -> int:
     """Number of sliding windows MONAI's SlidingWindowInferer uses for ``size`` and ``roi``."""
     import math
@@ -89,9 +132,16 @@ def child_monai_retinanet(threads: int, roi: list[int]) -> dict:
     import numpy as np
     import SimpleITK as sitk
     import torch
-    from monai.apps.detection.networks.retinanet_network import RetinaNet, resnet_fpn_feature_extractor
+    from monai.apps.detection.networks.retinanet_network import RetinaNet
     from monai.apps.detection.utils.anchor_utils import AnchorGeneratorWithAnchorShape
+    import monai.networks.blocks.backbone_fpn_utils as fpn_utils
+    from monai.networks.blocks.backbone_fpn_utils import _resnet_fpn_extractor
     from monai.networks.nets import resnet
+
+    if not _has_torchvision():  # MONAI borrows one small class from torchvision: provide it
+        import types
+
+        fpn_utils.torchvision_models = types.SimpleNamespace(_utils=types.SimpleNamespace(IntermediateLayerGetter=_IntermediateLayerGetter))
 
     torch.set_num_threads(threads)
     reader = sitk.ImageSeriesReader()
@@ -107,7 +157,9 @@ def child_monai_retinanet(threads: int, roi: list[int]) -> dict:
     anchor_generator = AnchorGeneratorWithAnchorShape(feature_map_scales=[1, 2, 4], base_anchor_shapes=[[6, 8, 4], [8, 6, 5], [10, 10, 6]])
     backbone = resnet.ResNet(block=resnet.ResNetBottleneck, layers=[3, 4, 6, 3], block_inplanes=resnet.get_inplanes(),
                              n_input_channels=1, conv1_t_stride=[2, 2, 1], conv1_t_size=[7, 7, 7])
-    extractor = resnet_fpn_feature_extractor(backbone, 3, False, [1, 2], None)
+    # = monai's resnet_fpn_feature_extractor(backbone, 3, False, [1, 2], None) without its
+    # torchvision-only argument check (5 trainable layers when not pretrained)
+    extractor = _resnet_fpn_extractor(backbone, 3, 5, returned_layers=[1, 2], extra_blocks=None)
     net = RetinaNet(spatial_dims=3, num_classes=1, num_anchors=anchor_generator.num_anchors_per_location()[0],
                     feature_extractor=extractor, size_divisible=[16, 16, 8]).eval()
     x0, y0, z0 = [(s - r) // 2 for s, r in zip(arr.shape, roi)]
