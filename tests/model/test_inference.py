@@ -36,7 +36,7 @@ def _paste_mask(f, shape):
 
 
 def test_finds_validation_nodules_in_40mm_crops(predictor, luna_cubes):
-    """Small crops work: at the default operating point at least half of 6 validation nodules (spread
+    """Small crops work: at the default operating point most validation nodules (6, spread
     over the diameter range) are found in their 40 mm cube, with real masks."""
     found = 0
     for cube in _val_cubes(luna_cubes):
@@ -53,7 +53,7 @@ def test_finds_validation_nodules_in_40mm_crops(predictor, luna_cubes):
         m = _paste_mask(f, cube.mask.shape)
         assert 2 * (m & cube.mask).sum() / (m.sum() + cube.mask.sum()) > 0.4  # a real nodule mask
         assert abs(f.volume_mm3 - m.sum()) < 1e-6
-    assert found >= 3  # about half at the whole-scan operating point (MODEL_CARD.md)
+    assert found >= 4  # 166 of 194 validation cubes at the operating point (MODEL_CARD.md)
 
 
 def test_geometry_follows_spacing_and_direction(luna_cubes):
