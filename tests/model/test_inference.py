@@ -28,6 +28,13 @@ def _val_cubes(luna_cubes, n=6):
     return [cubes[int(i)] for i in np.linspace(0, len(cubes) - 1, n)]
 
 
+def _every_16th_val_cube(luna_cubes):
+    """A representative sample: every 16th validation cube in diameter order (12 cubes)."""
+    val = D.split_by_series([c.seriesuid for c in luna_cubes])
+    cubes = sorted((c for c in luna_cubes if c.seriesuid in val and c.matched), key=lambda c: c.diameter_mm)
+    return cubes[8::16]
+
+
 def _paste_mask(f, shape):
     m = np.zeros(shape, bool)
     o = f.mask_offset
@@ -36,10 +43,10 @@ def _paste_mask(f, shape):
 
 
 def test_finds_validation_nodules_in_40mm_crops(predictor, luna_cubes):
-    """Small crops work: at the default operating point most validation nodules (6, spread
-    over the diameter range) are found in their 40 mm cube, with real masks."""
+    """Small crops work: at the default operating point most validation nodules (a
+    representative 12) are found in their bare 40 mm cube, with real masks."""
     found = 0
-    for cube in _val_cubes(luna_cubes):
+    for cube in _every_16th_val_cube(luna_cubes):
         findings = predictor(cube.image, (1.0, 1.0, 1.0), origin=(10.0, 20.0, 30.0))
         assert all(isinstance(f, Finding) for f in findings)
         hits = [f for f in findings if np.linalg.norm(np.subtract(f.center_voxel, cube.center)) <= cube.diameter_mm / 2]
@@ -53,7 +60,7 @@ def test_finds_validation_nodules_in_40mm_crops(predictor, luna_cubes):
         m = _paste_mask(f, cube.mask.shape)
         assert 2 * (m & cube.mask).sum() / (m.sum() + cube.mask.sum()) > 0.4  # a real nodule mask
         assert abs(f.volume_mm3 - m.sum()) < 1e-6
-    assert found >= 4  # 166 of 194 validation cubes at the operating point (MODEL_CARD.md)
+    assert found >= 9  # measured: 166 of all 194 validation cubes (0.86, MODEL_CARD.md)
 
 
 def test_geometry_follows_spacing_and_direction(luna_cubes):
