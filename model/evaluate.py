@@ -286,6 +286,6 @@ def _plot_findings(img, findings, ref_mm, path, max_panels: int = 4) -> None:
                      f"d {f.diameter_mm:.1f} mm, malignancy {f.malignancy:.2f}", fontsize=9)
         ax.axis("off")
     fig.suptitle("LIDC-IDRI-0001: Res-MTNet findings at the operating point (mask in red)", fontsize=9)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
     fig.savefig(path, dpi=100)
     plt.close(fig)
