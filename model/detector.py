@@ -106,7 +106,7 @@ class Detection:
     malignancy: float
 
 
-def _sample_map(m: torch.Tensor, pos: np.ndarray, stride: int) -> float:
+def sample_map(m: torch.Tensor, pos: np.ndarray, stride: int) -> float:
     """Trilinear sample of map ``m`` (C=1, *G) at voxel position ``pos`` (cell centre at s*i)."""
     g = np.asarray(m.shape[1:], np.float32)
     cell = np.clip(pos / stride, 0, g - 1)
@@ -146,7 +146,7 @@ def decode(out: dict[str, torch.Tensor], threshold: float = 0.05, max_detections
             off = out["offset"][(b, slice(None)) + tuple(cell.tolist())].float().numpy()
             centre = (cell.numpy().astype(np.float32) + off) * HEATMAP_STRIDE
             diam = float(torch.exp(out["size"][(b, 0) + tuple(cell.tolist())]))
-            m = _sample_map(mal[b], centre, MALIGNANCY_STRIDE)
+            m = sample_map(mal[b], centre, MALIGNANCY_STRIDE)
             dets.append(Detection(tuple(float(v) for v in centre), diam, float(scores[k]), m))
         results.append(dets)
     return results

@@ -31,7 +31,6 @@ import numpy as np
 
 from model import data as D
 from model.baselines import blob_candidates
-from model.lungs import lung_region
 from model.metrics import ScanResult, accuracy, best_threshold, dice, froc, roc_auc, threshold_at_fp_rate
 
 log = logging.getLogger(__name__)

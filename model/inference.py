@@ -30,7 +30,7 @@ import torch
 from scipy import ndimage as ndi
 
 from model.data import resample_to_iso, voxel_to_world
-from model.detector import Detection, _sample_map, decode, suppress
+from model.detector import Detection, decode, sample_map, suppress
 from model.finding import Finding
 from model.lungs import bounding_box, lung_region
 from model.network import HEATMAP_STRIDE, INPUT_MULTIPLE, MALIGNANCY_STRIDE, fold_batchnorm
@@ -222,7 +222,7 @@ class Predictor:
         if again and self._refine_size(diameter) > size:
             bigger = Detection(tuple(centre_l + start), diameter, det.score, det.malignancy)
             return self._refine(iso, bigger, in_shape, spacing, origin, direction, again=False)
-        malignancy = _sample_map(torch.sigmoid(out["malignancy"][0]), centre_l, MALIGNANCY_STRIDE)
+        malignancy = sample_map(torch.sigmoid(out["malignancy"][0]), centre_l, MALIGNANCY_STRIDE)
         score = det.score if np.isfinite(det.score) else float(torch.sigmoid(out["heatmap"][(0, 0) + cell]))
         prob = torch.sigmoid(out["mask"][0, 0]).numpy()
         mask = _component_near(prob >= 0.5, centre_l, radius=max(2.0, diameter / 2))
