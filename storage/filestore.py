@@ -69,6 +69,7 @@ class FileStore:
     def __init__(self, root: Path):
         self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
+        self._made: set[Path] = set()  # folders known to exist (saves a mkdir per instance)
 
     def instance_relpath(self, study_uid: str, series_uid: str, sop_uid: str) -> str:
         return f"instances/{safe_uid(study_uid)}/{safe_uid(series_uid)}/{safe_uid(sop_uid)}.dcm"
@@ -100,8 +101,14 @@ class FileStore:
         size = 0
         tmp = None
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+            if target.parent not in self._made:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                self._made.add(target.parent)
+            try:
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
+            except FileNotFoundError:  # removed behind our back (e.g. results of a re-run)
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=target.parent)
             with os.fdopen(fd, "wb") as fh:
                 for chunk in chunks:
                     fh.write(chunk)
