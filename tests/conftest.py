@@ -42,3 +42,16 @@ def make_node(tmp_path):
         return open_node(Settings(**data))
 
     return _make
+
+
+@pytest.fixture
+def strict_pydicom():
+    """pydicom raises on invalid values while reading and writing (restored afterwards)."""
+    from pydicom import config as pydicom_config
+
+    settings = pydicom_config.settings
+    old = settings.reading_validation_mode, settings.writing_validation_mode
+    settings.reading_validation_mode = pydicom_config.RAISE
+    settings.writing_validation_mode = pydicom_config.RAISE
+    yield
+    settings.reading_validation_mode, settings.writing_validation_mode = old

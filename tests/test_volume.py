@@ -41,14 +41,9 @@ SAMPLES = DATA / "dicom-samples"
 
 
 @pytest.fixture(autouse=True)
-def strict_pydicom():
-    """pydicom raises on invalid values while reading and writing (restored afterwards)."""
-    settings = pydicom_config.settings
-    old = settings.reading_validation_mode, settings.writing_validation_mode
-    settings.reading_validation_mode = pydicom_config.RAISE
-    settings.writing_validation_mode = pydicom_config.RAISE
+def _strict(strict_pydicom):
+    """Every test here runs pydicom in strict mode (``tests/conftest.py: strict_pydicom``)."""
     yield
-    settings.reading_validation_mode, settings.writing_validation_mode = old
 
 
 def _check_geometry(volume: Volume, spec: SeriesSpec) -> None:

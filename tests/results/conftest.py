@@ -22,14 +22,9 @@ LIDC_NODULE_MM = (56.2, 86.2, -115.9)
 
 
 @pytest.fixture(autouse=True)
-def strict_pydicom():
-    """pydicom raises on invalid values while reading and writing (restored afterwards)."""
-    settings = pydicom_config.settings
-    old = settings.reading_validation_mode, settings.writing_validation_mode
-    settings.reading_validation_mode = pydicom_config.RAISE
-    settings.writing_validation_mode = pydicom_config.RAISE
+def _strict(strict_pydicom):
+    """Every test here runs pydicom in strict mode (``tests/conftest.py: strict_pydicom``)."""
     yield
-    settings.reading_validation_mode, settings.writing_validation_mode = old
 
 
 def sphere_finding(
