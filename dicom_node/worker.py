@@ -33,18 +33,13 @@ log = logging.getLogger(__name__)
 ALGORITHM_NAME = "dicom-node Res-MTNet"
 
 
-def default_weights_path() -> Path | None:
-    """The weights shipped in ``model/weights`` (first ``*.pt``), if any."""
-    import model
-
-    found = sorted((Path(model.__file__).parent / "weights").glob("*.pt"))
-    return found[0] if found else None
-
-
 def model_version(weights: Path | None) -> str:
-    """A short identity of the weights: changes when the weights change (part of job keys)."""
-    weights = weights or default_weights_path()
-    if weights is None or not Path(weights).exists():
+    """A short identity of the weights the Predictor will load (``model.DEFAULT_WEIGHTS`` when
+    None): changes when the weights change, and is part of every job's idempotency key."""
+    from model import DEFAULT_WEIGHTS
+
+    weights = weights or DEFAULT_WEIGHTS
+    if not Path(weights).exists():
         return "resmtnet-untrained"
     return "resmtnet-" + hashlib.sha256(Path(weights).read_bytes()).hexdigest()[:12]
 

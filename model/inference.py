@@ -29,6 +29,7 @@ import numpy as np
 import torch
 from scipy import ndimage as ndi
 
+from model import DEFAULT_WEIGHTS
 from model.data import resample_to_iso, voxel_to_world
 from model.detector import Detection, decode, sample_map, suppress
 from model.finding import Finding
@@ -39,8 +40,6 @@ from model.transforms import normalize_hu
 
 log = logging.getLogger(__name__)
 
-WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-DEFAULT_WEIGHTS = WEIGHTS_DIR / "resmtnet.pt"
 FALLBACK_THRESHOLD = 0.5  # used only when the weights' metadata has no validated threshold
 
 
