@@ -19,7 +19,8 @@ so stride ``s`` means ``s`` mm per output cell):
      heatmap  (B, 1, ...)       malignancy (B, 1, ...) logit map
      offset   (B, 3, ...)
      size     (B, 1, ...)     mask head (stride 1, optional): up(d1) + full-resolution conv of
-                                the input -> mask (B, 1, D, H, W) logits
+                                the input, ``mask_blocks`` full-resolution residual blocks
+                                -> mask (B, 1, D, H, W) logits
 ```
 
 Everything is fully convolutional, so the same weights run on a 32 mm training crop, a 40 mm
@@ -105,6 +106,8 @@ class ResMTNet(nn.Module):
       in_channels: input channels (1: normalised HU).
       widths: channels at strides 2, 4, 8.
       mask_width: channels of the full-resolution mask path.
+      mask_blocks: residual blocks at full resolution in the mask path (0 in the first
+        released weights; 1 since: it lets the mask follow the 1 mm intensity boundary).
       cross_task: if False the two branches do not exchange features (ablation).
 
     Input: ``x`` float tensor (B, C, *S), each spatial extent a multiple of 8.
@@ -123,6 +126,7 @@ class ResMTNet(nn.Module):
         widths: tuple[int, int, int] = (16, 32, 64),
         mask_width: int = 8,
         cross_task: bool = True,
+        mask_blocks: int = 0,
     ):
         super().__init__()
         if spatial_dims not in (2, 3):
@@ -156,6 +160,7 @@ class ResMTNet(nn.Module):
         # mask path
         self.mask_in = nn.Sequential(Conv(in_channels, mask_width, 3, padding=1, bias=False), Norm(mask_width), nn.ReLU(inplace=True))
         self.mask_up = nn.Sequential(Conv(w0, mask_width, 1, bias=False), Norm(mask_width))
+        self.mask_blocks = nn.Sequential(*[ResBlock(spatial_dims, mask_width, mask_width) for _ in range(mask_blocks)])
         self.mask_out = nn.Sequential(
             Conv(mask_width, mask_width, 3, padding=1), nn.ReLU(inplace=True), Conv(mask_width, 1, 1)
         )
@@ -187,7 +192,7 @@ class ResMTNet(nn.Module):
         }
         if with_mask:
             up = F.interpolate(self.mask_up(d1), size=x.shape[2:], mode="trilinear" if self.spatial_dims == 3 else "bilinear", align_corners=False)
-            out["mask"] = self.mask_out(F.relu(self.mask_in(x) + up))
+            out["mask"] = self.mask_out(self.mask_blocks(F.relu(self.mask_in(x) + up)))
         return out
 
 

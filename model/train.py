@@ -53,6 +53,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     widths: tuple[int, int, int] = (16, 32, 64)
     mask_width: int = 8
+    mask_blocks: int = 1
     cross_task: bool = True
     loss_weights: dict = field(default_factory=lambda: dict(DEFAULT_WEIGHTS))
     frac_cube: float = 0.5
@@ -291,7 +292,9 @@ def save_weights(net: ResMTNet, path: Path, meta: dict) -> None:
 
 
 def build_network(meta_or_cfg: dict) -> ResMTNet:
-    return ResMTNet(widths=tuple(meta_or_cfg["widths"]), mask_width=meta_or_cfg["mask_width"], cross_task=meta_or_cfg["cross_task"])
+    # weights written before ``mask_blocks`` existed had none
+    return ResMTNet(widths=tuple(meta_or_cfg["widths"]), mask_width=meta_or_cfg["mask_width"],
+                    cross_task=meta_or_cfg["cross_task"], mask_blocks=meta_or_cfg.get("mask_blocks", 0))
 
 
 def load_weights(path: str | Path, device: str = "cpu") -> tuple[ResMTNet, dict]:
@@ -330,7 +333,7 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     name = "config.json" if not resumed_at else f"config.resume-{resumed_at}.json"
     (out / name).write_text(json.dumps({"config": dataclasses.asdict(cfg), **provenance(), "resumed_at_step": resumed_at,
                                         "train_cubes": len(train_cubes), "val_series": sorted(val)}, indent=2) + "\n")
-    net = ResMTNet(widths=cfg.widths, mask_width=cfg.mask_width, cross_task=cfg.cross_task).to(device)
+    net = build_network(dataclasses.asdict(cfg)).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     step = 0
