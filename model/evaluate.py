@@ -5,7 +5,8 @@ Three parts, all on the validation series of :func:`model.data.split_by_series`:
 1. **Characterisation on the validation cubes** (nodule location given): the refinement pass
    (:meth:`model.inference.Predictor.describe`) at the reference centre of each cube gives the
    malignancy (accuracy at 0.5 and ROC AUC, by the median rule — median > 3 malignant, < 3
-   benign, 3 and unrated left out — and by ``is_malignant``), the diameter (absolute error vs
+   benign, 3 and unrated left out — and by ``is_malignant``) of the final read-out
+   (:mod:`model.readout`) and of the malignancy branch alone, the diameter (absolute error vs
    the LUNA16 diameter, mm) and the mask (Dice vs the cube's mask).
 2. **Whole-scan detection** (LUNA16 FROC / CPM, :mod:`model.metrics`): validation nodules are
    pasted (:func:`model.data.paste_nodule`) at random aerated-lung positions into (a) the
@@ -115,7 +116,8 @@ def characterise(predictor, cubes: list[D.Cube]) -> list[dict]:
     """Per cube: malignancy, diameter and Dice at the reference centre (location given)."""
     rows = []
     for c in cubes:
-        f = predictor.describe(c.image, c.center)
+        det: dict = {}
+        f = predictor.describe(c.image, c.center, details=det)
         pred_mask = np.zeros(c.mask.shape, bool)
         if f.mask is not None:
             o = f.mask_offset
@@ -123,7 +125,7 @@ def characterise(predictor, cubes: list[D.Cube]) -> list[dict]:
             pred_mask[sl] = f.mask[tuple(slice(0, s.stop - s.start) for s in sl)]
         rows.append({
             "name": c.name, "matched": c.matched, "diameter_ref": c.diameter_mm, "diameter_pred": f.diameter_mm,
-            "malignancy": f.malignancy, "median": c.median, "median_label": c.median_label,
+            "malignancy": f.malignancy, "branch_malignancy": det["branch_malignancy"], "median": c.median, "median_label": c.median_label,
             "is_malignant": c.is_malignant, "rated": bool(c.ratings), "dice": dice(pred_mask, c.mask),
         })
     return rows
@@ -156,6 +158,7 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
     matched = [r for r in rows if r["matched"]]
     err = np.abs(np.array([r["diameter_pred"] - r["diameter_ref"] for r in matched]))
     net_mal = malignancy_metrics(rows, "malignancy")
+    branch_mal = malignancy_metrics(rows, "branch_malignancy")
     # diameter-only baseline: cut fitted on the training cubes
     tr_med = [c for c in train if np.isfinite(c.median_label)]
     cut_med = best_threshold([c.diameter_mm for c in tr_med], [c.median_label for c in tr_med])
@@ -200,7 +203,8 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
             "operating_threshold_1fp": round(op, 4),
             "seconds_per_scan_mean": round(float(np.mean(seconds)), 2) if seconds else None,
         },
-        "malignancy": {"network": net_mal, "diameter_baseline": {"median_rule": base_med, "is_malignant": base_ism,
+        "malignancy": {"network": net_mal, "read_out": predictor.readout is not None, "branch_alone": branch_mal,
+                       "diameter_baseline": {"median_rule": base_med, "is_malignant": base_ism,
                                                                 "cut_mm_median_rule": cut_med, "cut_mm_is_malignant": cut_mal}},
         "segmentation": {"dice_mean": float(np.mean([r["dice"] for r in rows])), "dice_median": float(np.median([r["dice"] for r in rows])), "n": len(rows)},
         "diameter": {"abs_error_mm_mean": float(err.mean()), "abs_error_mm_median": float(np.median(err)), "n": len(matched),

@@ -15,8 +15,10 @@ Pipeline (one call):
 
 ``diameter_mm`` is the network's regressed diameter (trained on the LUNA16 reference
 diameters); ``volume_mm3`` is the mask volume on the input grid; ``malignancy`` the
-probability that readers rate the nodule malignant (median rating > 3); ``score`` the heatmap
-peak (detection confidence).
+probability that readers rate the nodule malignant (median rating > 3): the malignancy read-out
+(:mod:`model.readout`: the malignancy branch's logit, the regressed diameter and HU statistics
+inside the predicted mask) when the weights carry one, else the branch's own sigmoid; ``score``
+the heatmap peak (detection confidence).
 """
 from __future__ import annotations
 
@@ -35,6 +37,7 @@ from model.detector import Detection, decode, sample_map, suppress
 from model.finding import Finding
 from model.lungs import bounding_box, lung_region
 from model.network import HEATMAP_STRIDE, INPUT_MULTIPLE, MALIGNANCY_STRIDE, fold_batchnorm
+from model.readout import Readout, nodule_features
 from model.train import load_weights
 from model.transforms import normalize_hu
 
@@ -85,6 +88,7 @@ class Predictor:
         self.device = torch.device(device)
         net, self.meta = load_weights(path, device=device)
         self.net = fold_batchnorm(net)
+        self.readout = Readout.from_json(self.meta["readout"]) if self.meta.get("readout") else None
         stored = self.meta.get("threshold")
         self.threshold = float(threshold if threshold is not None else (stored if stored is not None else FALLBACK_THRESHOLD))
         self.last_timing: dict[str, float] = {}
@@ -133,17 +137,19 @@ class Predictor:
         return self(arr, tuple(image.GetSpacing()[::-1]), tuple(image.GetOrigin()), np.array(image.GetDirection()).reshape(3, 3))
 
     def describe(self, volume: np.ndarray, center_voxel, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),
-                 direction: np.ndarray | None = None) -> Finding:
+                 direction: np.ndarray | None = None, details: dict | None = None) -> Finding:
         """The refinement pass alone at a given nodule centre (z, y, x) voxel of ``volume``:
         malignancy, diameter and mask of a nodule whose location is known (used to evaluate
-        characterisation separately from detection). ``score`` is the heatmap there."""
+        characterisation separately from detection, and to fit the read-out). ``score`` is the
+        heatmap there. A ``details`` dict receives ``"features"`` (the read-out's input,
+        :data:`model.readout.FEATURES`) and ``"branch_malignancy"`` (the branch's own sigmoid)."""
         spacing = tuple(float(s) for s in spacing)
         direction = np.eye(3) if direction is None else np.asarray(direction, float).reshape(3, 3)
         iso = resample_to_iso(np.asarray(volume), spacing)
         c_iso = np.asarray(center_voxel, float) * np.asarray(spacing)
         with torch.inference_mode():
             return self._refine(iso, Detection(tuple(c_iso), 10.0, float("nan"), float("nan")), np.asarray(volume).shape,
-                                spacing, origin, direction)
+                                spacing, origin, direction, details=details)
 
     # ------------------------------------------------------------------ passes
     def _run(self, hu_crop: np.ndarray, with_mask: bool) -> dict[str, torch.Tensor]:
@@ -200,7 +206,8 @@ class Predictor:
         """Side (voxels = mm) of the refinement crop for a nodule of ``diameter`` mm."""
         return int(min(64, max(32, _ceil_to(int(1.6 * diameter + 12), INPUT_MULTIPLE))))
 
-    def _refine(self, iso, det: Detection, in_shape, spacing, origin, direction, again: bool = True) -> Finding | None:
+    def _refine(self, iso, det: Detection, in_shape, spacing, origin, direction, again: bool = True,
+                details: dict | None = None) -> Finding | None:
         """Refinement pass on a crop centred on ``det``; returns the Finding in input
         coordinates. When the refined diameter needs a larger crop than the one used, the pass
         runs once more with it (so large nodules are not cut by the crop)."""
@@ -220,11 +227,16 @@ class Predictor:
         diameter = best.diameter if best is not None else float(torch.exp(out["size"][(0, 0) + cell]))
         if again and self._refine_size(diameter) > size:
             bigger = Detection(tuple(centre_l + start), diameter, det.score, det.malignancy)
-            return self._refine(iso, bigger, in_shape, spacing, origin, direction, again=False)
-        malignancy = sample_map(torch.sigmoid(out["malignancy"][0]), centre_l, MALIGNANCY_STRIDE)
+            return self._refine(iso, bigger, in_shape, spacing, origin, direction, again=False, details=details)
         score = det.score if np.isfinite(det.score) else float(torch.sigmoid(out["heatmap"][(0, 0) + cell]))
         prob = torch.sigmoid(out["mask"][0, 0]).numpy()
         mask = _component_near(prob >= 0.5, centre_l, radius=max(2.0, diameter / 2))
+        logit = sample_map(out["malignancy"][0], centre_l, MALIGNANCY_STRIDE)
+        features = nodule_features(crop, mask, diameter, logit)
+        branch = float(1.0 / (1.0 + np.exp(-logit)))
+        malignancy = float(self.readout.probability(features)[0]) if self.readout is not None else branch
+        if details is not None:
+            details.update(features=features, branch_malignancy=branch)
         centre_iso = centre_l + start
         sp = np.asarray(spacing)
         centre_in = centre_iso / sp  # iso voxel j lies at input voxel j * 1 mm / spacing

@@ -65,6 +65,7 @@ class TrainConfig:
     workers: int = 1
     device: str = "auto"
     checkpoint_every: int = 100
+    fit_readout: bool = True  # fit the malignancy read-out on the training cubes at the end
     limit_cubes: int | None = None  # for smoke tests
 
 
@@ -392,4 +393,37 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             "note": "threshold is set by `dicom-node evaluate --write-threshold` on validation"}
     path = out / "resmtnet.pt"
     save_weights(net, path, meta)
+    if cfg.fit_readout:
+        try:
+            fit_readout(path, train_cubes, progress=progress)
+        except ValueError as exc:  # e.g. a smoke run on a handful of cubes without both classes
+            log.warning("malignancy read-out not fitted: %s", exc)
     return path
+
+
+def fit_readout(weights: str | Path, train_cubes: list[D.Cube] | None = None, l2: float = 1.0, progress: bool = False) -> dict:
+    """Fit the malignancy read-out (:mod:`model.readout`) of ``weights`` on the training cubes
+    (the refinement pass of those weights at each cube's centre) and store it, with its
+    training-only cross-validated figures, in the weights' ``.json``. Returns that entry.
+
+    ``train_cubes``: default, the training split of the cubes named by the weights' config."""
+    from model.inference import Predictor
+    from model.readout import fit_on_cubes
+
+    weights = Path(weights)
+    meta = json.loads(weights.with_suffix(".json").read_text())
+    if train_cubes is None:
+        cfg = meta["config"]
+        cubes = D.load_cubes(limit=cfg.get("limit_cubes"))
+        val = D.split_by_series([c.seriesuid for c in cubes], cfg.get("val_fraction", 0.2))
+        train_cubes = [c for c in cubes if c.seriesuid not in val]
+    predictor = Predictor(weights, threshold=1.0)
+    predictor.readout = None  # features come from the network alone
+    t0 = time.time()
+    readout, summary = fit_on_cubes(predictor, train_cubes, l2=l2, progress=progress)
+    meta["readout"] = readout.to_json()
+    meta["readout_fit"] = {**summary, "seconds": round(time.time() - t0, 1),
+                           "data": "training cubes only (validation series never used)"}
+    weights.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
+    log.info("read-out fitted on %d training nodules: cross-validated AUC %s", summary["n"], summary["cv5_by_series"]["auc"])
+    return meta["readout_fit"]

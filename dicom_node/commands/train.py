@@ -2,7 +2,9 @@
 
 Writes ``OUT/resmtnet.pt`` (weights only) and ``OUT/resmtnet.json`` (resolved config, git
 revision, package versions), ``OUT/config.json`` at the start, ``OUT/history.jsonl`` (loss
-terms per step) and ``OUT/checkpoint.pt`` for ``--resume``.
+terms per step) and ``OUT/checkpoint.pt`` for ``--resume``. After the last step the malignancy
+read-out (:mod:`model.readout`) is fitted on the training cubes and stored in the ``.json``;
+``--fit-readout`` does only that, for existing weights.
 """
 from __future__ import annotations
 
@@ -29,6 +31,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue from OUT/checkpoint.pt (a different --steps keeps the one-cycle shape over the new total)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop (with a checkpoint) after N steps of this session")
+    p.add_argument("--fit-readout", action="store_true",
+                   help="only (re)fit the malignancy read-out of OUT/resmtnet.pt on the training cubes (no training)")
+    p.add_argument("--no-readout", action="store_true", help="do not fit the malignancy read-out after training")
     p.set_defaults(func=run)
 
 
@@ -38,10 +43,24 @@ def run(args) -> int:
     if args.crop % 8:
         print(f"dicom-node train: --crop must be a multiple of 8, got {args.crop}", file=sys.stderr)
         return 2
+    if args.fit_readout:
+        from pathlib import Path
+
+        from model.train import fit_readout
+
+        weights = Path(args.out) / "resmtnet.pt"
+        if not weights.exists():
+            print(f"dicom-node train: {weights} not found (train first)", file=sys.stderr)
+            return 2
+        summary = fit_readout(weights, progress=sys.stderr.isatty())
+        print(f"{weights.with_suffix('.json')}: read-out fitted on {summary['n']} training nodules, "
+              f"cross-validated AUC {summary['cv5_by_series']['auc']}, accuracy {summary['cv5_by_series']['accuracy']}")
+        return 0
     cfg = TrainConfig(
         out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
         phantoms=args.phantoms, use_lidc_background=not args.no_lidc_background, cross_task=not args.no_cross_task,
         threads=args.threads, workers=args.workers, device=args.device, limit_cubes=args.limit_cubes,
+        fit_readout=not args.no_readout,
     )
     path = train(cfg, resume=args.resume, progress=sys.stderr.isatty(), stop_after=args.stop_after)
     print(path if path is not None else f"stopped; resume with --resume --out {args.out}")

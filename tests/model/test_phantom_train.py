@@ -54,7 +54,8 @@ def test_training_smoke_and_resume(tmp_path, luna_cubes):
     from model.train import TrainConfig, load_weights, train
 
     cfg = TrainConfig(out_dir=str(tmp_path), steps=3, batch_size=2, crop=16, widths=(4, 8, 8), mask_width=2,
-                      limit_cubes=6, phantoms=0, use_lidc_background=False, workers=0, checkpoint_every=10)
+                      limit_cubes=6, phantoms=0, use_lidc_background=False, workers=0, checkpoint_every=10,
+                      fit_readout=False)
     assert train(cfg, progress=False, stop_after=2) is None  # interrupted after 2 steps
     assert (tmp_path / "config.json").exists() and (tmp_path / "checkpoint.pt").exists()
     hist = [json.loads(line) for line in (tmp_path / "history.jsonl").read_text().splitlines()]
@@ -71,3 +72,26 @@ def test_training_smoke_and_resume(tmp_path, luna_cubes):
     assert (tmp_path / "config.resume-3.json").exists()
     net, meta = load_weights(path)
     assert not net.training and meta["config"]["widths"] == [4, 8, 8]
+
+
+def test_readout_fitted_on_training_cubes_and_applied(tmp_path, luna_cubes):
+    """The read-out is fitted on training cubes (median-rule labels), stored in the weights'
+    JSON and applied by the Predictor: its malignancy is the read-out of the features."""
+    from model.inference import Predictor
+    from model.readout import FEATURES, Readout
+    from model.train import TrainConfig, fit_readout, train
+
+    cfg = TrainConfig(out_dir=str(tmp_path), steps=2, batch_size=2, crop=16, widths=(4, 8, 8), mask_width=2,
+                      limit_cubes=6, phantoms=0, use_lidc_background=False, workers=0, fit_readout=False)
+    path = train(cfg, progress=False)
+    cubes = [c for c in luna_cubes if c.median in (1.0, 2.0, 4.0, 5.0)][:24]
+    summary = fit_readout(path, train_cubes=cubes)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    assert summary["n"] == 24 and meta["readout"]["features"] == list(FEATURES)
+    assert 0 <= summary["cv5_by_series"]["auc"] <= 1
+    p = Predictor(path)
+    assert isinstance(p.readout, Readout)
+    det = {}
+    f = p.describe(cubes[0].image, cubes[0].center, details=det)
+    assert f.malignancy == pytest.approx(float(p.readout.probability(det["features"])[0]))
+    assert 0 <= det["branch_malignancy"] <= 1
