@@ -427,3 +427,78 @@ def fit_readout(weights: str | Path, train_cubes: list[D.Cube] | None = None, l2
     weights.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
     log.info("read-out fitted on %d training nodules: cross-validated AUC %s", summary["n"], summary["cv5_by_series"]["auc"])
     return meta["readout_fit"]
+
+
+def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -> Path:
+    """Second stage: refine the mask path of trained weights ``init`` with everything else
+    frozen, so detection, diameter and the malignancy branch stay exactly those of ``init``.
+
+    Builds the network of ``init`` with ``cfg.mask_blocks`` full-resolution residual blocks in
+    the mask path, copies every weight ``init`` has, and trains only the ``mask_*`` modules
+    (their BatchNorm statistics included; every other BatchNorm stays in eval mode) on the mask
+    term of the joint loss, with the same samples and augmentation as :func:`train`, for
+    ``cfg.steps`` steps (AdamW, one-cycle). Writes ``cfg.out_dir/resmtnet.pt`` + ``.json`` (the
+    config of ``init`` with the new mask path, and a ``"mask_stage"`` record) and fits the
+    read-out when ``cfg.fit_readout``. Seeded, not resumable (minutes on a CPU).
+    """
+    from model.losses import mask_loss
+
+    out = Path(cfg.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    device = _device(cfg.device)
+    init = Path(init)
+    base, init_meta = load_weights(init, device="cpu")
+    net_cfg = {**init_meta["config"], "mask_blocks": cfg.mask_blocks, "mask_width": init_meta["config"]["mask_width"]}
+    net = build_network(net_cfg)
+    missing, unexpected = net.load_state_dict(base.state_dict(), strict=False)
+    if unexpected or any(not k.startswith("mask_") for k in missing):
+        raise ValueError(f"{init} does not fit this network: missing {missing}, unexpected {unexpected}")
+    net.to(device)
+    trainable = [p for n, p in net.named_parameters() if n.startswith("mask_")]
+    for n, p in net.named_parameters():
+        p.requires_grad_(n.startswith("mask_"))
+    cubes = D.load_cubes(limit=cfg.limit_cubes)
+    val = D.split_by_series([c.seriesuid for c in cubes], cfg.val_fraction)
+    train_cubes = [c for c in cubes if c.seriesuid not in val]
+    (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "stage": "mask", "init": str(init),
+                                                 **provenance(), "train_cubes": len(train_cubes)}, indent=2) + "\n")
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
+    loader = torch.utils.data.DataLoader(SampleStream(train_cubes, cfg), batch_size=cfg.batch_size, num_workers=cfg.workers,
+                                         persistent_workers=cfg.workers > 0)
+    from tqdm import tqdm
+
+    net.eval()
+    for name, m in net.named_children():
+        if name.startswith("mask_"):
+            m.train()
+    it = iter(loader)
+    t0 = time.time()
+    with open(out / "history.jsonl", "w") as f:
+        for step in tqdm(range(1, cfg.steps + 1), disable=not progress, desc="mask stage", file=sys.stderr):
+            batch = {k: v.to(device) for k, v in next(it).items()}
+            loss = mask_loss(net(batch["image"])["mask"], batch["mask"])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(trainable, 5.0)
+            opt.step(); sched.step()
+            f.write(json.dumps({"step": step, "mask": round(float(loss.detach()), 4)}) + "\n")
+    net.eval()
+    meta = {**{k: v for k, v in init_meta.items() if k not in ("readout", "readout_fit", "validation")},
+            "config": net_cfg, **provenance(),
+            "mask_stage": {"init": str(init), "init_git_revision": init_meta.get("git_revision"), "steps": cfg.steps,
+                           "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "mask_blocks": cfg.mask_blocks,
+                           "seconds": round(time.time() - t0, 1), "trained": "mask_* modules only; all else frozen"},
+            "threshold": init_meta.get("threshold"),
+            "note": "threshold is set by `dicom-node evaluate --write-threshold` on validation"}
+    path = out / "resmtnet.pt"
+    save_weights(net, path, meta)
+    if cfg.fit_readout:
+        try:
+            fit_readout(path, train_cubes, progress=progress)
+        except ValueError as exc:
+            log.warning("malignancy read-out not fitted: %s", exc)
+    return path

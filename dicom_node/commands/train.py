@@ -23,6 +23,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--phantoms", type=int, default=2, help="synthetic phantoms among the backgrounds")
     p.add_argument("--no-lidc-background", action="store_true", help="do not use LIDC-IDRI-0001 as background")
+    p.add_argument("--mask-blocks", type=int, default=1,
+                   help="full-resolution residual blocks in the mask path (default: %(default)s; the shipped "
+                        "joint stage used 0 and added one with --mask-stage)")
     p.add_argument("--no-cross-task", action="store_true", help="ablation: no cross-task residual connections")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="data-sampling processes")
@@ -33,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop (with a checkpoint) after N steps of this session")
     p.add_argument("--fit-readout", action="store_true",
                    help="only (re)fit the malignancy read-out of OUT/resmtnet.pt on the training cubes (no training)")
+    p.add_argument("--mask-stage", metavar="WEIGHTS", default=None,
+                   help="second stage: train only a new mask path (one full-resolution residual block) on top of "
+                        "WEIGHTS, everything else frozen; --steps, --lr, --seed apply")
     p.add_argument("--no-readout", action="store_true", help="do not fit the malignancy read-out after training")
     p.set_defaults(func=run)
 
@@ -60,8 +66,13 @@ def run(args) -> int:
         out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
         phantoms=args.phantoms, use_lidc_background=not args.no_lidc_background, cross_task=not args.no_cross_task,
         threads=args.threads, workers=args.workers, device=args.device, limit_cubes=args.limit_cubes,
-        fit_readout=not args.no_readout,
+        fit_readout=not args.no_readout, mask_blocks=args.mask_blocks,
     )
+    if args.mask_stage:
+        from model.train import train_mask_head
+
+        print(train_mask_head(cfg, args.mask_stage, progress=sys.stderr.isatty()))
+        return 0
     path = train(cfg, resume=args.resume, progress=sys.stderr.isatty(), stop_after=args.stop_after)
     print(path if path is not None else f"stopped; resume with --resume --out {args.out}")
     return 0

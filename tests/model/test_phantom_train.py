@@ -95,3 +95,25 @@ def test_readout_fitted_on_training_cubes_and_applied(tmp_path, luna_cubes):
     f = p.describe(cubes[0].image, cubes[0].center, details=det)
     assert f.malignancy == pytest.approx(float(p.readout.probability(det["features"])[0]))
     assert 0 <= det["branch_malignancy"] <= 1
+
+
+def test_mask_stage_trains_only_the_mask_path(tmp_path, luna_cubes):
+    """The second stage adds a full-resolution block to the mask path and trains only that
+    path: detection, size and malignancy outputs stay bit-identical to the first stage."""
+    import torch
+
+    from model.train import TrainConfig, load_weights, train, train_mask_head
+
+    small = dict(batch_size=2, crop=16, widths=(4, 8, 8), mask_width=2, limit_cubes=6, phantoms=0,
+                 use_lidc_background=False, workers=0, fit_readout=False)
+    first = train(TrainConfig(out_dir=str(tmp_path / "a"), steps=2, mask_blocks=0, **small), progress=False)
+    second = train_mask_head(TrainConfig(out_dir=str(tmp_path / "b"), steps=3, mask_blocks=1, **small), first, progress=False)
+    a, _ = load_weights(first)
+    b, meta = load_weights(second)
+    assert meta["config"]["mask_blocks"] == 1 and meta["mask_stage"]["init"] == str(first)
+    x = torch.randn(1, 1, 16, 16, 16)
+    with torch.no_grad():
+        oa, ob = a(x), b(x)
+    for k in ("heatmap", "offset", "size", "malignancy"):
+        assert torch.equal(oa[k], ob[k]), k
+    assert not torch.equal(oa["mask"], ob["mask"])
