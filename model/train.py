@@ -315,19 +315,29 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path | None:
-    """Run (or resume) training; returns the path of the final weights, or None when stopped
-    early by ``stop_after`` (a number of steps in this session; the checkpoint allows resuming
-    with the same config)."""
+def _prepare_run(cfg: TrainConfig) -> tuple[Path, torch.device]:
+    """Output folder created, seeds and torch threads set; (output folder, device)."""
     out = Path(cfg.out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
-    cubes = D.load_cubes(limit=cfg.limit_cubes)
-    val = D.split_by_series([c.seriesuid for c in cubes], cfg.val_fraction)
-    train_cubes = [c for c in cubes if c.seriesuid not in val]
+    return out, _device(cfg.device)
+
+
+def _split_cubes(limit: int | None, val_fraction: float) -> tuple[list[D.Cube], set[str], list[D.Cube]]:
+    """(all cubes, validation series, training cubes) of :func:`model.data.split_by_series`."""
+    cubes = D.load_cubes(limit=limit)
+    val = D.split_by_series([c.seriesuid for c in cubes], val_fraction)
+    return cubes, val, [c for c in cubes if c.seriesuid not in val]
+
+
+def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path | None:
+    """Run (or resume) training; returns the path of the final weights, or None when stopped
+    early by ``stop_after`` (a number of steps in this session; the checkpoint allows resuming
+    with the same config)."""
+    out, device = _prepare_run(cfg)
+    cubes, val, train_cubes = _split_cubes(cfg.limit_cubes, cfg.val_fraction)
     log.info("cubes: %d train, %d validation (%d series)", len(train_cubes), len(cubes) - len(train_cubes), len(val))
     ckpt = out / "checkpoint.pt"
     resumed_at = torch.load(ckpt, map_location="cpu", weights_only=False)["step"] if resume and ckpt.exists() else 0
@@ -391,12 +401,19 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             "sessions": sessions,
             "train_cubes": len(train_cubes), "threshold": None,
             "note": "threshold is set by `dicom-node evaluate --write-threshold` on validation"}
+    return _finish_run(net, out, meta, train_cubes, cfg.fit_readout, progress)
+
+
+def _finish_run(net: ResMTNet, out: Path, meta: dict, train_cubes: list[D.Cube], readout: bool, progress: bool) -> Path:
+    """Write ``out/resmtnet.pt`` + ``.json`` and, with ``readout``, fit the malignancy
+    read-out on ``train_cubes`` (skipped with a warning when they cannot support it, e.g. a
+    smoke run on a handful of cubes without both classes). Returns the weights' path."""
     path = out / "resmtnet.pt"
     save_weights(net, path, meta)
-    if cfg.fit_readout:
+    if readout:
         try:
             fit_readout(path, train_cubes, progress=progress)
-        except ValueError as exc:  # e.g. a smoke run on a handful of cubes without both classes
+        except ValueError as exc:
             log.warning("malignancy read-out not fitted: %s", exc)
     return path
 
@@ -413,10 +430,7 @@ def fit_readout(weights: str | Path, train_cubes: list[D.Cube] | None = None, l2
     weights = Path(weights)
     meta = json.loads(weights.with_suffix(".json").read_text())
     if train_cubes is None:
-        cfg = meta["config"]
-        cubes = D.load_cubes(limit=cfg.get("limit_cubes"))
-        val = D.split_by_series([c.seriesuid for c in cubes], cfg.get("val_fraction", 0.2))
-        train_cubes = [c for c in cubes if c.seriesuid not in val]
+        _, _, train_cubes = _split_cubes(meta["config"].get("limit_cubes"), meta["config"].get("val_fraction", 0.2))
     predictor = Predictor(weights, threshold=1.0)
     predictor.readout = None  # features come from the network alone
     t0 = time.time()
@@ -443,12 +457,7 @@ def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -
     """
     from model.losses import mask_loss
 
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.set_num_threads(cfg.threads)
-    device = _device(cfg.device)
+    out, device = _prepare_run(cfg)
     init = Path(init)
     base, init_meta = load_weights(init, device="cpu")
     net_cfg = {**init_meta["config"], "mask_blocks": cfg.mask_blocks, "mask_width": init_meta["config"]["mask_width"]}
@@ -460,9 +469,7 @@ def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -
     trainable = [p for n, p in net.named_parameters() if n.startswith("mask_")]
     for n, p in net.named_parameters():
         p.requires_grad_(n.startswith("mask_"))
-    cubes = D.load_cubes(limit=cfg.limit_cubes)
-    val = D.split_by_series([c.seriesuid for c in cubes], cfg.val_fraction)
-    train_cubes = [c for c in cubes if c.seriesuid not in val]
+    _, _, train_cubes = _split_cubes(cfg.limit_cubes, cfg.val_fraction)
     (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "stage": "mask", "init": str(init),
                                                  **provenance(), "train_cubes": len(train_cubes)}, indent=2) + "\n")
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -494,11 +501,4 @@ def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -
                            "seconds": round(time.time() - t0, 1), "trained": "mask_* modules only; all else frozen"},
             "threshold": init_meta.get("threshold"),
             "note": "threshold is set by `dicom-node evaluate --write-threshold` on validation"}
-    path = out / "resmtnet.pt"
-    save_weights(net, path, meta)
-    if cfg.fit_readout:
-        try:
-            fit_readout(path, train_cubes, progress=progress)
-        except ValueError as exc:
-            log.warning("malignancy read-out not fitted: %s", exc)
-    return path
+    return _finish_run(net, out, meta, train_cubes, cfg.fit_readout, progress)
