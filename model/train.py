@@ -264,7 +264,7 @@ def provenance() -> dict:
     """Git revision and package versions, for the metadata written beside the weights."""
     try:
         rev = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip()
-        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "model"], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip())
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--", "."], capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10).stdout.strip())
     except (OSError, subprocess.SubprocessError):
         rev, dirty = "", False
     import monai
