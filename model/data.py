@@ -155,6 +155,12 @@ def equivalent_diameter(mask: np.ndarray, voxel_volume_mm3: float = 1.0) -> floa
     return float((6.0 * mask.sum() * voxel_volume_mm3 / np.pi) ** (1.0 / 3.0))
 
 
+def split_cubes(cubes: list[Cube], val_fraction: float = 0.2) -> tuple[set[str], list[Cube], list[Cube]]:
+    """(validation series, training cubes, validation cubes) by :func:`split_by_series`."""
+    val = split_by_series([c.seriesuid for c in cubes], val_fraction)
+    return val, [c for c in cubes if c.seriesuid not in val], [c for c in cubes if c.seriesuid in val]
+
+
 def split_by_series(seriesuids: list[str], val_fraction: float = 0.2, salt: str = "res-mtnet") -> set[str]:
     """The validation series: a deterministic hash split (the same series always lands on the
     same side, whatever the order or subset of the list)."""

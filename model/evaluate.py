@@ -150,9 +150,7 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
 
     t0 = time.time()
     cubes = cubes if cubes is not None else D.load_cubes()
-    val_series = D.split_by_series([c.seriesuid for c in cubes], val_fraction)
-    val = [c for c in cubes if c.seriesuid in val_series]
-    train = [c for c in cubes if c.seriesuid not in val_series]
+    val_series, train, val = D.split_cubes(cubes, val_fraction)
     # 1. characterisation
     rows = characterise(predictor, tqdm(val, desc="cubes", disable=not progress))
     matched = [r for r in rows if r["matched"]]

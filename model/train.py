@@ -325,19 +325,13 @@ def _prepare_run(cfg: TrainConfig) -> tuple[Path, torch.device]:
     return out, _device(cfg.device)
 
 
-def _split_cubes(limit: int | None, val_fraction: float) -> tuple[list[D.Cube], set[str], list[D.Cube]]:
-    """(all cubes, validation series, training cubes) of :func:`model.data.split_by_series`."""
-    cubes = D.load_cubes(limit=limit)
-    val = D.split_by_series([c.seriesuid for c in cubes], val_fraction)
-    return cubes, val, [c for c in cubes if c.seriesuid not in val]
-
-
 def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_after: int | None = None) -> Path | None:
     """Run (or resume) training; returns the path of the final weights, or None when stopped
     early by ``stop_after`` (a number of steps in this session; the checkpoint allows resuming
     with the same config)."""
     out, device = _prepare_run(cfg)
-    cubes, val, train_cubes = _split_cubes(cfg.limit_cubes, cfg.val_fraction)
+    cubes = D.load_cubes(limit=cfg.limit_cubes)
+    val, train_cubes, _ = D.split_cubes(cubes, cfg.val_fraction)
     log.info("cubes: %d train, %d validation (%d series)", len(train_cubes), len(cubes) - len(train_cubes), len(val))
     ckpt = out / "checkpoint.pt"
     resumed_at = torch.load(ckpt, map_location="cpu", weights_only=False)["step"] if resume and ckpt.exists() else 0
@@ -430,7 +424,7 @@ def fit_readout(weights: str | Path, train_cubes: list[D.Cube] | None = None, l2
     weights = Path(weights)
     meta = json.loads(weights.with_suffix(".json").read_text())
     if train_cubes is None:
-        _, _, train_cubes = _split_cubes(meta["config"].get("limit_cubes"), meta["config"].get("val_fraction", 0.2))
+        _, train_cubes, _ = D.split_cubes(D.load_cubes(limit=meta["config"].get("limit_cubes")), meta["config"].get("val_fraction", 0.2))
     predictor = Predictor(weights, threshold=1.0)
     predictor.readout = None  # features come from the network alone
     t0 = time.time()
@@ -460,16 +454,16 @@ def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -
     out, device = _prepare_run(cfg)
     init = Path(init)
     base, init_meta = load_weights(init, device="cpu")
-    net_cfg = {**init_meta["config"], "mask_blocks": cfg.mask_blocks, "mask_width": init_meta["config"]["mask_width"]}
+    net_cfg = {**init_meta["config"], "mask_blocks": cfg.mask_blocks}
     net = build_network(net_cfg)
     missing, unexpected = net.load_state_dict(base.state_dict(), strict=False)
     if unexpected or any(not k.startswith("mask_") for k in missing):
         raise ValueError(f"{init} does not fit this network: missing {missing}, unexpected {unexpected}")
     net.to(device)
-    trainable = [p for n, p in net.named_parameters() if n.startswith("mask_")]
     for n, p in net.named_parameters():
         p.requires_grad_(n.startswith("mask_"))
-    _, _, train_cubes = _split_cubes(cfg.limit_cubes, cfg.val_fraction)
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    _, train_cubes, _ = D.split_cubes(D.load_cubes(limit=cfg.limit_cubes), cfg.val_fraction)
     (out / "config.json").write_text(json.dumps({"config": dataclasses.asdict(cfg), "stage": "mask", "init": str(init),
                                                  **provenance(), "train_cubes": len(train_cubes)}, indent=2) + "\n")
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, weight_decay=cfg.weight_decay)
