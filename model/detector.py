@@ -152,12 +152,15 @@ def decode(out: dict[str, torch.Tensor], threshold: float = 0.05, max_detections
     return results
 
 
-def suppress(dets: list[Detection], factor: float = 0.5) -> list[Detection]:
+def suppress(dets: list, factor: float = 0.5, centre=lambda d: d.center, diameter=lambda d: d.diameter) -> list:
     """Greedy non-maximum suppression by distance: drop a detection whose centre lies within
-    ``factor`` x the larger diameter (at least 3 voxels) of a higher-scoring kept one."""
-    kept: list[Detection] = []
+    ``factor`` x the larger diameter (at least 3 units) of a higher-scoring kept one.
+
+    ``dets``: :class:`Detection` (voxels), or any objects with a ``score`` whose centre and
+    diameter (same unit, e.g. mm) the ``centre`` and ``diameter`` functions return."""
+    kept: list = []
     for d in sorted(dets, key=lambda d: -d.score):
-        c = np.asarray(d.center)
-        if all(np.linalg.norm(c - np.asarray(k.center)) > max(3.0, factor * max(d.diameter, k.diameter)) for k in kept):
+        c = np.asarray(centre(d))
+        if all(np.linalg.norm(c - np.asarray(centre(k))) > max(3.0, factor * max(diameter(d), diameter(k))) for k in kept):
             kept.append(d)
     return kept

@@ -3,13 +3,16 @@
 Pipeline (one call):
   1. resample the (Z, Y, X) HU array to 1 mm isotropic (linear; same voxel-[0,0,0] and axes);
   2. find the lung region (:func:`model.lungs.lung_region`; a small crop is its own region);
-  3. *detection pass*: the network (without its mask head) on z slabs (at most 160 mm) each
-     covering the region's (y, x) bounding box within the slab, plus 16 mm of context; peaks
-     above the threshold whose centre lies in a slab core and in the region are kept, then
-     suppressed by distance (:func:`model.detector.suppress`);
-  4. *refinement pass*: for each kept detection, a crop centred on it (32-64 mm) gives the
-     refined centre, the diameter, the malignancy and the full-resolution nodule mask (the
-     connected component of ``sigmoid(mask) >= 0.5`` nearest the centre);
+  3. *detection pass* (candidates): the network (without its mask head) on z slabs (at most
+     160 mm) each covering the region's (y, x) bounding box within the slab, plus 16 mm of
+     context; heatmap peaks of at least ``candidate_threshold`` whose centre lies in a slab core
+     and in the region are kept, suppressed by distance (:func:`model.detector.suppress`), and
+     the best ``max_candidates`` go on;
+  4. *refinement pass* (re-scoring): for each candidate, a crop centred on it (32-64 mm), with
+     its y/x flips, gives the refined centre, the score (the flip-averaged heatmap at that
+     centre), the diameter, the malignancy and the full-resolution nodule mask (the connected
+     component of ``sigmoid(mask) >= 0.5`` nearest the centre); findings scoring at least the
+     threshold are suppressed by distance once more (two candidates refined onto one nodule);
   5. mapping back to the input grid: centre (z, y, x) voxel and LPS mm; the mask is resampled
      onto the input voxels around the nodule (``mask_offset`` + bool crop).
 
@@ -18,7 +21,9 @@ diameters); ``volume_mm3`` is the mask volume on the input grid; ``malignancy`` 
 probability that readers rate the nodule malignant (median rating > 3): the malignancy read-out
 (:mod:`model.readout`: the malignancy branch's logit, the regressed diameter and HU statistics
 inside the predicted mask) when the weights carry one, else the branch's own sigmoid; ``score``
-the heatmap peak (detection confidence).
+the detection confidence: the refinement pass's flip-averaged heatmap at the refined centre. It
+replaced the detection pass's peak value, which moves with the nodule's position inside the
+large tile (measured in the model card: CPM on whole-scan validation).
 """
 from __future__ import annotations
 
@@ -69,7 +74,7 @@ class Predictor:
     Args:
       weights: a ``.pt`` written by ``dicom-node train`` (with its ``.json`` beside it);
         ``None``: the default weights shipped in ``model/weights/``.
-      threshold: minimum detection score of the returned findings; ``None``: the operating
+      threshold: minimum score of the returned findings (refinement-pass heatmap); ``None``: the operating
         point chosen on validation (about 1 false positive per scan), stored in the weights'
         metadata.
       device: torch device ("cpu", "cuda").
@@ -78,7 +83,12 @@ class Predictor:
     slab = 160  # largest z extent (voxels = mm) of one detection-pass tile (bounds memory)
     margin = 16  # context (voxels) around each tile's core
     max_findings = 50
-    tta = True  # flip averaging in the refinement pass (malignancy, size, mask)
+    # candidates: detection-pass peaks of at least ``candidate_threshold``, the best
+    # ``max_candidates`` of them, are re-scored by the refinement pass; fixed, whatever the
+    # threshold, so that a FROC curve computed at a low threshold is that of the same candidates
+    candidate_threshold = 0.2
+    max_candidates = 30
+    tta = True  # flip averaging in the refinement pass (score, malignancy, size, mask)
 
     def __init__(self, weights: str | Path | None = None, *, threshold: float | None = None, device: str = "cpu"):
         path = Path(weights) if weights is not None else DEFAULT_WEIGHTS
@@ -120,10 +130,11 @@ class Predictor:
             dets = self._detect(iso, region)
             t3 = time.perf_counter()
             findings = []
-            for det in dets[: self.max_findings]:
+            for det in dets[: self.max_candidates]:
                 f = self._refine(iso, det, volume.shape, spacing, origin, direction)
-                if f is not None:
+                if f is not None and f.score >= self.threshold:
                     findings.append(f)
+            findings = _suppress_findings(findings)[: self.max_findings]
         t4 = time.perf_counter()
         self.last_timing = {"resample": t1 - t0, "lungs": t2 - t1, "detect": t3 - t2, "refine": t4 - t3, "total": t4 - t0}
         log.debug("timing %s", self.last_timing)
@@ -159,12 +170,15 @@ class Predictor:
     def _flip_average(self, crop: np.ndarray, out: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Test-time augmentation of the refinement pass: the malignancy, size and mask maps are
         averaged over the crop flipped along y, x and both (maps flip back exactly because the
-        crop extent is a multiple of every stride); heatmap and offsets stay those of the
+        crop extent is a multiple of every stride), and so is the heatmap, as
+        ``"heatmap_mean"`` (the finding's score); heatmap and offsets stay those of the
         unflipped crop, so the centre is unchanged."""
-        acc = {k: out[k].clone() for k in ("malignancy", "size", "mask")}
+        out = {**out, "heatmap_mean": out["heatmap"]}
+        acc = {k: out[k].clone() for k in ("malignancy", "size", "mask", "heatmap_mean")}
         flips = [(3,), (4,), (3, 4)]
         for dims in flips:
             o = self._run(np.ascontiguousarray(np.flip(crop, axis=tuple(d - 2 for d in dims))), True)
+            o["heatmap_mean"] = o["heatmap"]
             for k in acc:
                 acc[k] += torch.flip(o[k], dims)
         return {**out, **{k: v / (len(flips) + 1) for k, v in acc.items()}}
@@ -175,7 +189,7 @@ class Predictor:
         lo = np.array([s.start for s in box])
         ext = np.array([s.stop - s.start for s in box])
         margin = self.margin
-        cand_thr = min(self.threshold, 0.5)
+        cand_thr = self.candidate_threshold
         found: list[Detection] = []
         # z slabs of at most ``slab`` voxels (core), each covering the region's (y, x) bounding
         # box within the slab, with ``margin`` voxels of context on every side
@@ -197,7 +211,7 @@ class Predictor:
         inside = []
         for d in found:
             idx = tuple(np.clip(np.round(d.center).astype(int), 0, np.asarray(iso.shape) - 1))
-            if region[idx] and d.score >= self.threshold:
+            if region[idx] and d.score >= cand_thr:
                 inside.append(d)
         return suppress(inside)
 
@@ -228,7 +242,10 @@ class Predictor:
         if again and self._refine_size(diameter) > size:
             bigger = Detection(tuple(centre_l + start), diameter, det.score, det.malignancy)
             return self._refine(iso, bigger, in_shape, spacing, origin, direction, again=False, details=details)
-        score = det.score if np.isfinite(det.score) else float(torch.sigmoid(out["heatmap"][(0, 0) + cell]))
+        # the score: the (flip-averaged) heatmap of this crop, centred on the candidate, at the
+        # refined centre; steadier than the detection pass's peak, whose value moves with the
+        # position of the nodule in the large tile
+        score = sample_map(torch.sigmoid(out.get("heatmap_mean", out["heatmap"])[0]), centre_l, HEATMAP_STRIDE)
         prob = torch.sigmoid(out["mask"][0, 0]).numpy()
         mask = _component_near(prob >= 0.5, centre_l, radius=max(2.0, diameter / 2))
         logit = sample_map(out["malignancy"][0], centre_l, MALIGNANCY_STRIDE)
@@ -253,6 +270,12 @@ class Predictor:
             mask=m_in,
             mask_offset=m_off,
         )
+
+
+def _suppress_findings(findings: list[Finding]) -> list[Finding]:
+    """Distance suppression (:func:`model.detector.suppress`, in mm) of refined findings: two
+    candidates that the refinement pass moved onto the same nodule are reported once."""
+    return suppress(findings, centre=lambda f: f.center_mm, diameter=lambda f: f.diameter_mm)
 
 
 def _ceil_to_arr(a: np.ndarray, m: int) -> np.ndarray:

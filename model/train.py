@@ -454,9 +454,12 @@ def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -
     out, device = _prepare_run(cfg)
     init = Path(init)
     base, init_meta = load_weights(init, device="cpu")
-    net_cfg = {**init_meta["config"], "mask_blocks": cfg.mask_blocks}
+    net_cfg = {**init_meta["config"], "mask_blocks": cfg.mask_blocks, "mask_width": cfg.mask_width}
     net = build_network(net_cfg)
-    missing, unexpected = net.load_state_dict(base.state_dict(), strict=False)
+    own = net.state_dict()
+    # mask_* weights of another width start afresh; every other weight must fit exactly
+    state = {k: v for k, v in base.state_dict().items() if not (k.startswith("mask_") and k in own and own[k].shape != v.shape)}
+    missing, unexpected = net.load_state_dict(state, strict=False)
     if unexpected or any(not k.startswith("mask_") for k in missing):
         raise ValueError(f"{init} does not fit this network: missing {missing}, unexpected {unexpected}")
     net.to(device)
@@ -478,7 +481,7 @@ def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -
             m.train()
     it = iter(loader)
     t0 = time.time()
-    with open(out / "history.jsonl", "w") as f:
+    with open(out / "history.jsonl", "w", buffering=1) as f:
         for step in tqdm(range(1, cfg.steps + 1), disable=not progress, desc="mask stage", file=sys.stderr):
             batch = {k: v.to(device) for k, v in next(it).items()}
             loss = mask_loss(net(batch["image"])["mask"], batch["mask"])
@@ -492,7 +495,7 @@ def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -
             "config": net_cfg, **provenance(),
             "mask_stage": {"init": str(init), "init_git_revision": init_meta.get("git_revision"), "steps": cfg.steps,
                            "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "mask_blocks": cfg.mask_blocks,
-                           "seconds": round(time.time() - t0, 1), "trained": "mask_* modules only; all else frozen"},
+                           "mask_width": cfg.mask_width, "seconds": round(time.time() - t0, 1), "trained": "mask_* modules only; all else frozen"},
             "threshold": init_meta.get("threshold"),
             "note": "threshold is set by `dicom-node evaluate --write-threshold` on validation"}
     return _finish_run(net, out, meta, train_cubes, cfg.fit_readout, progress)

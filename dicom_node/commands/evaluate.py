@@ -21,7 +21,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default="runs/eval", help="output folder (default: %(default)s)")
     p.add_argument("--seed", type=int, default=0, help="seed of the nodule placement")
     p.add_argument("--max-lidc-scans", type=int, default=16, help="whole scans built on LIDC-IDRI-0001 (rest: phantoms)")
-    p.add_argument("--write-threshold", action="store_true", help="store the 1 FP/scan operating point beside the weights")
+    p.add_argument("--write-threshold", action="store_true",
+                   help="store the operating point (1 FP/scan on the real-lung validation scans) beside the weights")
     p.add_argument("--threads", type=int, default=2)
     p.set_defaults(func=run)
 
@@ -61,7 +62,9 @@ def run(args) -> int:
         meta_path = weights.with_suffix(".json")
         meta = json.loads(meta_path.read_text())
         meta["threshold"] = op
-        meta["threshold_source"] = f"dicom-node evaluate (seed {args.seed}): lowest score with <= 1 FP/scan on whole-scan validation"
+        where = "LIDC-IDRI-0001-based (real lung)" if result["detection"]["operating_point_scans"] == "lidc_background" else "all"
+        meta["threshold_source"] = (f"dicom-node evaluate (seed {args.seed}): lowest score with <= 1 FP/scan on the {where} "
+                                    "whole-scan validation scans")
         meta["validation"] = {k: result[k] for k in ("detection", "malignancy", "segmentation", "diameter")}
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
     print(json.dumps({k: result[k] for k in ("detection", "malignancy", "segmentation", "diameter", "lidc_idri_0001_end_to_end")}))

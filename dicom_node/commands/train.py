@@ -26,6 +26,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--mask-blocks", type=int, default=1,
                    help="full-resolution residual blocks in the mask path (default: %(default)s; the shipped "
                         "joint stage used 0 and added one with --mask-stage)")
+    p.add_argument("--mask-width", type=int, default=8, help="channels of the full-resolution mask path (default: %(default)s)")
     p.add_argument("--no-cross-task", action="store_true", help="ablation: no cross-task residual connections")
     p.add_argument("--threads", type=int, default=2, help="torch CPU threads")
     p.add_argument("--workers", type=int, default=1, help="data-sampling processes")
@@ -37,8 +38,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fit-readout", action="store_true",
                    help="only (re)fit the malignancy read-out of OUT/resmtnet.pt on the training cubes (no training)")
     p.add_argument("--mask-stage", metavar="WEIGHTS", default=None,
-                   help="second stage: train only a new mask path (one full-resolution residual block) on top of "
-                        "WEIGHTS, everything else frozen; --steps, --lr, --seed apply")
+                   help="second stage: train only a new mask path (--mask-blocks full-resolution residual blocks of "
+                        "--mask-width channels) on top of WEIGHTS, everything else frozen; --steps, --lr, --seed apply")
     p.add_argument("--no-readout", action="store_true", help="do not fit the malignancy read-out after training")
     p.set_defaults(func=run)
 
@@ -66,7 +67,7 @@ def run(args) -> int:
         out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
         phantoms=args.phantoms, use_lidc_background=not args.no_lidc_background, cross_task=not args.no_cross_task,
         threads=args.threads, workers=args.workers, device=args.device, limit_cubes=args.limit_cubes,
-        fit_readout=not args.no_readout, mask_blocks=args.mask_blocks,
+        fit_readout=not args.no_readout, mask_blocks=args.mask_blocks, mask_width=args.mask_width,
     )
     if args.mask_stage:
         from model.train import train_mask_head

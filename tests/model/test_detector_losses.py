@@ -79,3 +79,16 @@ def test_suppress_keeps_the_best_of_close_detections():
     dets = [Detection((10, 10, 10), 8, 0.6, 0.1), Detection((11, 10, 10), 8, 0.9, 0.1), Detection((40, 10, 10), 8, 0.5, 0.1)]
     kept = suppress(dets)
     assert [d.score for d in kept] == [0.9, 0.5]
+
+
+def test_suppress_works_in_mm_on_any_objects():
+    """Refined findings are suppressed by their LPS centre and diameter in mm: two candidates
+    that the refinement pass moved onto the same nodule (3 mm apart, 10 mm across) are one."""
+    from model.finding import Finding
+
+    def f(c, d, s):
+        return Finding(center_mm=c, center_voxel=(0.0, 0.0, 0.0), diameter_mm=d, volume_mm3=0.0, malignancy=0.5, score=s)
+
+    found = [f((0.0, 0.0, 0.0), 10.0, 0.7), f((3.0, 0.0, 0.0), 10.0, 0.8), f((0.0, 12.0, 0.0), 10.0, 0.4)]
+    kept = suppress(found, centre=lambda x: x.center_mm, diameter=lambda x: x.diameter_mm)
+    assert [x.score for x in kept] == [0.8, 0.4]

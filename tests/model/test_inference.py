@@ -3,7 +3,6 @@ real LIDC-IDRI-0001 reference nodule, and the ``predict`` command."""
 import argparse
 import json
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -98,19 +97,14 @@ def test_rejects_bad_input(predictor):
 
 
 def test_lidc_0001_reference_nodule_end_to_end(predictor, lidc_dir):
-    import resource
-
     img = D.read_image(lidc_dir)
-    t = time.perf_counter()
     findings = predictor.predict_image(img)
-    seconds = time.perf_counter() - t
     ref = np.asarray(D.LIDC_0001_NODULE_MM)
     hits = [f for f in findings if np.linalg.norm(np.subtract(f.center_mm, ref)) <= 33.0 / 2]
     assert hits, f"reference nodule not found; findings: {[f.to_json() for f in findings]}"
     assert hits[0].malignancy > 0.5
     assert hits[0].mask is not None and hits[0].mask.sum() * np.prod(img.GetSpacing()) > 1000  # a ~25 mm nodule
-    assert seconds < 60  # 30 s on an idle 2-core CPU (benchmarks/bench_predict.py); slack for a busy one
-    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 < 3072
+    # speed and memory are measured by benchmarks/bench_predict.py, not asserted here
 
 
 def _cli(argv):

@@ -97,20 +97,24 @@ def test_readout_fitted_on_training_cubes_and_applied(tmp_path, luna_cubes):
     assert 0 <= det["branch_malignancy"] <= 1
 
 
-def test_mask_stage_trains_only_the_mask_path(tmp_path, luna_cubes):
-    """The second stage adds a full-resolution block to the mask path and trains only that
-    path: detection, size and malignancy outputs stay bit-identical to the first stage."""
+@pytest.mark.parametrize("stage_width", [2, 3])
+def test_mask_stage_trains_only_the_mask_path(tmp_path, luna_cubes, stage_width):
+    """The second stage adds a full-resolution block to the mask path (of the same or a new
+    width) and trains only that path: detection, size and malignancy outputs stay
+    bit-identical to the first stage."""
     import torch
 
     from model.train import TrainConfig, load_weights, train, train_mask_head
 
-    small = dict(batch_size=2, crop=16, widths=(4, 8, 8), mask_width=2, limit_cubes=6, phantoms=0,
+    small = dict(batch_size=2, crop=16, widths=(4, 8, 8), limit_cubes=6, phantoms=0,
                  use_lidc_background=False, workers=0, fit_readout=False)
-    first = train(TrainConfig(out_dir=str(tmp_path / "a"), steps=2, mask_blocks=0, **small), progress=False)
-    second = train_mask_head(TrainConfig(out_dir=str(tmp_path / "b"), steps=3, mask_blocks=1, **small), first, progress=False)
+    first = train(TrainConfig(out_dir=str(tmp_path / "a"), steps=2, mask_blocks=0, mask_width=2, **small), progress=False)
+    second = train_mask_head(TrainConfig(out_dir=str(tmp_path / "b"), steps=3, mask_blocks=1, mask_width=stage_width, **small),
+                             first, progress=False)
     a, _ = load_weights(first)
     b, meta = load_weights(second)
     assert meta["config"]["mask_blocks"] == 1 and meta["mask_stage"]["init"] == str(first)
+    assert meta["config"]["mask_width"] == stage_width == b.mask_out[-1].in_channels
     x = torch.randn(1, 1, 16, 16, 16)
     with torch.no_grad():
         oa, ob = a(x), b(x)
