@@ -74,9 +74,9 @@ class Predictor:
     Args:
       weights: a ``.pt`` written by ``dicom-node train`` (with its ``.json`` beside it);
         ``None``: the default weights shipped in ``model/weights/``.
-      threshold: minimum score of the returned findings (refinement-pass heatmap); ``None``: the operating
-        point chosen on validation (about 1 false positive per scan), stored in the weights'
-        metadata.
+      threshold: minimum score (refinement-pass heatmap) of the returned findings; ``None``:
+        the operating point chosen on validation (1 false positive per real-lung validation
+        scan), stored in the weights' metadata.
       device: torch device ("cpu", "cuda").
     """
 
@@ -242,9 +242,9 @@ class Predictor:
         if again and self._refine_size(diameter) > size:
             bigger = Detection(tuple(centre_l + start), diameter, det.score, det.malignancy)
             return self._refine(iso, bigger, in_shape, spacing, origin, direction, again=False, details=details)
-        # the score: the (flip-averaged) heatmap of this crop, centred on the candidate, at the
-        # refined centre; steadier than the detection pass's peak, whose value moves with the
-        # position of the nodule in the large tile
+        # the score: sigmoid of the (flip-averaged) heatmap logits of this crop, centred on the
+        # candidate, at the refined centre; steadier than the detection pass's peak, whose value
+        # moves with the position of the nodule in the large tile
         score = sample_map(torch.sigmoid(out.get("heatmap_mean", out["heatmap"])[0]), centre_l, HEATMAP_STRIDE)
         prob = torch.sigmoid(out["mask"][0, 0]).numpy()
         mask = _component_near(prob >= 0.5, centre_l, radius=max(2.0, diameter / 2))

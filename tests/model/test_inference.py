@@ -59,7 +59,7 @@ def test_finds_validation_nodules_in_40mm_crops(predictor, luna_cubes):
         m = _paste_mask(f, cube.mask.shape)
         assert 2 * (m & cube.mask).sum() / (m.sum() + cube.mask.sum()) > 0.4  # a real nodule mask
         assert abs(f.volume_mm3 - m.sum()) < 1e-6
-    assert found >= 9  # measured: 166 of all 194 validation cubes (0.86, MODEL_CARD.md)
+    assert found >= 9  # measured: 163 of all 194 validation cubes (0.84, MODEL_CARD.md)
 
 
 def test_geometry_follows_spacing_and_direction(luna_cubes):
