@@ -193,14 +193,15 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
     # the operating point: 1 false positive per scan on the real-lung scans when there are any
     # (phantoms have fewer look-alikes, so a threshold chosen over all scans would give more
     # false positives on real CT), else on all scans
+    f_lidc = froc([net_scans[i] for i in lidc]) if lidc else None
     op_scans = "lidc_background" if lidc else "all"
-    op = threshold_at_fp_rate(froc([net_scans[i] for i in lidc]) if lidc else f_net, 1.0)
+    op = threshold_at_fp_rate(f_lidc if lidc else f_net, 1.0)
     result = {
         "validation": {"series": len(val_series), "cubes": len(val), "cubes_matched": len(matched),
                        "whole_scans": len(scan_names), "lidc_scans": len(lidc), "phantom_scans": len(phan)},
         "detection": {
             "network": f_net.to_json(),
-            "network_lidc_background": froc([net_scans[i] for i in lidc]).to_json() if lidc else None,
+            "network_lidc_background": f_lidc.to_json() if lidc else None,
             "network_phantom_background": froc([net_scans[i] for i in phan]).to_json() if phan else None,
             "blob_baseline": f_blob.to_json(),
             "operating_threshold_1fp": round(op, 4), "operating_point_scans": op_scans,

@@ -173,15 +173,14 @@ class Predictor:
         crop extent is a multiple of every stride), and so is the heatmap, as
         ``"heatmap_mean"`` (the finding's score); heatmap and offsets stay those of the
         unflipped crop, so the centre is unchanged."""
-        out = {**out, "heatmap_mean": out["heatmap"]}
-        acc = {k: out[k].clone() for k in ("malignancy", "size", "mask", "heatmap_mean")}
+        acc = {k: out[k].clone() for k in ("malignancy", "size", "mask", "heatmap")}
         flips = [(3,), (4,), (3, 4)]
         for dims in flips:
             o = self._run(np.ascontiguousarray(np.flip(crop, axis=tuple(d - 2 for d in dims))), True)
-            o["heatmap_mean"] = o["heatmap"]
             for k in acc:
                 acc[k] += torch.flip(o[k], dims)
-        return {**out, **{k: v / (len(flips) + 1) for k, v in acc.items()}}
+        mean = {k: v / (len(flips) + 1) for k, v in acc.items()}
+        return {**out, **mean, "heatmap": out["heatmap"], "heatmap_mean": mean["heatmap"]}
 
     def _detect(self, iso: np.ndarray, region: np.ndarray) -> list[Detection]:
         """Detection pass over the region's bounding box; detections in iso voxel coordinates."""
@@ -211,7 +210,7 @@ class Predictor:
         inside = []
         for d in found:
             idx = tuple(np.clip(np.round(d.center).astype(int), 0, np.asarray(iso.shape) - 1))
-            if region[idx] and d.score >= cand_thr:
+            if region[idx]:  # decode kept only peaks >= cand_thr
                 inside.append(d)
         return suppress(inside)
 

@@ -88,27 +88,23 @@ class Readout:
         return d
 
     @classmethod
-    def from_json(cls, d: dict, features: tuple[str, ...] = FEATURES) -> "Readout":
-        """The read-out stored by :meth:`to_json`; ``features``: the feature list this code
-        computes (a stored read-out over another list is refused)."""
+    def from_json(cls, d: dict) -> "Readout":
         r = cls(**{**d, "features": tuple(d["features"])})
-        if r.features != tuple(features):
-            raise ValueError(f"read-out features {r.features} do not match this code's {tuple(features)}")
+        if r.features != FEATURES:
+            raise ValueError(f"read-out features {r.features} do not match this code's {FEATURES}")
         return r
 
 
-def fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50,
-        features: tuple[str, ...] = FEATURES) -> Readout:
-    """L2-penalised logistic regression of labels ``y`` (0/1) on rows of ``x`` (Newton/IRLS);
-    ``features`` names the columns of ``x`` (default: the malignancy read-out's).
+def fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50) -> Readout:
+    """L2-penalised logistic regression of labels ``y`` (0/1) on rows of ``x`` (Newton/IRLS).
 
     Raises ValueError when there are fewer than two examples of either class."""
     x = np.asarray(x, float)
     y = np.asarray(y, float)
-    if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[1] != len(features):
-        raise ValueError(f"x must be (n, {len(features)}) with one label per row, got {x.shape} and {y.shape}")
+    if x.ndim != 2 or x.shape[0] != y.shape[0] or x.shape[1] != len(FEATURES):
+        raise ValueError(f"x must be (n, {len(FEATURES)}) with one label per row, got {x.shape} and {y.shape}")
     if min((y == 1).sum(), (y == 0).sum()) < 2:
-        raise ValueError("need at least two examples of each class to fit a read-out")
+        raise ValueError("need at least two benign and two malignant examples to fit the read-out")
     mean = x.mean(0)
     scale = x.std(0)
     scale[scale < 1e-6] = 1.0
@@ -124,11 +120,10 @@ def fit(x: np.ndarray, y: np.ndarray, l2: float = 1.0, iterations: int = 50,
         w -= step
         if np.max(np.abs(step)) < 1e-8:
             break
-    return Readout(tuple(features), mean.tolist(), scale.tolist(), w[1:].tolist(), float(w[0]), float(l2), int(len(x)))
+    return Readout(FEATURES, mean.tolist(), scale.tolist(), w[1:].tolist(), float(w[0]), float(l2), int(len(x)))
 
 
-def cross_validate(x: np.ndarray, y: np.ndarray, groups: list[str], folds: int = 5, l2: float = 1.0,
-                   features: tuple[str, ...] = FEATURES) -> np.ndarray:
+def cross_validate(x: np.ndarray, y: np.ndarray, groups: list[str], folds: int = 5, l2: float = 1.0) -> np.ndarray:
     """Out-of-fold probabilities: ``folds`` folds of whole groups (series), each predicted by a
     read-out fitted on the others (used to choose and report the read-out on training data
     only)."""
@@ -140,7 +135,7 @@ def cross_validate(x: np.ndarray, y: np.ndarray, groups: list[str], folds: int =
     for k in range(folds):
         test = f == k
         if test.any() and (~test).any():
-            out[test] = fit(x[~test], y[~test], l2, features=features).probability(x[test])
+            out[test] = fit(x[~test], y[~test], l2).probability(x[test])
     return out
 
 

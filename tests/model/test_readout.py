@@ -54,7 +54,7 @@ def test_fit_satisfies_the_penalised_optimality_condition():
 
 def test_fit_rejects_one_class_and_bad_shapes():
     x, y, _ = _data(20)
-    with pytest.raises(ValueError, match="two examples of each class"):
+    with pytest.raises(ValueError, match="two benign and two malignant"):
         fit(x, np.ones(20))
     with pytest.raises(ValueError, match="one label per row"):
         fit(x[:, :3], y)
