@@ -306,17 +306,20 @@ class Listener:
                                                   st.log_id, cache)
                 break
             except IntegrityError as exc:
-                if attempt == 1 and (cache.studies or cache.series):
-                    cache.clear()  # a cached study/series row was removed meanwhile: look again
-                    continue
+                known = bool(cache.studies or cache.series)
+                cache.clear()  # rows cached in a rolled-back transaction, or removed meanwhile
+                if attempt == 1 and known:
+                    continue  # look the study and series up again
                 log.error("cannot index %s: %s", meta.sop_instance_uid, _db_error(exc))
                 return OUT_OF_RESOURCES
             except DataError as exc:
+                cache.clear()
                 # The database refuses a value as such (it would refuse it on every retry).
                 log.error("instance %s from %s refused by the database: %s", meta.sop_instance_uid, st.calling_ae,
                           _db_error(exc))
                 return DATASET_DOES_NOT_MATCH_SOP_CLASS
             except Exception as exc:  # noqa: BLE001 - database down: the sender must retry
+                cache.clear()
                 # The sender retries; the retry rewrites the file and indexes it.
                 log.error("cannot index %s: %s", meta.sop_instance_uid, _db_error(exc))
                 return OUT_OF_RESOURCES

@@ -72,6 +72,9 @@ def _encode(ds) -> bytes:
 def work_once(node: Node, worker_id: str, predictor: Callable, weights_version: str) -> bool:
     """Claim and process one job. Returns False when there was nothing to do."""
     lease = node.settings.worker.lease_seconds
+    with node.sessions() as s:  # a read: an idle poll takes no write lock
+        if not repo.job_claimable(s):
+            return False
     with node.sessions.begin() as s:
         job = repo.claim_job(s, worker_id, lease)
         if job is None:

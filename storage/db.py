@@ -54,7 +54,10 @@ def make_engine(url: str) -> Engine:
     """
     redact.install()
     if url.startswith("sqlite"):
-        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True)
+        # Pool without an overflow limit: SQLite connections are cheap, and a bounded pool made
+        # the listener wait for a connection behind readers (16 web requests held all 15).
+        engine = create_engine(url, connect_args={"timeout": 30, "check_same_thread": False}, hide_parameters=True,
+                               pool_size=10, max_overflow=-1)
 
         @event.listens_for(engine, "connect")
         def _sqlite_pragmas(dbapi_conn, _record):  # noqa: ANN001

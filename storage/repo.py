@@ -3,7 +3,9 @@
 Job and transfer claims are single ``UPDATE ... WHERE id = (SELECT ... LIMIT 1) RETURNING``
 statements; on PostgreSQL the sub-select takes ``FOR UPDATE SKIP LOCKED`` so that any number
 of workers and dispatchers on any number of hosts claim disjoint rows; on SQLite the write lock
-taken at ``BEGIN IMMEDIATE`` serialises claims.
+taken at ``BEGIN IMMEDIATE`` (a write transaction, ``sessions.begin()``) serialises claims.
+Pollers ask ``job_claimable`` / ``transfer_claimable`` in a read session first, so an idle
+poll never takes the write lock.
 """
 from __future__ import annotations
 
@@ -284,28 +286,39 @@ def _claim(s: Session, model, ready, worker_id: str, lease_seconds: float, extra
     return None if claimed is None else s.get(model, claimed, populate_existing=True)
 
 
+def _job_ready(now: datetime):
+    return or_(Job.state == JobState.PENDING, (Job.state == JobState.RUNNING) & (Job.lease_until < now))
+
+
+def _transfer_ready(now: datetime):
+    enabled = select(Destination.id).where(Destination.enabled.is_(True))
+    return Transfer.destination_id.in_(enabled) & or_(
+        (Transfer.state == TransferState.PENDING) & (Transfer.next_attempt_at <= now),
+        (Transfer.state == TransferState.SENDING) & (Transfer.lease_until < now),
+    )
+
+
 def claim_job(s: Session, worker_id: str, lease_seconds: float) -> Job | None:
     """Claim the oldest pending job, or a running one whose lease expired (its worker died)."""
-
-    def ready(now: datetime):
-        return or_(Job.state == JobState.PENDING, (Job.state == JobState.RUNNING) & (Job.lease_until < now))
-
-    return _claim(s, Job, ready, worker_id, lease_seconds,
+    return _claim(s, Job, _job_ready, worker_id, lease_seconds,
                   {"state": JobState.RUNNING, "attempts": Job.attempts + 1, "started_at": utcnow()})
 
 
 def claim_transfer(s: Session, worker_id: str, lease_seconds: float) -> Transfer | None:
     """Claim a due transfer whose destination is enabled, or one whose sender died."""
-
-    def ready(now: datetime):
-        enabled = select(Destination.id).where(Destination.enabled.is_(True))
-        return Transfer.destination_id.in_(enabled) & or_(
-            (Transfer.state == TransferState.PENDING) & (Transfer.next_attempt_at <= now),
-            (Transfer.state == TransferState.SENDING) & (Transfer.lease_until < now),
-        )
-
-    return _claim(s, Transfer, ready, worker_id, lease_seconds,
+    return _claim(s, Transfer, _transfer_ready, worker_id, lease_seconds,
                   {"state": TransferState.SENDING, "attempts": Transfer.attempts + 1})
+
+
+def job_claimable(s: Session) -> bool:
+    """Whether ``claim_job`` would find a job: a read, so an idle worker's poll takes no write
+    lock (SQLite); the claim itself, in a write transaction, decides."""
+    return s.scalar(select(Job.id).where(_job_ready(utcnow())).limit(1)) is not None
+
+
+def transfer_claimable(s: Session) -> bool:
+    """Whether ``claim_transfer`` would find a transfer (a read; see ``job_claimable``)."""
+    return s.scalar(select(Transfer.id).where(_transfer_ready(utcnow())).limit(1)) is not None
 
 
 def renew_lease(s: Session, model, row_id: int, worker_id: str, lease_seconds: float) -> bool:

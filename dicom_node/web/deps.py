@@ -36,7 +36,11 @@ def get_tokens(request: Request) -> Tokens:
 
 
 def db(request: Request) -> Iterator[Session]:
-    s = request.app.state.node.sessions()
+    """The request's session: a read session for GET/HEAD/OPTIONS (never takes the SQLite write
+    lock), a write session for the other methods (each transaction a writer; the route commits).
+    See ``storage.db``."""
+    sessions = request.app.state.node.sessions
+    s = sessions() if request.method in SAFE_METHODS else sessions.writer()
     try:
         yield s
     finally:
@@ -54,9 +58,10 @@ oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/token", auto_error=False)
 def _end_read(s: Session) -> None:
     """End the read transaction of the authentication look-up.
 
-    On SQLite every transaction holds the database write lock (BEGIN IMMEDIATE), so a route
-    that opens its own sessions (C-ECHO, key images) must not find this one still open; the
-    next use of ``s`` simply begins a new transaction. Loaded objects stay usable
+    On SQLite a write session's transaction holds the database write lock (BEGIN IMMEDIATE),
+    and any open transaction pins a snapshot, so a route that opens its own sessions (C-ECHO,
+    key images) must not find this one still open; the next use of ``s`` simply begins a new
+    transaction. Loaded objects stay usable
     (``expire_on_commit=False``).
     """
     s.commit()
