@@ -11,8 +11,9 @@ instances; ../shared/data, see tests/peers.py), each sender its own copy (new UI
    every instance is stored, no HTTP 500 was answered, and the ingest took at most 1.5 x the
    unloaded run.
 3. 40 concurrent senders (``--instances-per-sender`` each, default 20): every sender served
-   and every instance stored. The config sets ``[node] max_associations = 64`` when this
-   version of dicom-node knows the key (pynetdicom's default is 10 associations).
+   and every instance stored. The config sets ``[node] max_associations = 64`` and
+   ``max_associations_per_peer = 64`` (all senders come from loopback) when this version of
+   dicom-node knows the keys (pynetdicom's default is 10 associations).
 
 Usage: python benchmarks/bench_login_load.py [--database-url URL] [--clients 16] [--senders 4]
        [--many 40] [--instances-per-sender 20]
@@ -44,21 +45,28 @@ from bench_ingest import N_INSTANCES, copies  # noqa: E402
 from tests.peers import LIDC_SERIES, NodeProcess, wait_port  # noqa: E402
 
 
-def knows_max_associations() -> bool:
+#: Listener limits this benchmark needs, when this version of dicom-node has them: 40 senders
+#: from one host (loopback) must all be served.
+LISTENER_LIMITS = {"max_associations": 64, "max_associations_per_peer": 64}
+
+
+def listener_limits() -> dict[str, int]:
+    """The keys of ``LISTENER_LIMITS`` that ``[node]`` knows (older versions reject unknown keys)."""
     from dicom_node.config import NodeSection
 
-    return "max_associations" in NodeSection.model_fields
+    return {k: v for k, v in LISTENER_LIMITS.items() if k in NodeSection.model_fields}
 
 
 class Node:
     """``listen`` + ``web`` stages on one fresh data directory."""
 
-    def __init__(self, folder: Path, database_url: str, max_associations: int | None):
+    def __init__(self, folder: Path, database_url: str, limits: dict[str, int]):
         shutil.rmtree(folder, ignore_errors=True)
         self.proc = NodeProcess(folder, database_url=database_url, web=True, quiet_seconds=3600)
-        if max_associations is not None:
+        if limits:
             text = self.proc.config.read_text()
-            self.proc.config.write_text(text.replace("[node]\n", f"[node]\nmax_associations = {max_associations}\n", 1))
+            keys = "".join(f"{k} = {v}\n" for k, v in limits.items())
+            self.proc.config.write_text(text.replace("[node]\n", f"[node]\n{keys}", 1))
         self.procs: list[subprocess.Popen] = []
         self.log = open(folder / "node.log", "w")
 
@@ -153,8 +161,8 @@ def main() -> int:
         print(f"LIDC-IDRI-0001 not found at {LIDC_SERIES}: nothing to benchmark", file=sys.stderr)
         return 0
     os.environ["TCP_NODELAY"] = "1"
-    max_assoc = 64 if knows_max_associations() else None
-    if max_assoc is None:
+    max_assoc = listener_limits()
+    if "max_associations" not in max_assoc:
         print("note: this dicom-node has no [node] max_associations; the listener keeps pynetdicom's 10")
     ok = True
     with tempfile.TemporaryDirectory(prefix="bench-login-") as tmp:
