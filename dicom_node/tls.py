@@ -172,3 +172,39 @@ def peer_summary(sock: ssl.SSLSocket) -> str:
     who = f"client certificate CN={subject['commonName']}" if "commonName" in subject else \
         ("client certificate" if cert else "no client certificate")
     return f"{version} {cipher}, {who}"
+
+
+class WebSettings(Protocol):
+    """The ``[web]`` section (dicom_node.config.WebSection) as ``web_config`` reads it."""
+
+    host: str
+    port: int
+    certificate: Path | None
+    private_key: Path | None
+    trusted_proxies: list[str]
+
+
+def web_config(app, web: WebSettings, *, host: str | None = None, port: int | None = None, **uvicorn_kwargs):  # noqa: ANN001
+    """The ``uvicorn.Config`` for the web stage: HTTPS (TLS >= 1.2) with ``[web] certificate``
+    and ``private_key`` when given; X-Forwarded-For/-Proto believed only from ``trusted_proxies``
+    (uvicorn's own default, 127.0.0.1, is not used: with none listed no header is believed).
+    The config is loaded here, so a bad certificate fails now with its file named."""
+    import uvicorn
+
+    options: dict = {"proxy_headers": bool(web.trusted_proxies)}
+    if web.trusted_proxies:
+        options["forwarded_allow_ips"] = list(web.trusted_proxies)
+    if web.certificate is not None:
+        options["ssl_certfile"], options["ssl_keyfile"] = str(web.certificate), str(web.private_key)
+    config = uvicorn.Config(app, host=host or web.host, port=web.port if port is None else port,
+                            **options, **uvicorn_kwargs)
+    try:
+        config.load()
+    except FileNotFoundError as exc:
+        raise TLSConfigError(f"[web] certificate/private_key: file {exc.filename} does not exist") from None
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"[web] certificate/private_key: cannot load {web.certificate} with "
+                             f"{web.private_key} ({exc.reason or exc})") from None
+    if config.ssl is not None:
+        harden_web_context(config.ssl)
+    return config

@@ -22,11 +22,14 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from dicom_node.node import open_node
+    from dicom_node.tls import web_config
     from dicom_node.web.app import create_app
 
     settings = settings_from_args(args)
     node = open_node(settings)
     host = args.host or settings.web.host
     port = args.port or settings.web.port
-    uvicorn.run(create_app(node), host=host, port=port, log_level="info", access_log=False)
+    # HTTPS and trusted proxies as in ``serve`` (dicom_node.stages.run_web)
+    uvicorn.Server(web_config(create_app(node), settings.web, host=host, port=port, log_level="info",
+                              access_log=False)).run()
     return 0
