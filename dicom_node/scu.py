@@ -82,7 +82,7 @@ def _tls_failure(tls_args: tuple | None, ae_title: str, host: str, port: int) ->
     exc = getattr(tls_args[0], "last_error", None) if tls_args else None
     if exc is None:
         return None
-    reason = tls_module.describe_failure(exc)
+    reason = tls_module.describe_failure(exc, as_client=True)
     where = f"{ae_title}@{host}:{port}"
     # Trust, certificate and protocol problems do not fix themselves on retry; a handshake cut
     # short (the peer restarting, a timeout) may.

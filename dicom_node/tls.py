@@ -19,6 +19,7 @@ Certificates are PEM files. Times are in seconds.
 """
 from __future__ import annotations
 
+import logging
 import socket
 import ssl
 from pathlib import Path
@@ -46,8 +47,9 @@ class TLSConfigError(ValueError):
 
 
 class _RecordingSocket(ssl.SSLSocket):
-    """An SSLSocket that keeps the last handshake error on its context (``last_error``), because
-    pynetdicom's ``associate`` swallows it and reports only "unable to connect"."""
+    """An SSLSocket that keeps the last TLS error on its context (``last_error``), because
+    pynetdicom's ``associate`` swallows it and reports only "unable to connect". With TLS 1.3 a
+    server's refusal of our certificate arrives after the handshake, on the first read."""
 
     def do_handshake(self, block: bool = False) -> None:
         try:
@@ -55,6 +57,33 @@ class _RecordingSocket(ssl.SSLSocket):
         except (ssl.SSLError, OSError) as exc:
             self.context.last_error = exc  # type: ignore[attr-defined]
             raise
+
+    def read(self, len: int = 1024, buffer=None):  # noqa: A002, ANN001 - ssl.SSLSocket's signature
+        try:
+            return super().read(len, buffer)
+        except ssl.SSLError as exc:
+            self.context.last_error = exc  # type: ignore[attr-defined]
+            raise
+
+
+class _NoSSLTraceback(logging.Filter):
+    """pynetdicom logs a TLS failure with its traceback (``LOGGER.exception``); the message line
+    says it all, and a peer retried every few seconds would fill the log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], ssl.SSLError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_QUIET = _NoSSLTraceback()
+
+
+def _quiet_pynetdicom_tracebacks() -> None:
+    for name in ("pynetdicom.transport", "pynetdicom.dul"):
+        logger = logging.getLogger(name)
+        if _QUIET not in logger.filters:
+            logger.addFilter(_QUIET)
 
 
 class _DeferredHandshakeContext(ssl.SSLContext):
@@ -80,6 +109,7 @@ def server_context(cfg: TLSSettings) -> ssl.SSLContext:
     """The listener's context: TLS >= ``min_version``, the node's certificate, peer trust."""
     if cfg.certificate is None or cfg.private_key is None:
         raise TLSConfigError("[tls] certificate and private_key are needed for the TLS listener")
+    _quiet_pynetdicom_tracebacks()
     ctx = _DeferredHandshakeContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = VERSIONS[cfg.min_version]
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
@@ -98,6 +128,7 @@ def server_context(cfg: TLSSettings) -> ssl.SSLContext:
 
 def client_context(cfg: TLSSettings) -> ssl.SSLContext:
     """The SCU's context towards a TLS destination: verified peer, optional client certificate."""
+    _quiet_pynetdicom_tracebacks()
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.minimum_version = VERSIONS[cfg.min_version]
     ctx.options |= ssl.OP_NO_COMPRESSION
@@ -140,8 +171,9 @@ def handshake(sock: ssl.SSLSocket, timeout: float) -> None:
         sock.settimeout(previous)
 
 
-def describe_failure(exc: BaseException, timeout: float | None = None) -> str:
-    """A handshake error as a sentence for the audit log and the dispatch error."""
+def describe_failure(exc: BaseException, timeout: float | None = None, *, as_client: bool = False) -> str:
+    """A handshake error as a sentence for the audit log (the listener) or, ``as_client``, for a
+    transfer's error (the node as SCU)."""
     if isinstance(exc, (TimeoutError, socket.timeout)):
         return f"TLS handshake not completed within {timeout:g} s" if timeout else "TLS handshake timed out"
     if isinstance(exc, ssl.SSLCertVerificationError):
@@ -151,6 +183,10 @@ def describe_failure(exc: BaseException, timeout: float | None = None) -> str:
         if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNEXPECTED_RECORD", "UNKNOWN_PROTOCOL",
                       "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "BAD_PACKET_LENGTH"):
             return f"TLS handshake failed: the peer does not speak TLS ({exc.reason}; plain TCP on the TLS port?)"
+        if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED", "TLSV13_ALERT_CERTIFICATE_REQUIRED") \
+                and as_client:
+            return (f"TLS handshake failed: the peer requires a client certificate ({exc.reason}; "
+                    "set [tls] certificate/private_key or client_certificate/client_private_key)")
         if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED", "TLSV13_ALERT_CERTIFICATE_REQUIRED"):
             return f"TLS handshake failed: no client certificate ({exc.reason}; require_client_certificate is on)"
         if reason in ("UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE"):

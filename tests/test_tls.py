@@ -30,6 +30,7 @@ from dicom_node.scp import Listener
 from storage.models import AssociationLog, AssociationResult, Destination, Instance, Transfer, TransferState
 from tests.peers import REPO, free_port, need, wait_for, wait_port
 from tests.results.synthetic_ct import SeriesSpec, write_series
+from tests.web.webtools import csrf_of, page_login
 
 
 # --- a throw-away PKI -----------------------------------------------------------------------------
@@ -194,6 +195,43 @@ def test_a_silent_client_does_not_hold_up_the_tls_port_and_is_cut_off(make_node,
         assert "within 5 s" in wait_audit(node, "handshake not completed").reason
 
 
+def test_listen_stage_serves_tls_with_certificate_paths_relative_to_the_config(tmp_path, pki, ct_files):
+    import os
+    import shutil
+    import signal
+
+    for name in ("server.pem", "server.key", "ca.pem"):
+        shutil.copy(pki / name, tmp_path / name)
+    tls_port = free_port()
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(textwrap.dedent(f"""
+        [node]
+        host = "127.0.0.1"
+        port = {free_port()}
+        data_dir = "var"
+        [tls]
+        enabled = true
+        port = {tls_port}
+        plain = false
+        certificate = "server.pem"
+        private_key = "server.key"
+        ca_certificates = "ca.pem"
+        [[sources]]
+        ae_title = "STORESCU"
+        """))
+    with open(tmp_path / "listen.log", "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "listen", "--config", str(cfg)], cwd=REPO,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_port(tls_port, timeout=60, proc=proc)
+        r = dcmtk("storescu", tls_port, str(ct_files[0]), tls=with_cert(pki))
+        assert r.returncode == 0, r.stderr
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(30)
+    assert "with DICOM TLS on 127.0.0.1" in (tmp_path / "listen.log").read_text()
+
+
 # --- the node as SCU --------------------------------------------------------------------------------
 
 class TLSStoreSCP:
@@ -280,7 +318,7 @@ def test_results_are_dispatched_into_storescp_over_tls(make_node, pki, ct_files,
 
 
 def test_a_destination_with_an_untrusted_certificate_fails_permanently_with_the_reason(
-        make_node, pki, ct_files, tls_storescp):
+        make_node, pki, ct_files, tls_storescp, caplog):
     peer = tls_storescp("rogue-server")
     node = make_node(tls=tls_settings(pki, enabled=False), dispatch={"timeout_seconds": 20})
     tid = queue_tls_transfer(node, peer.port, ct_files)
@@ -290,6 +328,18 @@ def test_a_destination_with_an_untrusted_certificate_fails_permanently_with_the_
         assert t.state is TransferState.FAILED and not t.sent_sop_instance_uids
         assert "certificate not accepted" in t.error and "STORESCP@127.0.0.1" in t.error, t.error
     assert peer.files() == []
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+
+
+def test_a_destination_that_requires_a_client_certificate_the_node_lacks_fails_with_the_reason(
+        make_node, pki, ct_files, tls_storescp):
+    peer = tls_storescp()
+    node = make_node(tls={"ca_certificates": str(pki / "ca.pem")}, dispatch={"timeout_seconds": 20})
+    tid = queue_tls_transfer(node, peer.port, ct_files)
+    assert dispatch_once(node, "test")
+    with node.sessions() as s:
+        t = s.get(Transfer, tid)
+        assert t.state is TransferState.FAILED and "requires a client certificate" in t.error, t.error
 
 
 def test_a_plain_destination_on_a_tls_peer_is_not_reported_sent(make_node, pki, ct_files, tls_storescp):
@@ -361,6 +411,17 @@ def test_destination_tls_flag_through_the_api_and_the_seed(make_node, db_url, pk
         assert client.post("/api/destinations", json=body, headers=h).json()["tls"] is False
         assert client.put("/api/destinations/plain", json={**body, "tls": True}, headers=h).json()["tls"] is True
         assert client.post("/api/destinations/plain/echo", headers=h).json()["ok"]
+        # The admin page's form: the TLS box sets and clears the flag.
+        page_login(client, ("admin", "correct horse battery"))
+        page = client.get("/admin/destinations").text
+        assert 'name="tls"' in page
+        form = {"name": "paged", "ae_title": "STORESCP", "host": "127.0.0.1", "port": str(peer.port),
+                "outputs": ["sr"], "enabled": "1", "csrf_token": csrf_of(page)}
+        assert "Destination paged added" in client.post("/admin/destinations", data={**form, "tls": "1"}).text
+        paged = lambda: [d["tls"] for d in client.get("/api/destinations", headers=h).json() if d["name"] == "paged"]  # noqa: E731
+        assert paged() == [True]
+        assert "saved" in client.post("/admin/destinations/paged/update", data=form).text
+        assert paged() == [False]
 
 
 # --- HTTPS for the web -------------------------------------------------------------------------------
