@@ -344,7 +344,12 @@ def run_listener(node: Node, stop: threading.Event, poll_seconds: float = 2.0) -
     """Run the SCP until ``stop`` is set; rebind when the port setting changes."""
     listener = Listener(node)
     configured = node.effective("node.port")
-    listener.start(configured)
+    try:
+        listener.start(configured)
+    except tls.TLSConfigError as exc:
+        log.error("cannot start the DICOM TLS listener: %s", exc)
+        listener.stop()
+        raise SystemExit(2) from None
     plain = not node.settings.tls.enabled or node.settings.tls.plain
     try:
         while not stop.wait(poll_seconds):

@@ -6,8 +6,8 @@ retry later). Nothing counts as sent unless the peer answered Success or a Warni
 
 With ``tls`` (the ``[tls]`` settings) the association runs over DICOM TLS (PS3.15 Annex B):
 the peer's certificate is verified (``dicom_node.tls.client_context``); a certificate the node
-does not trust, or a peer that refuses ours, is a permanent failure named in the outcome, a
-peer that is down is transient as over plain TCP.
+does not trust, a peer that refuses ours or does not speak TLS, is a permanent failure named
+in the outcome; a peer that is down, or the node's own certificate files missing, is transient.
 """
 from __future__ import annotations
 
@@ -73,8 +73,8 @@ def _tls_args(tls: tls_module.TLSSettings | None, host: str) -> tuple | Outcome 
         return None
     try:
         return tls_module.client_context(tls), host
-    except tls_module.TLSConfigError as exc:
-        return Outcome(Kind.PERMANENT, f"TLS configuration: {exc}")
+    except tls_module.TLSConfigError as exc:  # the node's own files: retrying helps once they are fixed
+        return Outcome(Kind.TRANSIENT, f"TLS configuration: {exc}")
 
 
 def _tls_failure(tls_args: tuple | None, ae_title: str, host: str, port: int) -> Outcome | None:

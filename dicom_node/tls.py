@@ -93,16 +93,30 @@ class _DeferredHandshakeContext(ssl.SSLContext):
         return super().wrap_socket(sock, server_side, False, *args, **kwargs)
 
 
+def _require_files(what: str, *paths: Path | None) -> None:
+    for path in paths:
+        if path is not None and not Path(path).is_file():
+            raise TLSConfigError(f"{what}: file {path} does not exist")
+
+
 def _load_identity(ctx: ssl.SSLContext, certificate: Path | None, private_key: Path | None, what: str) -> None:
     if certificate is None:
         return
+    _require_files(what, certificate, private_key)
     try:
         ctx.load_cert_chain(str(certificate), str(private_key) if private_key else None)
-    except FileNotFoundError as exc:
-        raise TLSConfigError(f"{what}: file {exc.filename} does not exist") from None
     except ssl.SSLError as exc:
         raise TLSConfigError(f"{what}: cannot load certificate {certificate} with key {private_key} "
                              f"({exc.reason or exc}); both must be PEM and belong together") from None
+
+
+def _load_ca(ctx: ssl.SSLContext, ca_certificates: Path) -> None:
+    _require_files("[tls] ca_certificates", ca_certificates)
+    try:
+        ctx.load_verify_locations(cafile=str(ca_certificates))
+    except ssl.SSLError as exc:
+        raise TLSConfigError(f"[tls] ca_certificates: cannot read {ca_certificates} as a PEM "
+                             f"certificate bundle ({exc.reason or exc})") from None
 
 
 def server_context(cfg: TLSSettings) -> ssl.SSLContext:
@@ -115,11 +129,7 @@ def server_context(cfg: TLSSettings) -> ssl.SSLContext:
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
     _load_identity(ctx, cfg.certificate, cfg.private_key, "[tls] certificate/private_key")
     if cfg.ca_certificates is not None:
-        try:
-            ctx.load_verify_locations(cafile=str(cfg.ca_certificates))
-        except (FileNotFoundError, ssl.SSLError) as exc:
-            raise TLSConfigError(f"[tls] ca_certificates: cannot read {cfg.ca_certificates} as a PEM "
-                                 f"certificate bundle ({getattr(exc, 'reason', None) or exc})") from None
+        _load_ca(ctx, cfg.ca_certificates)
         ctx.verify_mode = ssl.CERT_REQUIRED if cfg.require_client_certificate else ssl.CERT_OPTIONAL
     elif cfg.require_client_certificate:
         raise TLSConfigError("[tls] require_client_certificate needs ca_certificates (whom to trust)")
@@ -139,11 +149,7 @@ def client_context(cfg: TLSSettings) -> ssl.SSLContext:
     if cfg.ca_certificates is None:
         ctx.load_default_certs(ssl.Purpose.SERVER_AUTH)
     else:
-        try:
-            ctx.load_verify_locations(cafile=str(cfg.ca_certificates))
-        except (FileNotFoundError, ssl.SSLError) as exc:
-            raise TLSConfigError(f"[tls] ca_certificates: cannot read {cfg.ca_certificates} as a PEM "
-                                 f"certificate bundle ({getattr(exc, 'reason', None) or exc})") from None
+        _load_ca(ctx, cfg.ca_certificates)
     if cfg.client_certificate is not None:
         _load_identity(ctx, cfg.client_certificate, cfg.client_private_key,
                        "[tls] client_certificate/client_private_key")
@@ -152,10 +158,17 @@ def client_context(cfg: TLSSettings) -> ssl.SSLContext:
     return ctx
 
 
+#: TLS 1.2 suites for HTTPS (forward secrecy, AEAD; BCP 195). uvicorn's own default is the
+#: OpenSSL string "TLSv1", which leaves the choice to the system's OpenSSL security level.
+WEB_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:DHE+AESGCM:DHE+CHACHA20:!aNULL:!eNULL"
+
+
 def harden_web_context(ctx: ssl.SSLContext, min_version: str = "1.2") -> ssl.SSLContext:
-    """Raise an HTTPS server context's floor to ``min_version`` and turn off compression."""
+    """Raise an HTTPS server context's floor to ``min_version``, allow only ``WEB_CIPHERS`` for
+    TLS 1.2 (TLS 1.3 suites are all AEAD), and turn off compression."""
     if ctx.minimum_version < VERSIONS[min_version]:  # MINIMUM_SUPPORTED is -2
         ctx.minimum_version = VERSIONS[min_version]
+    ctx.set_ciphers(WEB_CIPHERS)
     ctx.options |= ssl.OP_NO_COMPRESSION
     return ctx
 
@@ -182,7 +195,8 @@ def describe_failure(exc: BaseException, timeout: float | None = None, *, as_cli
         reason = (exc.reason or str(exc)).upper()
         if reason in ("WRONG_VERSION_NUMBER", "HTTP_REQUEST", "UNEXPECTED_RECORD", "UNKNOWN_PROTOCOL",
                       "PACKET_LENGTH_TOO_LONG", "RECORD_LAYER_FAILURE", "BAD_PACKET_LENGTH"):
-            return f"TLS handshake failed: the peer does not speak TLS ({exc.reason}; plain TCP on the TLS port?)"
+            hint = "is that port a TLS port?" if as_client else "plain TCP on the TLS port?"
+            return f"TLS handshake failed: the peer does not speak TLS ({exc.reason}; {hint})"
         if reason in ("PEER_DID_NOT_RETURN_A_CERTIFICATE", "CERTIFICATE_REQUIRED", "TLSV13_ALERT_CERTIFICATE_REQUIRED") \
                 and as_client:
             return (f"TLS handshake failed: the peer requires a client certificate ({exc.reason}; "
@@ -196,7 +210,8 @@ def describe_failure(exc: BaseException, timeout: float | None = None, *, as_cli
             return f"TLS handshake failed: the peer did not accept our certificate ({exc.reason})"
         return f"TLS handshake failed: {exc.reason or exc}"
     if isinstance(exc, OSError):
-        return f"TLS handshake failed: connection lost ({type(exc).__name__}: {exc})"
+        hint = "; a peer restarting, or one that does not speak TLS on this port" if as_client else ""
+        return f"TLS handshake failed: connection lost ({type(exc).__name__}: {exc}{hint})"
     return f"TLS handshake failed: {type(exc).__name__}: {exc}"
 
 
@@ -234,10 +249,9 @@ def web_config(app, web: WebSettings, *, host: str | None = None, port: int | No
         options["ssl_certfile"], options["ssl_keyfile"] = str(web.certificate), str(web.private_key)
     config = uvicorn.Config(app, host=host or web.host, port=web.port if port is None else port,
                             **options, **uvicorn_kwargs)
+    _require_files("[web] certificate/private_key", web.certificate, web.private_key)
     try:
         config.load()
-    except FileNotFoundError as exc:
-        raise TLSConfigError(f"[web] certificate/private_key: file {exc.filename} does not exist") from None
     except ssl.SSLError as exc:
         raise TLSConfigError(f"[web] certificate/private_key: cannot load {web.certificate} with "
                              f"{web.private_key} ({exc.reason or exc})") from None

@@ -175,6 +175,18 @@ def test_min_version_is_enforced(make_node, pki):
             assert conn.version() == "TLSv1.3"
 
 
+def test_a_missing_certificate_stops_the_listener_with_one_clear_line(make_node, pki, tmp_path, caplog):
+    from dicom_node.scp import run_listener
+
+    missing = tmp_path / "nowhere" / "node.pem"
+    node = make_node(tls=tls_settings(pki, certificate=str(missing)))
+    with pytest.raises(SystemExit) as stopped:
+        run_listener(node, threading.Event())
+    assert stopped.value.code == 2
+    lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert lines == [f"cannot start the DICOM TLS listener: [tls] certificate/private_key: file {missing} does not exist"]
+
+
 def test_tls_only_listener_has_no_plain_port(make_node, pki):
     node = make_node(tls=tls_settings(pki, plain=False))
     with running_listener(node) as scp:
@@ -340,6 +352,25 @@ def test_a_destination_that_requires_a_client_certificate_the_node_lacks_fails_w
     with node.sessions() as s:
         t = s.get(Transfer, tid)
         assert t.state is TransferState.FAILED and "requires a client certificate" in t.error, t.error
+
+
+def test_a_tls_destination_on_a_plain_peer_is_retried_with_the_reason(make_node, pki, ct_files, tmp_path):
+    """DCMTK's plain storescp resets a connection that starts with a ClientHello: from the node's
+    side that looks like a peer restarting, so the transfer is retried (transient), never SENT."""
+    from tests.peers import StoreSCP
+
+    peer = StoreSCP(tmp_path / "plain-received").start()
+    try:
+        node = make_node(tls=tls_settings(pki, enabled=False), dispatch={"timeout_seconds": 10})
+        tid = queue_tls_transfer(node, peer.port, ct_files)
+        assert dispatch_once(node, "test")
+        with node.sessions() as s:
+            t = s.get(Transfer, tid)
+            assert t.state is TransferState.PENDING and t.attempts == 1, (t.state, t.error)
+            assert "TLS handshake failed: connection lost" in t.error, t.error
+        assert peer.files() == []
+    finally:
+        peer.stop()
 
 
 def test_a_plain_destination_on_a_tls_peer_is_not_reported_sent(make_node, pki, ct_files, tls_storescp):
