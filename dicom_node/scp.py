@@ -79,6 +79,7 @@ class _AssocState:
     instances: int = 0
     rejected_reason: str | None = None
     closed: bool = False
+    requested: bool = False  # a complete A-ASSOCIATE-RQ arrived (EVT_REQUESTED)
     refused_reason: str | None = None  # instances refused on an accepted association
     refused: int = 0
 
@@ -162,6 +163,7 @@ class Listener:
 
     def _on_requested(self, event) -> None:
         st = self._state(event)
+        st.requested = True
         rq = event.assoc.requestor.primitive
         st.calling_ae = _text(rq.calling_ae_title)
         st.called_ae = _text(rq.called_ae_title)
@@ -231,10 +233,12 @@ class Listener:
     def _on_conn_close(self, event) -> None:
         with self._lock:
             st = self._assocs.get(id(event.assoc))
-            if st is not None and st.log_id is None and st.rejected_reason is None:
+            if st is not None and not st.requested:
                 del self._assocs[id(event.assoc)]
             else:
-                return  # established associations are closed in _on_ended (released/aborted)
+                # Requested associations are audited when rejected, or in _on_ended (released or
+                # aborted), which may run after this even if the connection closed at once.
+                return
         # The peer never sent a complete, valid A-ASSOCIATE-RQ: cut by a limit (the DUL says
         # which), or garbage on the port, a port scan, a connection dropped.
         reason = getattr(event.assoc.dul, "refusal", None) or scp_reasons.MALFORMED
