@@ -434,3 +434,29 @@ def test_defaults_and_old_configs():
     assert (node.max_associations, node.max_associations_per_peer, node.max_request_pdu) == (64, 16, 64 * 1024)
     assert node.association_request_timeout == 30 and node.idle_timeout == 60
     assert node.max_dataset_bytes == 512 * MiB and node.max_pdu == 0
+
+
+def test_refusal_categories_are_counted_in_metrics_on_both_databases(make_node, db_url):
+    """The category is computed in SQL (a CASE on the reason's opening), on SQLite and PostgreSQL."""
+    from prometheus_client import generate_latest
+
+    from dicom_node import scp_reasons
+    from dicom_node.web.metrics import make_registry
+    from storage import repo
+
+    node = make_node(db_url)
+    written = [scp_reasons.request_timeout(30), scp_reasons.request_timeout(5), scp_reasons.max_associations(64),
+               scp_reasons.per_peer_limit("10.0.0.5", 16), scp_reasons.dataset_too_large(10, inflated=True),
+               scp_reasons.request_too_large(1 << 30, 65536), scp_reasons.MALFORMED + ": unknown PDU type 0x00",
+               "association aborted (A-ABORT or connection lost)", "100%_ of nothing"]
+    with node.sessions.begin() as s:
+        for reason in written:
+            repo.log_association(s, direction="in", result=AssociationResult.REJECTED, reason=reason, instances=0)
+        repo.log_association(s, direction="out", result=AssociationResult.REJECTED,
+                             reason=scp_reasons.max_associations(1), instances=0)  # ours as a sender: not counted
+    text = generate_latest(make_registry(node.sessions)).decode()
+    expected = {"request_timeout": 2, "max_associations": 1, "per_peer_limit": 1, "dataset_too_large": 1,
+                "request_too_large": 1, "malformed": 1, "idle_timeout": 0, "pending_limit": 0}
+    for name, n in expected.items():
+        assert f'dicom_node_listener_refusals_total{{reason="{name}"}} {float(n)}' in text, name
+    assert {scp_reasons.category(r) for r in written[:7]} == set(expected) - {"idle_timeout", "pending_limit"}
