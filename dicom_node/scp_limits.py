@@ -31,6 +31,7 @@ from __future__ import annotations
 import io
 import logging
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -288,6 +289,11 @@ class LimitedDUL(DULServiceProvider):
         try:
             try:
                 header = sock.recv(6)
+            except ssl.SSLError as exc:  # a plain-TCP client on a TLS port, a bad certificate
+                if awaiting_request and self.refusal is None:
+                    self.refusal = f"{reasons.MALFORMED}: TLS handshake failed ({exc.reason or exc})"
+                self.event_queue.put("Evt17")
+                return
             except (OSError, TimeoutError):
                 self.event_queue.put("Evt17")
                 return
@@ -406,6 +412,15 @@ class LimitedAssociationServer(ThreadedAssociationServer):
         self.guard = guard
         kwargs.setdefault("request_handler", LimitedRequestHandler)
         super().__init__(*args, **kwargs)
+
+    def get_request(self):
+        """Accept; with TLS, leave the handshake to the connection's own thread (it happens on
+        the first read, under the association-request deadline). pynetdicom's handshakes here,
+        in the accept loop, where one silent client stops every other connection."""
+        client, address = self.socket.accept()
+        if self.ssl_context:
+            client = self.ssl_context.wrap_socket(client, server_side=True, do_handshake_on_connect=False)
+        return client, address
 
     def service_actions(self) -> None:
         super().service_actions()

@@ -460,3 +460,32 @@ def test_refusal_categories_are_counted_in_metrics_on_both_databases(make_node, 
     for name, n in expected.items():
         assert f'dicom_node_listener_refusals_total{{reason="{name}"}} {float(n)}' in text, name
     assert {scp_reasons.category(r) for r in written[:7]} == set(expected) - {"idle_timeout", "pending_limit"}
+
+
+def test_a_silent_client_on_the_tls_port_does_not_stop_tls_senders(make_listener, tmp_path):
+    """pynetdicom does the TLS handshake in its accept loop: one client that connects and says
+    nothing stopped every other connection (DCMTK's TLS echoscu timed out). The handshake now
+    happens in the connection's own thread, under association_request_timeout."""
+    import ssl
+
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+    subprocess.run([need("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key),
+                    "-out", str(cert), "-days", "2", "-subj", "/CN=127.0.0.1"], check=True, capture_output=True)
+    node, scp = make_listener()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ctx.load_cert_chain(cert, key)
+    server = scp.ae.start_server(("127.0.0.1", 0), block=False, ssl_context=ctx, evt_handlers=scp.handlers())
+    port = server.server_address[1]
+    silent = socket.create_connection(("127.0.0.1", port))  # never sends a ClientHello
+    try:
+        time.sleep(1)
+        r = subprocess.run([need("echoscu"), "+tla", "+cf", str(cert), "-to", "20", "-aet", "STORESCU",
+                            "-aec", "DICOM_NODE", "127.0.0.1", str(port)], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        plain = echoscu(port)  # plain TCP on the TLS port: refused, and audited as such
+        assert plain.returncode != 0
+        wait_for(lambda: any("TLS handshake failed" in (x.reason or "") for x in rows(node)), 20,
+                 what="the audited TLS failure")
+    finally:
+        silent.close()
+        server.shutdown()
