@@ -60,8 +60,9 @@ class NodeSection(BaseModel):
     association_request_timeout: float = Field(30.0, gt=0)
     #: Without traffic on an association, or while one PDU is still arriving.
     idle_timeout: float = Field(60.0, gt=0)
-    #: Largest declared A-ASSOCIATE-RQ PDU length read (a real request is a few kB).
-    max_request_pdu: int = Field(64 * 1024, ge=1024)
+    #: Largest declared A-ASSOCIATE-RQ PDU length read (a usual request is 1-20 kB; 128 contexts
+    #: each proposing all 45 transfer syntaxes pynetdicom knows is 148 kB).
+    max_request_pdu: int = Field(256 * 1024, ge=1024)
     #: Largest instance kept, counted after inflating a deflated transfer syntax.
     max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)
 

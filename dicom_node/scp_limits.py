@@ -70,7 +70,7 @@ class ListenerLimits:
     max_associations_per_peer: int = 16
     association_request_timeout: float = 30.0
     idle_timeout: float = 60.0
-    max_request_pdu: int = 64 * 1024
+    max_request_pdu: int = 256 * 1024
     max_pdu: int = 0
     max_dataset_bytes: int = 512 * MiB
 
@@ -239,9 +239,9 @@ class LimitedDIMSE(DIMSEServiceProvider):
         super().receive_primitive(primitive)
         msg = self.message
         if msg is not None and msg.encoded_command_set.tell() > MAX_COMMAND_BYTES:
-            cast_dul = self.assoc.dul
-            if isinstance(cast_dul, LimitedDUL):
-                cast_dul.refuse(reasons.command_too_large(MAX_COMMAND_BYTES), in_request=False)
+            dul = self.assoc.dul
+            if isinstance(dul, LimitedDUL):
+                dul.refuse(reasons.command_too_large(MAX_COMMAND_BYTES), in_request=False)
 
 
 class LimitedDUL(DULServiceProvider):

@@ -209,7 +209,7 @@ def storescu(port: int, *args: str) -> subprocess.CompletedProcess:
 def test_oversized_association_request_is_refused_unread_and_memory_stays_flat(child):
     """5 sockets each declare a 200 MiB A-ASSOCIATE-RQ and send 64 MiB of it: the listener reads
     the 6-byte header, refuses, and its peak memory does not move (the old code read it all)."""
-    scp = child()  # default max_request_pdu: 64 KiB
+    scp = child()  # default max_request_pdu: 256 KiB
     before = scp.peak_rss()
 
     def flood():
@@ -235,7 +235,7 @@ def test_oversized_association_request_is_refused_unread_and_memory_stays_flat(c
              what="5 audited refusals")
     refused = [r for r in scp.rows() if r.reason and "declares PDU length" in r.reason]
     assert all(r.result is AssociationResult.REJECTED for r in refused)
-    assert f"declares PDU length {200 * MiB} bytes, more than max_request_pdu 65536" in refused[0].reason
+    assert f"declares PDU length {200 * MiB} bytes, more than max_request_pdu {256 * 1024}" in refused[0].reason
     assert echoscu(scp.port).returncode == 0  # and the listener still serves
 
 
@@ -274,6 +274,22 @@ def test_oversized_uncompressed_instance_is_refused_and_not_kept_in_memory(child
     assert grown < 96 * MiB, f"listener peak RSS grew by {grown / MiB:.0f} MiB for a 160 MiB instance"
     with open_database(scp.db_url)() as s:
         assert len(s.scalars(select(Instance)).all()) == 1
+
+
+def test_a_large_but_real_association_request_is_accepted_with_the_defaults(make_listener):
+    """128 presentation contexts each proposing all 45 transfer syntaxes pynetdicom knows: a
+    148 kB A-ASSOCIATE-RQ, within the default max_request_pdu."""
+    from pynetdicom import ALL_TRANSFER_SYNTAXES, StoragePresentationContexts
+
+    node, scp = make_listener()
+    ae = AE(ae_title="NODETEST")
+    for cx in StoragePresentationContexts[:127]:
+        ae.add_requested_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+    ae.add_requested_context(Verification, ALL_TRANSFER_SYNTAXES)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    assert assoc.send_c_echo().Status == 0
+    assoc.release()
 
 
 def test_declared_pdu_over_max_pdu_aborts_the_association_with_the_reason(make_listener):
@@ -431,7 +447,7 @@ def test_defaults_and_old_configs():
     from dicom_node.config import Settings
 
     node = Settings(node={"ae_title": "X"}).node  # an old [node] section keeps working
-    assert (node.max_associations, node.max_associations_per_peer, node.max_request_pdu) == (64, 16, 64 * 1024)
+    assert (node.max_associations, node.max_associations_per_peer, node.max_request_pdu) == (64, 16, 256 * 1024)
     assert node.association_request_timeout == 30 and node.idle_timeout == 60
     assert node.max_dataset_bytes == 512 * MiB and node.max_pdu == 0
 
