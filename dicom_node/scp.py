@@ -323,13 +323,13 @@ class Listener:
         log.debug("stored %s (%s) from %s", meta.sop_instance_uid, outcome, st.calling_ae)
         return SUCCESS
 
-
     def _refuse_instance(self, st: _AssocState, sop_uid: str | None, reason: str) -> Dataset:
+        """A permanent refusal (``DATASET_TOO_LARGE``) with the reason in ErrorComment."""
         st.refused_reason, st.refused = reason, st.refused + 1
         log.warning("instance %s from %s refused: %s", sop_uid, st.calling_ae, reason)
         status = Dataset()
         status.Status = DATASET_TOO_LARGE
-        status.ErrorComment = reason[:64]  # LO
+        status.ErrorComment = reason[:64]  # LO: at most 64 characters
         return status
 
 
