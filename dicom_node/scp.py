@@ -226,7 +226,7 @@ class Listener:
         refusal = getattr(assoc.dul, "refusal", None)
         if refusal is not None:
             return refusal
-        if assoc.dul.idle_timer_expired():
+        if getattr(assoc.dul, "idle_expired", False):  # latched: sending the A-ABORT restarts the timer
             return scp_reasons.idle_timeout(self.limits.idle_timeout)
         return "association aborted (A-ABORT or connection lost)"
 

@@ -250,6 +250,7 @@ class LimitedDUL(DULServiceProvider):
     def __init__(self, assoc: LimitedAssociation):
         super().__init__(assoc)
         self.refusal: str | None = None
+        self.idle_expired = False  # latched: the association aborts when it sees this
 
     @property
     def guard(self) -> ConnectionGuard:
@@ -338,6 +339,11 @@ class LimitedDUL(DULServiceProvider):
         if awaiting_request and self.refusal is None:
             self.refusal = f"{reasons.MALFORMED}: {what}"
         self.event_queue.put("Evt19")
+
+    def idle_timer_expired(self) -> bool:
+        if super().idle_timer_expired():
+            self.idle_expired = True
+        return self.idle_expired
 
     def _send(self, pdu) -> None:  # noqa: ANN001
         super()._send(pdu)

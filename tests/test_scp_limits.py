@@ -416,6 +416,23 @@ def test_a_pdu_dripped_on_an_established_association_is_cut_at_idle_timeout(make
         assoc.abort()
 
 
+def test_a_silent_established_association_is_aborted_at_idle_timeout(make_listener):
+    """idle_timeout is configurable (pynetdicom's network timeout was fixed at 60 s) and the
+    abort is audited with that reason, not as a peer abort."""
+    node, scp = make_listener(idle_timeout=2)
+    ae = AE(ae_title="NODETEST")
+    ae.add_requested_context(Verification)
+    assoc = ae.associate("127.0.0.1", scp.port, ae_title="DICOM_NODE")
+    assert assoc.is_established
+    try:
+        row = wait_for(lambda: [r for r in rows(node) if r.result is AssociationResult.ABORTED] or None, 30,
+                       what="the idle association aborted")[-1]
+        assert row.reason == "no complete PDU for 2 s (idle_timeout)"
+        assert row.duration_s < 20
+    finally:
+        assoc.abort()
+
+
 def test_refusals_are_counted_by_reason_in_metrics(make_listener):
     from prometheus_client import generate_latest
 
