@@ -41,15 +41,14 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from pydicom.uid import UID
-from pynetdicom import AE
+from pynetdicom import AE, evt
+from pynetdicom._globals import MODE_ACCEPTOR
 from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
-from pynetdicom import evt
-from pynetdicom._globals import MODE_ACCEPTOR
 
 from dicom_node import scp_reasons as reasons
 
@@ -161,12 +160,6 @@ class ConnectionGuard:
     def closed(self, assoc: Association) -> None:
         with self._lock:
             self._conns.pop(assoc, None)
-
-    def counts(self) -> tuple[int, int]:
-        """(admitted associations, connections waiting for their request)."""
-        with self._lock:
-            conns = list(self._conns.values())
-        return sum(c.admitted for c in conns), sum(c.requested_at is None for c in conns)
 
     def sweep(self, now: float | None = None) -> None:
         """Cut connections past their deadlines (called from the server loop)."""
