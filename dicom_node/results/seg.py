@@ -6,6 +6,12 @@ source series (ReferencedSeriesSequence) and, per frame, the source slice it was
 a mask are written: the source slices given to highdicom are those the masks touch, and empty
 (slice, segment) frames are omitted, so a 512x512x133 series with a few nodules yields a few
 dozen frames.
+
+Segments follow the nodule numbering (``common.order_findings``): segment label "Nodule <n>",
+the nodule's tracking UID and identifier, algorithm identification (name, family "Artificial
+Intelligence", version), and a RecommendedDisplayCIELabValue from ``common.segment_colour(n)``.
+Segment numbers are 1..K over the nodules that have a mask, so they equal the nodule numbers
+whenever every nodule has one; the label always carries the nodule number.
 """
 
 from __future__ import annotations
@@ -66,6 +72,7 @@ def build_seg(
             tracking_uid=nodule.tracking_uid,
             tracking_id=nodule.tracking_id,
             anatomic_regions=[LUNG],
+            display_color=hd.color.CIELabColor.from_dicom_value(nodule.colour[0]),
         )
         for nodule in segmented
     ]
