@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.valuerep import format_number_as_ds
 
 from dicom_node.results.common import (
     ARTIFICIAL_INTELLIGENCE,
@@ -97,6 +98,13 @@ def build_seg(
         institution_name=producer.institution_name,
         institutional_department_name=producer.institutional_department_name,
     )
+    # Content Creator Name is type 2 (empty: a device made it); without it DCMTK-based readers
+    # (dcmqi) warn. Spacing Between Slices (mm, the source grid's) lets them place the sparse
+    # frames without falling back on Slice Thickness, which they warn about.
+    seg.ContentCreatorName = ""
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    if "SpacingBetweenSlices" not in measures:
+        measures.SpacingBetweenSlices = format_number_as_ds(float(volume.spacing[0]))
     logger.info(
         "SEG %s: %d segments, %d frames, source series %s",
         seg.SOPInstanceUID,
