@@ -299,7 +299,7 @@ def prepare_nodules(
     uids: UidSource,
     lobes: Sequence[str | None] | None = None,
 ) -> list[Nodule]:
-    """Number the findings 1..N by ``order_findings`` and give each a tracking UID, mask and key slice.
+    """Number the findings 1..N by ``order_findings``; give each a tracking UID, mask, key slice.
 
     ``lobes[i]``, when given, is the lobe of ``findings[i]`` (a key of ``LOBES``) or ``None``.
     Returned in nodule-number order.

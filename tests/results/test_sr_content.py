@@ -51,7 +51,7 @@ LEFT, RIGHT = "7771000", "24028007"
 
 
 def _oblique_finding(volume, center_mm, malignancy: float, score: float) -> Finding:
-    """A cigar-shaped nodule lying diagonally in the axial plane (its section is an oblique ellipse)."""
+    """A cigar-shaped nodule lying diagonally in the axial plane (an oblique section)."""
     center = volume.lps_to_voxel(center_mm)
     sz, sy, sx = volume.spacing
     zz, yy, xx = np.mgrid[-3:4, -12:13, -12:13]
@@ -244,7 +244,8 @@ def test_measurements_method_score_suspicion_and_algorithm(sr_path, findings, re
         level = SUSPICION_CODES[suspicion_level(finding.malignancy)]
         evaluations = group.get_qualitative_evaluations(name=MALIGNANCY)
         assert [q.value.value for q in evaluations] == [level.value]
-        texts = {_concept(i): i.TextValue for i in group[0].ContentSequence if i.ValueType == "TEXT"}
+        items = group[0].ContentSequence
+        texts = {_concept(i): i.TextValue for i in items if i.ValueType == "TEXT"}
         assert texts["111001"] == "Res-MTNet" and texts["111003"] == "0.1.0-test"  # TID 4019
 
 
