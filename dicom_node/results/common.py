@@ -184,7 +184,11 @@ def hex_rgb(hex_colour: str) -> tuple[int, int, int]:
 
 @dataclass(frozen=True)
 class Producer:
-    """Who made the results: the algorithm and the equipment attributes written into every object."""
+    """Who made the results: the algorithm and the equipment attributes written into every object.
+
+    ``malignancy_threshold`` is kept (and checked) for old callers; the objects no longer use it:
+    they give a suspicion level (``suspicion_level``) instead of a malignant/benign verdict.
+    """
 
     algorithm_name: str
     algorithm_version: str
