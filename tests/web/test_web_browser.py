@@ -9,7 +9,6 @@ step go to ``docs/screenshots/`` for the README.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,18 @@ import pytest
 
 from web_phantom import NODULE_DIAMETER_MM, NODULE_MM, add_done_job, add_study_row, lidc_files, nodule_mask, store_files, store_phantom
 from storage.models import StudyStatus
-from webtools import ADMIN, LIDC_NODULE_MM, LIDC_SERIES, REPO, RAD, StoreSCP, build_node, create_accounts, free_port, wait_port
+from webtools import (
+    ADMIN,
+    LIDC_NODULE_MM,
+    LIDC_SERIES,
+    RAD,
+    REPO,
+    StoreSCP,
+    WebServer,
+    build_node,
+    create_accounts,
+    free_port,
+)
 
 CHROMIUM = os.environ.get("DICOM_NODE_CHROMIUM", "/usr/bin/chromium")
 #: Screenshots are written only when asked (``DICOM_NODE_SCREENSHOTS=docs/screenshots``), so that a
@@ -144,25 +154,6 @@ def _queue_and_log_rows(node):
                              started_at=now - timedelta(minutes=2))
 
 
-class _Server:
-    def __init__(self, app, port):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.port = port
-
-    def __enter__(self):
-        self.thread.start()
-        wait_port(self.port)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     if not Path(CHROMIUM).exists():
@@ -177,7 +168,7 @@ def site(tmp_path_factory):
     _queue_and_log_rows(node)
     port = free_port()
     scp = StoreSCP(tmp / "storescp", ae_title="PACS_TEST").start()
-    with _Server(create_app(node), port):
+    with WebServer(create_app(node), port):
         yield {"url": f"http://127.0.0.1:{port}", "study_uid": study_uid, "node": node, "scp": scp}
     scp.stop()
 
