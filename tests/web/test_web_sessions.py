@@ -86,17 +86,21 @@ def _change_password_page(client, admin_h, tmp_path, node, name, new):
         assert f"User {name}: password changed" in r.text
 
 
-def _change_password_cli(client, admin_h, tmp_path, node, name, new):
+def _cli(tmp_path, node, argv, stdin=""):
     from dicom_node.cli import main
 
     cfg = tmp_path / "config.toml"
     cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "cli-data"}"\n[database]\nurl = "{node.settings.database_url}"\n')
     old_stdin = sys.stdin
-    sys.stdin = io.StringIO(new + "\n")
+    sys.stdin = io.StringIO(stdin)
     try:
-        assert main(["user", "passwd", name, "--password-stdin", "--config", str(cfg)]) == 0
+        return main([*argv, "--config", str(cfg)])
     finally:
         sys.stdin = old_stdin
+
+
+def _change_password_cli(client, admin_h, tmp_path, node, name, new):
+    assert _cli(tmp_path, node, ["user", "passwd", name, "--password-stdin"], new + "\n") == 0
 
 
 @pytest.mark.parametrize("change", [_change_password_api, _change_password_page, _change_password_cli],
@@ -132,6 +136,17 @@ def test_api_logout_and_logout_all(node, client, carol, browser):
     # The page cookie alone cannot end sessions (unsafe API methods need the bearer token).
     page_login(browser, carol)
     assert browser.post("/api/logout-all").status_code == 401
+
+
+def test_cli_user_logout_ends_sessions_and_tokens(node, client, carol, browser, tmp_path, capsys):
+    page_login(browser, carol)
+    carol_h = _token(client, carol)
+    assert _cli(tmp_path, node, ["user", "logout", carol[0]]) == 0
+    assert "2 web session(s) and API token(s) of carol ended" in capsys.readouterr().out
+    assert client.get("/api/me", headers=carol_h).status_code == 401
+    assert browser.get("/worklist", follow_redirects=False).status_code == 303
+    assert client.get("/api/me", headers=_token(client, carol)).status_code == 200  # the password still works
+    assert _cli(tmp_path, node, ["user", "logout", "nobody"]) == 1
 
 
 def test_removed_user_loses_sessions(node, client, admin_h, carol, browser):
