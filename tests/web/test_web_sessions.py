@@ -250,3 +250,41 @@ def test_docs_csp_allows_only_its_own_inline_script(node, client, browser):
     hashes = {"'sha256-" + base64.b64encode(hashlib.sha256(s.encode()).digest()).decode() + "'" for s in scripts}
     assert hashes <= set(_csp(r)["script-src"])
     assert not any(h.startswith("'sha256-") for h in _csp(browser.get("/worklist")).get("script-src", []))
+
+
+def test_csp_can_be_relaxed_for_one_route_prefix(node):
+    """The place a later route (the OHIF viewer under /viewer) widens the policy, for itself only."""
+    from dicom_node.web.app import create_app
+
+    app = create_app(node)
+    app.state.csp.relax("/viewer", script_src=["'wasm-unsafe-eval'"], worker_src=["blob:"])
+    with TestClient(app) as c:
+        viewer = _csp(c.get("/viewer/index.html"))
+        assert viewer["script-src"] == ["'self'", "'wasm-unsafe-eval'"] and viewer["worker-src"] == ["'self'", "blob:"]
+        assert viewer["frame-ancestors"] == ["'none'"]
+        for url in ("/login", "/viewerx", "/api/me"):
+            csp = _csp(c.get(url))
+            assert csp["script-src"] == ["'self'"] and "worker-src" not in csp, url
+
+
+def test_session_activity_is_recorded_without_a_write_per_request(node, client, browser):
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from storage.models import WebSession
+
+    page_login(browser, RAD)
+    with node.sessions() as s:
+        row = s.scalar(select(WebSession).where(WebSession.kind == "page").order_by(WebSession.id.desc()))
+    first_seen = row.last_seen_at
+    browser.get("/worklist")
+    with node.sessions() as s:
+        assert s.get(WebSession, row.id).last_seen_at == first_seen  # a request within minutes writes nothing
+    with node.sessions.begin() as s:
+        s.execute(update(WebSession).where(WebSession.id == row.id).values(last_seen_at=first_seen - timedelta(hours=1)))
+    browser.get("/worklist")
+    with node.sessions() as s:
+        assert s.get(WebSession, row.id).last_seen_at > first_seen - timedelta(minutes=1)
+        # Only a digest of the secret is stored, never the cookie's value.
+        assert s.get(WebSession, row.id).token_hash not in _session_cookie(browser)
