@@ -47,7 +47,11 @@ def client_host(request: Request) -> str:
 
 
 def db(request: Request) -> Iterator[Session]:
-    s = request.app.state.node.sessions()
+    """The request's session: a read session for safe methods; for the others a write session
+    where the storage layer tells the two apart (``sessions.writer()``); the route commits."""
+    sessions = request.app.state.node.sessions
+    writer = getattr(sessions, "writer", None)
+    s = sessions() if request.method in SAFE_METHODS or writer is None else writer()
     try:
         yield s
     finally:
