@@ -1,7 +1,7 @@
 """web_sessions: server-side, revocable page sessions and API tokens
 
 Revision ID: 0004
-Revises: 0001
+Revises: 0006
 Create Date: 2026-12-02 07:00:00
 """
 from alembic import op
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 
 
 revision = '0004'
-down_revision = '0001'
+down_revision = '0006'
 branch_labels = None
 depends_on = None
 
