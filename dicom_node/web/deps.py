@@ -12,8 +12,9 @@ a password change or the user's removal revoke at once:
   a CSRF token.
 401 without valid credentials, 403 for the wrong role.
 
-Integer query and path parameters are bounded here (``PageNumber``, ``PageSize``, ``RowId``), so
-an absurd value is a 422 from the schema, never a database overflow (500).
+Integer query and path parameters are bounded in the schema (``PageNumber``, ``RowId`` here;
+page sizes by ``services.MAX_PAGE_SIZE``), so an absurd value is a 422, never a database
+overflow (500).
 """
 from __future__ import annotations
 
