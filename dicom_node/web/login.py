@@ -81,7 +81,7 @@ class Authenticator:
         """Check a password and, if right, open a session of ``kind`` (page or api)."""
         username = (username or "").strip()
         detail = {"client": client, "via": kind}
-        refusal = self.limiter.check(client, username)
+        refusal = self.limiter.attempt(client, username)
         if refusal is not None:
             if refusal.first:  # audited once per window and client (and name): a flood writes nothing
                 self._audit(username, "login.throttled", client, {**detail, "retry_after_s": refusal.retry_after})
@@ -117,7 +117,6 @@ class Authenticator:
                 reason = "unknown user" if found is None else "wrong password"
                 repo.audit(s, _actor(username), "login.failed", client, {**detail, "reason": reason})
         if not ok:
-            self.limiter.failed(client, username)
             log.info("%s login refused for client %s (a user name of %d characters)", kind, client, len(username))
             return LoginResult()
         self.limiter.succeeded(client, username)

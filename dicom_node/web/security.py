@@ -150,13 +150,15 @@ class LoginLimiter:
     * ``per_user_and_client`` failures for one name from one client hold back that pair;
     * ``per_client`` failures for any names from one client hold back that client.
     Nothing is counted per account alone, so guessing a user's password from one address never
-    locks the user out when logging in from another. A successful login clears its pair's
-    count, not the client's (one valid account must not reset a name-spraying client).
+    locks the user out when logging in from another. An attempt is counted when it starts
+    (``attempt``), so parallel guesses cannot overshoot a limit; a successful login takes its
+    count back and clears its pair's count, not the client's (one valid account must not reset
+    a client that sprays names).
 
     Kept in memory per web process (several processes each count on their own), bounded to
     ``max_keys`` clients and pairs (the oldest forgotten first). Client addresses are what the
-    ASGI server reports: behind a reverse proxy, configure the server to trust the proxy's
-    ``X-Forwarded-For``, or every user shares the proxy's address and its ``per_client`` limit.
+    ASGI server reports: behind a reverse proxy, list it in ``[web] trusted_proxies``, or every
+    user shares the proxy's address and its ``per_client`` limit.
     Times in seconds (``time.monotonic``).
     """
 
@@ -165,8 +167,8 @@ class LoginLimiter:
         self.per_pair, self.per_client, self.window = per_user_and_client, per_client, window
         self.max_keys = max_keys
         self._clock = clock
-        self._failures: OrderedDict[tuple, deque] = OrderedDict()
-        self._refused: dict[tuple, float] = {}  # key -> when its current refusal was first audited
+        self._counts: OrderedDict[tuple, deque] = OrderedDict()
+        self._refused: dict[tuple, float] = {}  # key -> when its current refusal was first reported
         self._lock = threading.Lock()
 
     @staticmethod
@@ -174,46 +176,47 @@ class LoginLimiter:
         return ("client", client), ("pair", client, (username or "").strip().lower())
 
     def _recent(self, key: tuple, now: float) -> deque:
-        q = self._failures.get(key)
+        q = self._counts.get(key)
         if q is None:
             return deque()
         while q and now - q[0] > self.window:
             q.popleft()
         return q
 
-    def check(self, client: str, username: str) -> Refusal | None:
-        """None if this client may try this name now, else how long to wait."""
+    def attempt(self, client: str, username: str) -> Refusal | None:
+        """Count an attempt and return None, or refuse it (counting nothing) with the wait."""
         now = self._clock()
-        waits = []
+        keys = self._keys(client, username)
         with self._lock:
-            for key, limit in zip(self._keys(client, username), (self.per_client, self.per_pair)):
+            waits = []
+            for key, limit in zip(keys, (self.per_client, self.per_pair)):
                 q = self._recent(key, now)
                 if len(q) >= limit:
                     waits.append((key, max(1, int(self.window - (now - q[-limit])) + 1)))
-            if not waits:
-                return None
-            key, wait = max(waits, key=lambda kw: kw[1])
-            since = self._refused.get(key)
-            first = since is None or now - since > self.window
-            if first:
-                self._refused[key] = now
-                if len(self._refused) > self.max_keys:
-                    self._refused = {k: v for k, v in self._refused.items() if now - v <= self.window}
-            return Refusal(retry_after=wait, first=first)
-
-    def failed(self, client: str, username: str) -> None:
-        now = self._clock()
-        with self._lock:
-            for key in self._keys(client, username):
+            if waits:
+                key, wait = max(waits, key=lambda kw: kw[1])
+                since = self._refused.get(key)
+                first = since is None or now - since > self.window
+                if first:
+                    self._refused[key] = now
+                    if len(self._refused) > self.max_keys:
+                        self._refused = {k: v for k, v in self._refused.items() if now - v <= self.window}
+                return Refusal(retry_after=wait, first=first)
+            for key in keys:
                 q = self._recent(key, now)
                 q.append(now)
-                self._failures[key] = q
-                self._failures.move_to_end(key)
-            while len(self._failures) > self.max_keys:  # bound memory under a spray of names
-                self._failures.popitem(last=False)
+                self._counts[key] = q
+                self._counts.move_to_end(key)
+            while len(self._counts) > self.max_keys:  # bound memory under a spray of names
+                self._counts.popitem(last=False)
+            return None
 
     def succeeded(self, client: str, username: str) -> None:
+        """The attempt was a successful login: it does not count."""
+        client_key, pair = self._keys(client, username)
         with self._lock:
-            pair = self._keys(client, username)[1]
-            self._failures.pop(pair, None)
+            self._counts.pop(pair, None)
             self._refused.pop(pair, None)
+            q = self._counts.get(client_key)
+            if q:
+                q.pop()

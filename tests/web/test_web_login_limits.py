@@ -193,6 +193,36 @@ def test_sixteen_parallel_logins_on_sqlite_give_no_500(tmp_path):
     assert [code for code, _ in results] == [401] * 16, results
 
 
+def test_parallel_guesses_from_one_client_cannot_overshoot_the_limit(tmp_path):
+    """16 wrong passwords at once from one client: at most 5 are checked, the rest get 429."""
+    import httpx
+
+    from dicom_node.web.app import create_app
+    from webtools import WebServer, build_node, create_accounts, free_port
+
+    node = build_node(f"sqlite:///{tmp_path / 'node.sqlite3'}", tmp_path / "data")
+    create_accounts(node)
+    port = free_port()
+    codes = []
+    start = threading.Barrier(16)
+
+    def guess(i):
+        with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=300) as h:
+            start.wait(60)
+            codes.append(h.post("/api/token", data={"username": ADMIN[0], "password": f"guess-{i:04d}"}).status_code)
+
+    try:
+        with WebServer(create_app(node), port):
+            threads = [threading.Thread(target=guess, args=(i,)) for i in range(16)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(600)
+    finally:
+        node.sessions.kw["bind"].dispose()
+    assert sorted(codes) == [401] * 5 + [429] * 11, codes
+
+
 LIST_ROUTES_API = ["/api/studies", "/api/jobs", "/api/transfers", "/api/associations", "/api/audit"]
 LIST_ROUTES_PAGES = ["/worklist", "/admin/queues", "/admin/associations", "/admin/audit"]
 HUGE = "99999999999999999999"
