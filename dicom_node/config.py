@@ -56,6 +56,20 @@ class NodeSection(BaseModel):
     #: "reject" (PS3.8 rejected-permanent, calling AE not recognised) or "accept" (any caller).
     unknown_callers: Literal["reject", "accept"] = "reject"
     max_pdu: int = Field(0, ge=0)
+    # Listener limits (docs/hardening/listener.md); seconds and bytes.
+    #: Associations at once past a complete request (half-open connections do not count).
+    max_associations: int = Field(64, ge=1)
+    #: Associations at once from one peer host.
+    max_associations_per_peer: int = Field(16, ge=1)
+    #: From TCP connect until the A-ASSOCIATE-RQ is complete, in total (holds against a drip).
+    association_request_timeout: float = Field(30.0, gt=0)
+    #: Without traffic on an association, or while one PDU is still arriving.
+    idle_timeout: float = Field(60.0, gt=0)
+    #: Largest declared A-ASSOCIATE-RQ PDU length read (a usual request is 1-20 kB; 128 contexts
+    #: each proposing all 45 transfer syntaxes pynetdicom knows is 148 kB).
+    max_request_pdu: int = Field(256 * 1024, ge=1024)
+    #: Largest instance kept, counted after inflating a deflated transfer syntax.
+    max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)
 
     _ae = field_validator("ae_title")(check_ae_title)
 
