@@ -84,6 +84,13 @@ class WebSection(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     #: Signs session cookies and API tokens; empty means a random key kept in data_dir.
     secret_key: str = ""
+    #: Mark cookies Secure even on plain-HTTP requests (behind a TLS proxy the app is not told about).
+    force_secure_cookies: bool = False
+    #: Login rate limits, per web process, over login_window_seconds: failed logins from one
+    #: client for one user name, and from one client for any user name (then 429 + Retry-After).
+    login_failures_per_user_and_client: int = Field(5, ge=1)
+    login_failures_per_client: int = Field(20, ge=1)
+    login_window_seconds: float = Field(300.0, gt=0)
     #: HTTPS: PEM certificate (chain) and private key; both empty: plain HTTP (e.g. behind a proxy).
     certificate: Path | None = None
     private_key: Path | None = None

@@ -333,4 +333,26 @@ class AuditEvent(Base):
     detail: Mapped[dict | None] = mapped_column(JSON)
 
 
+
+class WebSession(Base):
+    """A signed-in page session (cookie) or an API bearer token, revocable on the server.
+
+    Only a SHA-256 digest of the secret is stored (``token_hash``), so the table does not hold
+    usable credentials. A session is valid while ``revoked_at`` is empty and ``expires_at`` is
+    in the future; logout revokes one, a password change or removal all of a user's.
+    ``last_seen_at`` is refreshed at most every few minutes (see ``dicom_node.web.login``).
+    """
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # "page" (cookie) or "api" (bearer token)
+    client_host: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+
 __all__ = [n for n in dir() if not n.startswith("_")]
