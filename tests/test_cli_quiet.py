@@ -1,0 +1,114 @@
+"""Quiet command line: no migration chatter at INFO; progress bars only on a terminal.
+
+* A command on a fresh data folder migrates the database; Alembic's "Context impl SQLiteImpl",
+  "Will assume ... DDL" and "Running upgrade" lines appear only with ``-v``.
+* ``predict --json``: stdout is one JSON object per line whether or not stderr is a terminal;
+  a progress bar is drawn on stderr only when stderr is a terminal (a pseudo-terminal here).
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import pty
+import select
+import struct
+import subprocess
+import sys
+import termios
+from pathlib import Path
+
+import pytest
+
+from tests.peers import REPO
+
+CHATTER = ("Context impl", "Will assume", "Running upgrade", "setup plugin")
+
+
+def _cli(args: list[str], cwd: Path, **kw) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    return subprocess.run([sys.executable, "-m", "dicom_node.cli", *args], capture_output=True, text=True,
+                          cwd=cwd, env=env, timeout=300, **kw)
+
+
+def _config(tmp_path: Path) -> Path:
+    cfg = tmp_path / "config.toml"
+    cfg.write_text(f'[node]\ndata_dir = "{tmp_path / "var"}"\n')
+    return cfg
+
+
+def test_migrations_are_quiet_without_verbose(tmp_path):
+    r = _cli(["source", "list", "--config", str(_config(tmp_path))], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "var" / "dicom-node.sqlite3").exists()  # it did migrate a fresh database
+    for line in CHATTER:
+        assert line not in r.stderr, r.stderr
+
+
+def test_migrations_are_logged_with_verbose(tmp_path):
+    r = _cli(["-v", "source", "list", "--config", str(_config(tmp_path))], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert "Running upgrade" in r.stderr and "Context impl SQLiteImpl" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def volumes(tmp_path_factory) -> list[Path]:
+    import numpy as np
+    import SimpleITK as sitk
+
+    folder = tmp_path_factory.mktemp("volumes")
+    paths = []
+    for k in range(2):
+        a = np.full((40, 48, 48), -800, np.int16)
+        a[15:25, 18 + k:28 + k, 20:30] = 40  # a soft-tissue blob in lung-like background
+        img = sitk.GetImageFromArray(a)
+        img.SetSpacing((1.0, 1.0, 1.0))
+        paths.append(folder / f"crop{k}.mha")
+        sitk.WriteImage(img, str(paths[-1]))
+    return paths
+
+
+def _json_lines(stdout: str, n: int) -> list[dict]:
+    lines = stdout.splitlines()
+    assert len(lines) == n, stdout
+    return [json.loads(line) for line in lines]  # every line is exactly one JSON object
+
+
+def test_predict_json_without_terminal_has_no_bar(tmp_path, volumes):
+    args = ["predict", *map(str, volumes), str(tmp_path / "missing.mha"), "--json"]
+    r = _cli(args, tmp_path)
+    assert r.returncode == 1  # the missing input
+    out = _json_lines(r.stdout, 3)
+    assert [o["input"] for o in out] == [*map(str, volumes), str(tmp_path / "missing.mha")]
+    assert "findings" in out[0] and "error" in out[2]
+    assert "\r" not in r.stderr and "predict:" not in r.stderr and "input/s" not in r.stderr, r.stderr
+
+
+def test_predict_json_on_a_terminal_draws_a_bar_on_stderr_only(tmp_path, volumes):
+    """stderr is a pseudo-terminal, stdout a pipe: the bar goes to the terminal, stdout stays JSON."""
+    master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "predict", *map(str, volumes), "--json"],
+                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env)
+    os.close(slave)
+    terminal = b""
+    while True:  # drain the terminal while the command runs (a full pty buffer would block it)
+        ready, _, _ = select.select([master], [], [], 1.0)
+        if ready:
+            try:
+                chunk = os.read(master, 65536)
+            except OSError:  # EIO: the child closed its side
+                break
+            if not chunk:
+                break
+            terminal += chunk
+        elif proc.poll() is not None:
+            break
+    stdout = proc.stdout.read().decode()
+    assert proc.wait(120) == 0
+    os.close(master)
+    out = _json_lines(stdout, 2)
+    assert all("findings" in o for o in out)
+    text = terminal.decode(errors="replace")
+    assert "predict: 100%|" in text and "2/2" in text, text  # tqdm's bar reached the terminal
