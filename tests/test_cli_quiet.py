@@ -2,7 +2,7 @@
 
 * A command on a fresh data folder migrates the database; Alembic's "Context impl SQLiteImpl",
   "Will assume ... DDL" and "Running upgrade" lines appear only with ``-v``.
-* ``predict --json``: stdout is one JSON object per line whether or not stderr is a terminal;
+* ``predict --json`` and ``send``: stdout is unchanged (one JSON object per line for predict) whether or not stderr is a terminal;
   a progress bar is drawn on stderr only when stderr is a terminal (a pseudo-terminal here).
 """
 from __future__ import annotations
@@ -84,13 +84,14 @@ def test_predict_json_without_terminal_has_no_bar(tmp_path, volumes):
     assert "\r" not in r.stderr and "predict:" not in r.stderr and "input/s" not in r.stderr, r.stderr
 
 
-def test_predict_json_on_a_terminal_draws_a_bar_on_stderr_only(tmp_path, volumes):
-    """stderr is a pseudo-terminal, stdout a pipe: the bar goes to the terminal, stdout stays JSON."""
+def _run_on_terminal(args: list[str], cwd: Path) -> tuple[int, str, str]:
+    """Run the CLI with stderr on a 100-column pseudo-terminal and stdout on a pipe;
+    returns (exit status, stdout, what reached the terminal)."""
     master, slave = pty.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))  # a 100-column terminal
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 100, 0, 0))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "predict", *map(str, volumes), "--json"],
-                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, cwd=tmp_path, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", *args],
+                            stdout=subprocess.PIPE, stderr=slave, stdin=subprocess.DEVNULL, cwd=cwd, env=env)
     os.close(slave)
     terminal = b""
     while True:  # drain the terminal while the command runs (a full pty buffer would block it)
@@ -106,9 +107,37 @@ def test_predict_json_on_a_terminal_draws_a_bar_on_stderr_only(tmp_path, volumes
         elif proc.poll() is not None:
             break
     stdout = proc.stdout.read().decode()
-    assert proc.wait(120) == 0
+    rc = proc.wait(120)
     os.close(master)
+    return rc, stdout, terminal.decode(errors="replace")
+
+
+def test_predict_json_on_a_terminal_draws_a_bar_on_stderr_only(tmp_path, volumes):
+    """stderr is a pseudo-terminal, stdout a pipe: the bar goes to the terminal, stdout stays JSON."""
+    rc, stdout, text = _run_on_terminal(["predict", *map(str, volumes), "--json"], tmp_path)
+    assert rc == 0, text
     out = _json_lines(stdout, 2)
     assert all("findings" in o for o in out)
-    text = terminal.decode(errors="replace")
     assert "predict: 100%|" in text and "2/2" in text, text  # tqdm's bar reached the terminal
+
+
+SAMPLE = REPO.parent / "shared" / "data" / "dicom-samples" / "dcmqi" / "ct-3slice"
+
+
+def test_send_draws_a_bar_only_on_a_terminal(tmp_path):
+    from tests.peers import StoreSCP
+
+    if not SAMPLE.is_dir():
+        pytest.skip(f"{SAMPLE} not found (shared data absent)")
+    peer = StoreSCP(tmp_path / "pacs").start()
+    try:
+        cfg = _config(tmp_path)
+        args = ["send", str(SAMPLE), f"STORESCP@127.0.0.1:{peer.port}", "--config", str(cfg)]
+        plain = _cli(args, tmp_path)
+        assert plain.returncode == 0 and plain.stdout.startswith("3/3 stored"), plain.stderr
+        assert "send:" not in plain.stderr and "\r" not in plain.stderr, plain.stderr
+        rc, stdout, text = _run_on_terminal(args, tmp_path)
+        assert rc == 0 and stdout.startswith("3/3 stored"), text
+        assert "send: 100%|" in text and "3/3" in text, text
+    finally:
+        peer.stop()
