@@ -13,6 +13,7 @@ import logging
 import sys
 
 COMMANDS = ["stages", "web", "network", "admin", "user", "predict", "train", "evaluate"]
+COMMANDS += ["backup", "retention"]  # operations (issue 11)
 
 
 def configure_logging(verbose: int = 0) -> None:
