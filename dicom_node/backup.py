@@ -445,6 +445,17 @@ def _pg_state(database_url: str) -> tuple[bool, int]:
     return bool(has), int(others)
 
 
+def _known_revisions() -> set[str]:
+    from alembic.config import Config
+    from alembic.script import ScriptDirectory
+
+    from storage.db import MIGRATIONS_DIR
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    return {rev.revision for rev in ScriptDirectory.from_config(cfg).walk_revisions()}
+
+
 def restore(src: Path, database_url: str, data_dir: Path, *, force: bool = False,
             progress: Callable[[int, int], None] | None = None) -> RestoreReport:
     """Restore the backup in ``src`` into ``data_dir`` and the database at ``database_url``."""
@@ -457,6 +468,10 @@ def restore(src: Path, database_url: str, data_dir: Path, *, force: bool = False
     db_file = src / manifest["database"]["file"]
     if not db_file.is_file():
         raise BackupError(f"{db_file} is missing from the backup")
+    revision = manifest["database"].get("alembic_revision")
+    if revision and revision not in _known_revisions():
+        raise BackupError(f"{src} has database schema revision {revision!r}, which this version of dicom-node does "
+                          "not know (the backup was made by a newer version); restore it with that version")
     why = running_node(data_dir)
     if why:
         raise BackupError(f"a node seems to be running on {data_dir}: {why}")

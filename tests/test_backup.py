@@ -202,6 +202,19 @@ def test_restore_refuses_a_damaged_backup_and_touches_nothing(tmp_path):
     assert not (target.data_dir / "instances").exists()
 
 
+def test_restore_refuses_a_backup_from_a_newer_schema(tmp_path):
+    node = _small_node(tmp_path, "a")
+    node.cli("backup", str(tmp_path / "bk"))
+    path = tmp_path / "bk" / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest["database"]["alembic_revision"] = "9999"
+    path.write_text(json.dumps(manifest))
+    target = NodeProcess(tmp_path / "b")
+    r = target.cli("restore", str(tmp_path / "bk"), check=False)
+    assert r.returncode == 2 and "'9999'" in r.stderr and "newer version" in r.stderr, r.stderr
+    assert not target.data_dir.exists() or not any(target.data_dir.iterdir())
+
+
 def test_restore_refuses_while_a_node_holds_a_lock_in_the_data_dir(tmp_path):
     node = _small_node(tmp_path, "a")
     node.cli("backup", str(tmp_path / "bk"))
@@ -256,3 +269,62 @@ def test_postgresql_backup_without_pg_dump_says_so(tmp_path):
                            env={**os.environ, "PATH": str(Path(sys.executable).parent)}, timeout=120)
         assert env_path
         assert r.returncode == 2 and "pg_dump is not on PATH" in r.stderr, r.stderr
+
+
+def test_files_replaced_or_deleted_after_the_snapshot_are_reported_and_restored_consistently(make_node, db_url, tmp_path):
+    """Between the database snapshot and the file copy, one instance is replaced by a resend
+    (new content, acknowledged after the snapshot) and one is deleted: the backup keeps the new
+    file and says so, lists the missing one; restore updates the replaced row and re-opens its series."""
+    from sqlalchemy import select
+
+    from dicom_node.backup import backup, restore
+    from storage import repo
+    from storage.models import Instance, Series
+
+    node = make_node(db_url)
+    study, series = "1.2.826.0.1.3680043.10.1137.7", "1.2.826.0.1.3680043.10.1137.7.1"
+    rels = []
+    with node.sessions.begin() as s:
+        for k in range(4):
+            sop = f"{series}.{k + 1}"
+            rel = node.store.instance_relpath(study, series, sop)
+            size, sha = node.store.write_atomic(rel, os.urandom(2000))
+            meta = repo.InstanceMeta(study, series, sop, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
+                                     "CT", k + 1, 1, None, None, None, None, None, None)
+            repo.index_instance(s, meta, rel, size, sha, "STORESCU", None)
+            rels.append((sop, rel, meta))
+    with node.sessions.begin() as s:
+        s.execute(Series.__table__.update().values(dirty=False))
+    new_bytes = os.urandom(3000)
+
+    def meddle(done: int, total: int) -> None:
+        if done == 1:  # after the snapshot, before the other files are copied
+            sop, rel, meta = rels[2]
+            size, sha = node.store.write_atomic(rel, new_bytes)
+            with node.sessions.begin() as s:
+                assert repo.index_instance(s, meta, rel, size, sha, "STORESCU", None) == "replaced"
+            (node.settings.node.data_dir / rels[3][1]).unlink()
+
+    report = backup(node.settings.database_url, node.settings.node.data_dir, tmp_path / "bk", progress=meddle)
+    assert report.replaced == [rels[2][1]] and report.missing == [rels[3][1]] and not report.complete
+    manifest = json.loads((tmp_path / "bk" / "manifest.json").read_text())
+    entry = next(e for e in manifest["files"] if e["path"] == rels[2][1])
+    assert entry["sha256"] == hashlib.sha256(new_bytes).hexdigest() != entry["db_sha256"]
+    assert manifest["missing"] == [rels[3][1]]
+
+    with contextlib.ExitStack() as stack:
+        target_url = (f"sqlite:///{tmp_path / 'restored' / 'db.sqlite3'}" if db_url.startswith("sqlite")
+                      else stack.enter_context(pg_database()))
+        out = restore(tmp_path / "bk", target_url, tmp_path / "restored")
+        assert out.replaced_fixed == 1 and out.missing == [rels[3][1]]
+        from storage.db import open_database
+
+        sessions = open_database(target_url)
+        try:
+            with sessions() as s:
+                row = s.scalar(select(Instance).where(Instance.sop_instance_uid == rels[2][0]))
+                assert row.sha256 == hashlib.sha256(new_bytes).hexdigest() and row.size_bytes == 3000
+                assert s.scalar(select(Series.dirty).where(Series.series_instance_uid == series)) is True
+            assert _sha256(tmp_path / "restored" / rels[2][1]) == row.sha256
+        finally:
+            sessions.kw["bind"].dispose()
