@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.peers import LIDC_SERIES, NodeProcess, pg_database, wait_port  # noqa: E402
+from tests.peers import LIDC_SERIES, NodeProcess, pg_database, wait_for, wait_port  # noqa: E402
 
 
 def copy_series(src: Path, dst: Path) -> Path:
@@ -84,16 +84,39 @@ def main() -> int:
             print(r.stdout.strip())
             print(f"backup: {t_backup:.1f} s for {size:.0f} MB ({size / t_backup:.0f} MB/s)"
                   f"{' while receiving another copy' if args.during_ingest else ''}")
-            fresh = NodeProcess(work / "b", quiet_seconds=3600, database_url=url_b or "")
+            # quiet_seconds 1 and no eligible series: the scheduler marks every series complete
+            # (not eligible, no job), so retention may delete them.
+            fresh = NodeProcess(work / "b", quiet_seconds=1, database_url=url_b or "",
+                                extra="[eligibility]\nmin_slices = 100000\n")
             t0 = time.perf_counter()
             r = fresh.cli("restore", str(work / "bk"))
             print(f"restore: {time.perf_counter() - t0:.1f} s ({r.stdout.strip().splitlines()[0]})")
+            schedule = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "schedule", "--config",
+                                         str(fresh.config)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            try:
+                wait_for(lambda: _all_complete(fresh), timeout=300, what="the scheduler to evaluate every series")
+            finally:
+                schedule.terminate()
+                schedule.wait(30)
             t0 = time.perf_counter()
             r = fresh.cli("retention", "--apply", "--max-age-days", "0.00001")
             print(f"retention: {time.perf_counter() - t0:.1f} s ({r.stdout.strip().splitlines()[-1]})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0
+
+
+def _all_complete(node: NodeProcess) -> bool:
+    from sqlalchemy import func, select
+
+    from storage.models import Series
+
+    sessions = node.sessions()
+    try:
+        with sessions() as s:
+            return s.scalar(select(func.count()).select_from(Series).where(Series.dirty.is_(True))) == 0
+    finally:
+        sessions.kw["bind"].dispose()
 
 
 class _nothing:

@@ -141,14 +141,19 @@ def _pg_tool(name: str) -> str:
 
 # --- locks: is a node running on this data folder? ----------------------------------------------
 
-def running_node(data_dir: Path) -> str | None:
+def running_node(data_dir: Path, database_file: Path | None = None) -> str | None:
     """Why a node seems to run on ``data_dir`` (a lock file in it is held), or None.
 
     Every ``*.lock`` file directly in ``data_dir`` is tried with both ``flock`` and POSIX
     ``lockf`` (they do not see each other on Linux); a ``*.pid`` file counts when its process
-    is alive.
+    is alive; and a process of this host that has the SQLite ``database_file`` open counts.
     """
     data_dir = Path(data_dir)
+    if database_file is not None and Path(database_file).exists():
+        pids = processes_with_open(Path(database_file))
+        if pids:
+            return (f"process(es) {', '.join(map(str, pids[:5]))} have the database {database_file} open "
+                    "(stop the node first)")
     if not data_dir.is_dir():
         return None
     for path in sorted(data_dir.glob("*.lock")):
@@ -174,6 +179,27 @@ def running_node(data_dir: Path) -> str | None:
         if pid != os.getpid() and _alive(pid):
             return f"{path} names process {pid}, which is running (stop the node first)"
     return None
+
+
+def processes_with_open(path: Path) -> list[int]:
+    """Ids of the other processes of this host (those /proc lets us see) that have ``path`` open."""
+    target = str(Path(path).resolve())
+    pids = []
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        pid = int(fd_dir.parent.name)
+        if pid == os.getpid():
+            continue
+        try:
+            for fd in fd_dir.iterdir():
+                try:
+                    if os.readlink(fd) == target:
+                        pids.append(pid)
+                        break
+                except OSError:
+                    continue
+        except OSError:
+            continue
+    return sorted(pids)
 
 
 def _alive(pid: int) -> bool:
@@ -472,10 +498,10 @@ def restore(src: Path, database_url: str, data_dir: Path, *, force: bool = False
     if revision and revision not in _known_revisions():
         raise BackupError(f"{src} has database schema revision {revision!r}, which this version of dicom-node does "
                           "not know (the backup was made by a newer version); restore it with that version")
-    why = running_node(data_dir)
+    target_db = sqlite_path(database_url).resolve() if kind == "sqlite" else None
+    why = running_node(data_dir, target_db)
     if why:
         raise BackupError(f"a node seems to be running on {data_dir}: {why}")
-    target_db = sqlite_path(database_url).resolve() if kind == "sqlite" else None
     content = _data_dir_content(data_dir, target_db)
     if target_db is not None and target_db.exists() and target_db not in content:
         content.append(target_db)

@@ -236,6 +236,22 @@ def test_restore_refuses_while_a_node_holds_a_lock_in_the_data_dir(tmp_path):
     assert r.returncode == 0
 
 
+def test_restore_refuses_while_a_listener_runs_on_the_target_even_with_force(tmp_path):
+    node = _small_node(tmp_path, "a")
+    node.cli("backup", str(tmp_path / "bk"))
+    target = _small_node(tmp_path, "b")
+    listener = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "listen", "--config", str(target.config)],
+                                cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        wait_port(target.port, timeout=120, proc=listener)
+        r = target.cli("restore", str(tmp_path / "bk"), "--force", check=False)
+        assert r.returncode == 2 and f"{listener.pid}" in r.stderr and "stop the node first" in r.stderr, r.stderr
+        assert not list(target.data_dir.glob("pre-restore-*"))
+    finally:
+        os.killpg(listener.pid, 9)
+        listener.wait(10)
+
+
 def test_restore_force_moves_the_old_contents_aside(tmp_path):
     node = _small_node(tmp_path, "a")
     _ingest_sample(node)
