@@ -141,3 +141,21 @@ def test_send_draws_a_bar_only_on_a_terminal(tmp_path):
         assert "send: 100%|" in text and "3/3" in text, text
     finally:
         peer.stop()
+
+
+LUNA = REPO.parent / "shared" / "data" / "luna16-nodules"
+
+
+@pytest.mark.slow
+def test_train_draws_a_bar_only_on_a_terminal(tmp_path):
+    if not LUNA.is_dir():
+        pytest.skip(f"{LUNA} not found (shared data absent)")
+    args = ["train", "--steps", "2", "--limit-cubes", "8", "--no-readout", "--phantoms", "1", "--no-lidc-background",
+            "--batch-size", "2", "--threads", "1"]
+    plain = _cli([*args, "--out", str(tmp_path / "plain")], tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    assert plain.stdout.strip() == str(tmp_path / "plain" / "resmtnet.pt")
+    assert "train: 100%" not in plain.stderr and "%|" not in plain.stderr and "\r" not in plain.stderr, plain.stderr[-2000:]
+    rc, stdout, text = _run_on_terminal([*args, "--out", str(tmp_path / "tty")], tmp_path)
+    assert rc == 0 and stdout.strip() == str(tmp_path / "tty" / "resmtnet.pt"), text[-2000:]
+    assert "train: 100%|" in text and "2/2" in text, text[-2000:]
