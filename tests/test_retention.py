@@ -258,7 +258,8 @@ def test_storage_view_api_page_and_cli(make_node, db_url, tmp_path):
                               capture_output=True, text=True, cwd=tmp_path, env=env, timeout=120)
 
     dry = cli("--dry-run")
-    assert dry.returncode == 0 and f"would delete study {old}: age" in dry.stdout and busy not in dry.stdout
+    assert dry.returncode == 0 and f"would delete study {old}: age" in dry.stdout
+    assert f"kept study {busy}: a job is running" in dry.stdout and f"would delete study {busy}" not in dry.stdout
     assert old in studies(node)
     applied = cli("--apply")
     assert applied.returncode == 0 and f"deleted study {old}: age" in applied.stdout, applied.stderr

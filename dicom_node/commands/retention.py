@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args) -> int:
     from dicom_node.config import RetentionSection
     from dicom_node.node import open_node
-    from dicom_node.retention import Policy, disk_figures, run_once
+    from dicom_node.retention import Policy, disk_figures, protected, run_once, study_usage
 
     settings = settings_from_args(args)
     section = settings.retention.model_dump()
@@ -57,6 +57,12 @@ def run(args) -> int:
               f"{c.usage.bytes / 2**20:.1f} MiB, last instance {c.usage.last_received_at:%Y-%m-%d %H:%M} UTC")
     for uid, why in report.skipped:
         print(f"kept study {uid}: {why}")
+    if not args.apply:
+        with node.sessions() as s:
+            uids = {u.study_id: u.study_instance_uid for u in study_usage(s)}
+            for sid, why in sorted(protected(s).items()):
+                print(f"kept study {uids.get(sid, sid)}: {why} (pending work is never deleted)")
+            s.rollback()
     if report.paused:
         print(f"nothing deleted: {report.paused}")
     n = len(rows)
