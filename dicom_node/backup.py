@@ -21,7 +21,7 @@ against the sha256 in the snapshot. The one change a running node can make to a 
 file is to replace it (a resend of a SOP Instance UID with new content, acknowledged after the
 snapshot): such a file is kept with its new hash, the entry records ``db_sha256``, and
 ``restore`` updates the row and marks the series for re-evaluation. While a backup runs it
-keeps ``data_dir/backup-in-progress`` fresh, and retention deletes nothing.
+keeps ``data_dir/backup-in-progress.<pid>`` fresh, and retention deletes nothing.
 
 ``restore`` verifies every file of the backup against the manifest while it copies it into a
 staging folder inside ``data_dir``, refuses to run while a node holds a lock file in
@@ -56,7 +56,8 @@ MANIFEST = "manifest.json"
 FILES = "files"
 SQLITE_FILE = "database.sqlite3"
 PGDUMP_FILE = "database.pgdump"
-#: Kept fresh (mtime) by a running backup; retention pauses while it is younger than MARKER_FRESH_SECONDS.
+#: ``MARKER`` or ``MARKER.<pid>``: kept fresh (mtime) by a running backup; retention pauses while
+#: one is younger than MARKER_FRESH_SECONDS (a killed backup's marker goes stale).
 MARKER = "backup-in-progress"
 MARKER_FRESH_SECONDS = 600.0
 CHUNK = 1 << 20
@@ -214,11 +215,14 @@ def _alive(pid: int) -> bool:
 
 def backup_running(data_dir: Path, now: float | None = None) -> bool:
     """True while a backup of ``data_dir`` is copying files (its marker is fresh)."""
-    try:
-        mtime = (Path(data_dir) / MARKER).stat().st_mtime
-    except FileNotFoundError:
-        return False
-    return (now or time.time()) - mtime < MARKER_FRESH_SECONDS
+    now = now or time.time()
+    for marker in Path(data_dir).glob(f"{MARKER}*"):
+        try:
+            if now - marker.stat().st_mtime < MARKER_FRESH_SECONDS:
+                return True
+        except FileNotFoundError:
+            continue
+    return False
 
 
 # --- files --------------------------------------------------------------------------------------
@@ -279,7 +283,7 @@ def _top_level_files(data_dir: Path, database_file: Path | None) -> list[str]:
     for p in sorted(data_dir.iterdir()):
         if not p.is_file() or p.is_symlink() or p.name.startswith("."):
             continue
-        if p.name == MARKER or p.name.endswith(_SKIP_SUFFIXES):
+        if p.name.startswith(MARKER) or p.name.endswith(_SKIP_SUFFIXES):
             continue
         if database_file is not None and p.name.startswith(database_file.name) and p.parent == database_file.parent:
             continue
@@ -352,7 +356,7 @@ def backup(database_url: str, data_dir: Path, dest: Path, *,
     if not data_dir.is_dir():
         raise BackupError(f"data folder {data_dir} does not exist")
     dest.mkdir(parents=True, exist_ok=True)
-    marker = data_dir / MARKER
+    marker = data_dir / f"{MARKER}.{os.getpid()}"  # one per backup: two backups may overlap
     marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "dest": str(dest)}))
     try:
         db_file = dest / (SQLITE_FILE if kind == "sqlite" else PGDUMP_FILE)
@@ -453,7 +457,7 @@ def _data_dir_content(data_dir: Path, database_file: Path | None) -> list[Path]:
         return []
     out = []
     for p in data_dir.iterdir():
-        if p.name in ("lost+found", MARKER) or p.name.startswith((".restore-", "pre-restore-")):
+        if p.name == "lost+found" or p.name.startswith((".restore-", "pre-restore-", MARKER)):
             continue
         if p.is_file() and p.name.endswith((".lock", ".pid")):
             continue

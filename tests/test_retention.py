@@ -193,6 +193,23 @@ def test_nothing_is_deleted_while_a_backup_runs(make_node, db_url):
     assert studies(node) == set()
 
 
+def test_retention_pauses_during_a_real_backup(make_node, db_url, tmp_path):
+    from dicom_node.backup import backup
+
+    node = make_node(db_url)
+    old = add_study(node, 2, age_days=40)
+    seen = []
+
+    def during(done: int, total: int) -> None:
+        seen.append(run_once(node, Policy(max_age_days=30))[1].paused)
+
+    report = backup(node.settings.database_url, node.settings.node.data_dir, tmp_path / "bk", progress=during)
+    assert report.complete and seen and all(p == "a backup is running" for p in seen)
+    assert studies(node) == {old}
+    _, after = run_once(node, Policy(max_age_days=30))  # the marker is gone with the backup
+    assert after.paused is None and studies(node) == set()
+
+
 def test_the_scheduler_stage_runs_retention(make_node, db_url):
     from dicom_node.scheduler import run_scheduler
 
