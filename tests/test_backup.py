@@ -252,17 +252,25 @@ def test_restore_refuses_while_a_listener_runs_on_the_target_even_with_force(tmp
         listener.wait(10)
 
 
-def test_restore_force_moves_the_old_contents_aside(tmp_path):
-    node = _small_node(tmp_path, "a")
-    _ingest_sample(node)
-    node.cli("backup", str(tmp_path / "bk"))
-    target = _small_node(tmp_path, "b")
-    (target.data_dir / "keep-me.txt").write_text("old")
-    r = target.cli("restore", str(tmp_path / "bk"), "--force")
-    aside = next(target.data_dir.glob("pre-restore-*"))
-    assert str(aside) in r.stdout
-    assert (aside / "keep-me.txt").read_text() == "old" and (aside / "dicom-node.sqlite3").exists()
-    assert set(_rows(target)) == set(_rows(node))
+@pytest.mark.parametrize("kind", ["sqlite", "postgresql"])
+def test_restore_force_moves_the_old_contents_aside(tmp_path, kind):
+    with _database(kind) as url_a, _database(kind) as url_b:
+        node = NodeProcess(tmp_path / "a", quiet_seconds=3600, database_url=url_a)
+        node.cli("source", "list")
+        _ingest_sample(node)
+        node.cli("backup", str(tmp_path / "bk"))
+        target = NodeProcess(tmp_path / "b", quiet_seconds=3600, database_url=url_b)
+        target.cli("source", "add", "OLD_SOURCE")  # a migrated database with a row of its own
+        (target.data_dir / "keep-me.txt").write_text("old")
+        refused = target.cli("restore", str(tmp_path / "bk"), check=False)
+        assert refused.returncode == 2 and "--force" in refused.stderr, refused.stderr
+        r = target.cli("restore", str(tmp_path / "bk"), "--force")
+        aside = next(target.data_dir.glob("pre-restore-*"))
+        assert str(aside) in r.stdout
+        assert (aside / "keep-me.txt").read_text() == "old"
+        assert (aside / "dicom-node.sqlite3").exists() == (kind == "sqlite")
+        assert set(_rows(target)) == set(_rows(node)) and len(_rows(target)) == 3
+        assert "OLD_SOURCE" not in target.cli("source", "list").stdout  # the database is the backup's
 
 
 def test_backup_refuses_a_non_empty_destination_or_one_inside_the_data_dir(tmp_path):
