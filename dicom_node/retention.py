@@ -28,7 +28,7 @@ import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 from sqlalchemy import delete, func, or_, select, update
@@ -52,8 +52,8 @@ from storage.models import (
 log = logging.getLogger(__name__)
 
 ACTOR = "retention"
-#: ``shutil.disk_usage``-like: path -> object with ``total``, ``used``, ``free`` (bytes).
-DiskUsage = Callable[[Path], "shutil._ntuple_diskusage"]
+#: ``shutil.disk_usage``-like: path -> an object with ``total``, ``used``, ``free`` (bytes).
+DiskUsage = Callable[[Path], object]
 
 
 @dataclass(frozen=True)
@@ -133,8 +133,6 @@ def study_usage(s: Session) -> list[StudyUsage]:
         if isinstance(when, str):  # an aggregate over a TypeDecorator column comes back raw on SQLite
             when = datetime.fromisoformat(when)
         if when.tzinfo is None:
-            from datetime import timezone
-
             when = when.replace(tzinfo=timezone.utc)
         out.append(StudyUsage(sid, uid, getattr(status, "value", str(status)), int(n or 0), int(b or 0), when))
     out.sort(key=lambda u: (u.last_received_at, u.study_id))

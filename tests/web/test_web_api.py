@@ -57,6 +57,7 @@ ROLES = {
     ("DELETE", "/api/users/{username}"): ADM,
     ("GET", "/api/settings"): ADM,
     ("PATCH", "/api/settings"): ADM,
+    ("GET", "/api/storage"): ADM,
 }
 PUBLIC = {("POST", "/api/token")}
 
