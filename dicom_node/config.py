@@ -43,6 +43,11 @@ def check_outputs(value: list[str]) -> list[str]:
     return list(dict.fromkeys(value))
 
 
+def empty_is_none(value):
+    """``""`` in the file or the environment means "not set" for optional paths."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 class NodeSection(BaseModel):
     ae_title: str = "DICOM_NODE"
     host: str = "0.0.0.0"
@@ -65,6 +70,54 @@ class WebSection(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     #: Signs session cookies and API tokens; empty means a random key kept in data_dir.
     secret_key: str = ""
+    #: HTTPS: PEM certificate (chain) and private key; both empty: plain HTTP (e.g. behind a proxy).
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: Reverse proxies whose X-Forwarded-For/-Proto are believed (IP addresses or CIDR); empty: none.
+    trusted_proxies: list[str] = []
+
+    _paths = field_validator("certificate", "private_key", mode="before")(empty_is_none)
+
+    @model_validator(mode="after")
+    def _https_pair(self) -> WebSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("[web] certificate and private_key go together: give both for HTTPS, or neither")
+        return self
+
+
+class TLSSection(BaseModel):
+    """DICOM TLS (PS3.15 Annex B): a TLS listener beside (or instead of) the plain port, and the
+    node's identity and trust as SCU towards destinations with ``tls = true``. PEM files."""
+
+    enabled: bool = False  # the TLS listener; destinations with tls = true use this section either way
+    port: int = Field(2762, ge=0, le=65535)  # 2762: the registered DICOM-TLS port; 0: any free port (tests)
+    plain: bool = True  # false: no plain-TCP listener on [node] port, TLS only
+    certificate: Path | None = None  # the node's certificate (chain), presented to callers
+    private_key: Path | None = None  # unencrypted PEM key of ``certificate``
+    ca_certificates: Path | None = None  # PEM bundle trusted for peers; None: the system's store (SCU only)
+    require_client_certificate: bool = False  # callers must present a certificate signed by ca_certificates
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    client_certificate: Path | None = None  # as SCU; None: ``certificate``
+    client_private_key: Path | None = None  # as SCU; None: ``private_key``
+    verify_hostname: bool = True  # a destination's certificate must name its host (DNS name or IP)
+    handshake_timeout_seconds: float = Field(10.0, gt=0)
+
+    _paths = field_validator("certificate", "private_key", "ca_certificates", "client_certificate",
+                             "client_private_key", mode="before")(empty_is_none)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSSection:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("[tls] enabled needs certificate and private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("[tls] require_client_certificate needs ca_certificates (whom to trust)")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("[tls] certificate and private_key go together")
+        if (self.client_certificate is None) != (self.client_private_key is None):
+            raise ValueError("[tls] client_certificate and client_private_key go together")
+        if not self.plain and not self.enabled:
+            raise ValueError("[tls] plain = false needs enabled = true (the node would not listen at all)")
+        return self
 
 
 class CompletionSection(BaseModel):
@@ -91,6 +144,7 @@ class DestinationEntry(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     outputs: list[str] = ["sr", "seg"]
+    tls: bool = False  # DICOM TLS with the [tls] client identity and trust
 
     _ae = field_validator("ae_title")(check_ae_title)
     _outputs = field_validator("outputs")(check_outputs)
@@ -132,6 +186,7 @@ class Settings(BaseSettings):
     node: NodeSection = NodeSection()
     database: DatabaseSection = DatabaseSection()
     web: WebSection = WebSection()
+    tls: TLSSection = TLSSection()
     completion: CompletionSection = CompletionSection()
     eligibility: EligibilitySection = EligibilitySection()
     worker: WorkerSection = WorkerSection()
@@ -182,4 +237,14 @@ def load_settings(path: Path | None) -> Settings:
         settings.node.data_dir = (base / settings.node.data_dir).resolve()
     if settings.model.weights is not None and not settings.model.weights.is_absolute():
         settings.model.weights = (base / settings.model.weights).resolve()
+    for section, key in _CERTIFICATE_PATHS:
+        value = getattr(getattr(settings, section), key)
+        if value is not None and not value.is_absolute():
+            setattr(getattr(settings, section), key, (base / value).resolve())
     return settings
+
+
+#: Certificate and key paths, resolved against the configuration file's folder like data_dir.
+_CERTIFICATE_PATHS = [("tls", "certificate"), ("tls", "private_key"), ("tls", "ca_certificates"),
+                      ("tls", "client_certificate"), ("tls", "client_private_key"),
+                      ("web", "certificate"), ("web", "private_key")]

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import io
 import logging
+import ssl
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -24,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
+from dicom_node import tls
 from dicom_node.node import Node
 from storage import repo
 from storage.filestore import StoreError
@@ -98,6 +100,8 @@ class Listener:
         self._server = None
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self.port: int | None = None
+        self._tls_server = None
+        self.tls_port: int | None = None  # the DICOM TLS port, with [tls] enabled
         self.ae = self._build_ae()
 
     # --- composition ---------------------------------------------------------------------------
@@ -126,17 +130,66 @@ class Listener:
         ]
 
     def start(self, port: int | None = None) -> int:
+        """Bind the plain port (unless ``[tls] plain = false``) and, with ``[tls] enabled``, the
+        DICOM TLS port (``tls_port``). Returns the plain port, or the TLS port when TLS only."""
         host = self.node.settings.node.host
         port = self.node.effective("node.port") if port is None else port
-        self._server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers())
-        self.port = self._server.server_address[1]
-        log.info("listening as %s on %s:%d", self.node.effective("node.ae_title"), host, self.port)
-        return self.port
+        tls_cfg = self.node.settings.tls
+        if tls_cfg.enabled and self._tls_server is None:
+            self.start_tls(host, tls_cfg.port)
+        if not tls_cfg.enabled or tls_cfg.plain:
+            self._server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers())
+            self.port = self._server.server_address[1]
+            log.info("listening as %s on %s:%d", self.node.effective("node.ae_title"), host, self.port)
+        return self.port if self._server is not None else self.tls_port
+
+    def start_tls(self, host: str, port: int) -> int:
+        """DICOM TLS on ``host:port`` with the ``[tls]`` certificate; the handshake runs in each
+        connection's own thread (``_on_tls_handshake``), bounded by ``handshake_timeout_seconds``."""
+        context = tls.server_context(self.node.settings.tls)
+        self._tls_server = self.ae.start_server((host, port), block=False, ssl_context=context,
+                                                evt_handlers=self.handlers() + [(evt.EVT_CONN_OPEN, self._on_tls_handshake)])
+        self.tls_port = self._tls_server.server_address[1]
+        log.info("listening as %s with DICOM TLS on %s:%d (TLS >= %s, client certificate %s)",
+                 self.node.effective("node.ae_title"), host, self.tls_port, self.node.settings.tls.min_version,
+                 "required" if self.node.settings.tls.require_client_certificate else "optional")
+        return self.tls_port
 
     def stop(self) -> None:
+        self.stop_plain()
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None
+
+    def stop_plain(self) -> None:
+        """Close the plain port only (rebinding after a port change keeps the TLS port)."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def _on_tls_handshake(self, event) -> None:
+        """EVT_CONN_OPEN on the TLS port: handshake now, in this connection's thread. A failure
+        (plain TCP, an untrusted or missing client certificate, a timeout) is audited as a
+        rejection with its reason, logged once, and the connection closed."""
+        sock = event.assoc.dul.socket.socket
+        if not isinstance(sock, ssl.SSLSocket) or sock.fileno() < 0:
+            return  # closed already (e.g. refused by a connection limit)
+        st = self._state(event)
+        timeout = self.node.settings.tls.handshake_timeout_seconds
+        try:
+            tls.handshake(sock, timeout)
+        except (ssl.SSLError, OSError) as exc:
+            reason = tls.describe_failure(exc, timeout)
+            with self._lock:
+                self._assocs.pop(id(event.assoc), None)
+            st.rejected_reason = reason
+            log.warning("connection from %s refused: %s", st.peer_host, reason)
+            try:
+                self._write_log(st, AssociationResult.REJECTED, reason, ended=True)
+            finally:
+                sock.close()  # pynetdicom then sees a closed transport: no read, no traceback
+            return
+        log.info("TLS from %s: %s", st.peer_host, tls.peer_summary(sock))
 
     # --- association audit -------------------------------------------------------------------
     def _state(self, event) -> _AssocState:
@@ -291,7 +344,13 @@ def run_listener(node: Node, stop: threading.Event, poll_seconds: float = 2.0) -
     """Run the SCP until ``stop`` is set; rebind when the port setting changes."""
     listener = Listener(node)
     configured = node.effective("node.port")
-    listener.start(configured)
+    try:
+        listener.start(configured)
+    except tls.TLSConfigError as exc:
+        log.error("cannot start the DICOM TLS listener: %s", exc)
+        listener.stop()
+        raise SystemExit(2) from None
+    plain = not node.settings.tls.enabled or node.settings.tls.plain
     try:
         while not stop.wait(poll_seconds):
             try:
@@ -299,9 +358,9 @@ def run_listener(node: Node, stop: threading.Event, poll_seconds: float = 2.0) -
             except Exception as exc:  # noqa: BLE001
                 log.warning("cannot read settings: %s", exc)
                 continue
-            if wanted != configured:
+            if wanted != configured and plain:
                 log.info("port setting changed %d -> %d: rebinding", configured, wanted)
-                listener.stop()
+                listener.stop_plain()
                 listener.start(wanted)
                 configured = wanted
     finally:

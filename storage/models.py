@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.types import TypeDecorator
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -277,6 +278,8 @@ class Destination(Base):
     port: Mapped[int] = mapped_column(Integer)
     outputs: Mapped[list] = mapped_column(JSON, default=lambda: ["sr", "seg"])
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: DICOM TLS (PS3.15 Annex B) with the node's [tls] client identity and trust.
+    tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
 
 class AssociationLog(Base):

@@ -149,19 +149,19 @@ def destinations_page(request: Request, s: DB, user: PageAdmin, edit: str | None
 
 
 def _destination_form(name: str, ae_title: str, host: str, port: str, outputs: list[str],
-                      enabled: str | None) -> schemas.DestinationIn:
+                      enabled: str | None, tls: str | None = None) -> schemas.DestinationIn:
     return schemas.DestinationIn.model_validate({"name": name.strip(), "ae_title": ae_title, "host": host.strip(),
                                                  "port": port.strip() or 0, "outputs": outputs,
-                                                 "enabled": bool(enabled)})
+                                                 "enabled": bool(enabled), "tls": bool(tls)})
 
 
 @router.post("/destinations", dependencies=[CSRF])
 def destination_add(request: Request, s: DB, user: PageAdmin, name: Annotated[str, Form()] = "",
                     ae_title: Annotated[str, Form()] = "", host: Annotated[str, Form()] = "",
                     port: Annotated[str, Form()] = "", outputs: Annotated[list[str], Form()] = [],  # noqa: B006
-                    enabled: Annotated[str | None, Form()] = None):
+                    enabled: Annotated[str | None, Form()] = None, tls: Annotated[str | None, Form()] = None):
     def action() -> str:
-        data = _destination_form(name, ae_title, host, port, outputs, enabled)
+        data = _destination_form(name, ae_title, host, port, outputs, enabled, tls)
         services.add_destination(s, user.username, data)
         return f"Destination {data.name} added."
     return _apply(request, s, "/admin/destinations", action)
@@ -171,9 +171,9 @@ def destination_add(request: Request, s: DB, user: PageAdmin, name: Annotated[st
 def destination_update(request: Request, s: DB, user: PageAdmin, current: str, name: Annotated[str, Form()] = "",
                        ae_title: Annotated[str, Form()] = "", host: Annotated[str, Form()] = "",
                        port: Annotated[str, Form()] = "", outputs: Annotated[list[str], Form()] = [],  # noqa: B006
-                       enabled: Annotated[str | None, Form()] = None):
+                       enabled: Annotated[str | None, Form()] = None, tls: Annotated[str | None, Form()] = None):
     def action() -> str:
-        data = _destination_form(name, ae_title, host, port, outputs, enabled)
+        data = _destination_form(name, ae_title, host, port, outputs, enabled, tls)
         services.update_destination(s, user.username, current, data)
         return f"Destination {data.name} saved."
     return _apply(request, s, "/admin/destinations", action)
