@@ -25,7 +25,8 @@ keeps ``data_dir/backup-in-progress.<pid>`` fresh, and retention deletes nothing
 
 ``restore`` verifies every file of the backup against the manifest while it copies it into a
 staging folder inside ``data_dir``, refuses to run while a node holds a lock file in
-``data_dir`` (or, on PostgreSQL, while other sessions are connected to the database), refuses a
+``data_dir`` or a process of this host has its SQLite database open (or, on PostgreSQL, while
+other sessions are connected to the database) and holds ``serve.lock`` itself, refuses a
 non-empty ``data_dir`` or database without ``force`` (with ``force`` the old contents are moved
 to ``data_dir/pre-restore-<time>/``, nothing is deleted), then moves the files into place,
 loads the database and applies the migrations of this version.
@@ -61,6 +62,8 @@ PGDUMP_FILE = "database.pgdump"
 MARKER = "backup-in-progress"
 MARKER_FRESH_SECONDS = 600.0
 CHUNK = 1 << 20
+#: The lock ``dicom-node serve`` holds on its data folder while it runs.
+SERVE_LOCK = "serve.lock"
 #: Entries of a data folder that are never backed up or counted as content.
 _SKIP_SUFFIXES = (".lock", ".pid", "-wal", "-shm", "-journal")
 
@@ -201,6 +204,17 @@ def processes_with_open(path: Path) -> list[int]:
         except OSError:
             continue
     return sorted(pids)
+
+
+def _hold_lock(path: Path) -> int:
+    """An exclusive ``flock`` on ``path`` (created if needed); the descriptor, to close when done."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise BackupError(f"{path} is locked by a running process (stop the node first)") from None
+    return fd
 
 
 def _alive(pid: int) -> bool:
@@ -522,86 +536,91 @@ def restore(src: Path, database_url: str, data_dir: Path, *, force: bool = False
         raise BackupError("; ".join(what) + "; restore into an empty data folder, or pass --force to move the "
                           f"current contents to {data_dir}/pre-restore-<time>/")
     data_dir.mkdir(parents=True, exist_ok=True)
-    report = RestoreReport(data_dir=data_dir, database=kind)
-
-    # 1. Stage and verify everything inside data_dir (same file system: the final moves are renames).
-    stage = data_dir / f".restore-{os.getpid()}"
-    if stage.exists():
-        shutil.rmtree(stage)
+    # Hold serve's lock (``data_dir/serve.lock``) while restoring: a `serve` started meanwhile refuses.
+    lock_fd = _hold_lock(data_dir / SERVE_LOCK)
     try:
-        if _sha256(db_file) != manifest["database"]["sha256"]:
-            raise BackupError(f"{db_file} does not match the sha256 in the manifest: the backup is damaged")
-        staged_db = stage / "database"
-        stage.mkdir()
-        shutil.copyfile(db_file, staged_db)
-        entries = manifest["files"]
-        for n, e in enumerate(entries, start=1):
-            srcf = _inside(src / FILES, e["path"])
-            try:
-                size, sha = _copy_hashed(srcf, _inside(stage / FILES, e["path"]))
-            except FileNotFoundError:
-                raise BackupError(f"{srcf} is missing from the backup") from None
-            if sha != e["sha256"] or size != e["size"]:
-                raise BackupError(f"{srcf} does not match the sha256 in the manifest: the backup is damaged")
-            report.files += 1
-            report.bytes += size
-            if progress is not None:
-                progress(n, len(entries))
+        report = RestoreReport(data_dir=data_dir, database=kind)
 
-        # 2. Move the current contents aside (never deleted).
-        if content:
-            aside = data_dir / f"pre-restore-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
-            aside.mkdir()
-            for p in content:
-                if p.parent == data_dir:
-                    os.replace(p, aside / p.name)
-            if target_db is not None:
-                for suffix in ("", "-wal", "-shm", "-journal"):
-                    extra = target_db.with_name(target_db.name + suffix)
-                    if extra.exists():
-                        os.replace(extra, aside / extra.name)
-            report.moved_aside = aside
+        # 1. Stage and verify everything inside data_dir (same file system: the final moves are renames).
+        stage = data_dir / f".restore-{os.getpid()}"
+        if stage.exists():
+            shutil.rmtree(stage)
+        try:
+            if _sha256(db_file) != manifest["database"]["sha256"]:
+                raise BackupError(f"{db_file} does not match the sha256 in the manifest: the backup is damaged")
+            staged_db = stage / "database"
+            stage.mkdir()
+            shutil.copyfile(db_file, staged_db)
+            entries = manifest["files"]
+            for n, e in enumerate(entries, start=1):
+                srcf = _inside(src / FILES, e["path"])
+                try:
+                    size, sha = _copy_hashed(srcf, _inside(stage / FILES, e["path"]))
+                except FileNotFoundError:
+                    raise BackupError(f"{srcf} is missing from the backup") from None
+                if sha != e["sha256"] or size != e["size"]:
+                    raise BackupError(f"{srcf} does not match the sha256 in the manifest: the backup is damaged")
+                report.files += 1
+                report.bytes += size
+                if progress is not None:
+                    progress(n, len(entries))
 
-        # 3. The database.
-        if kind == "sqlite":
-            target_db.parent.mkdir(parents=True, exist_ok=True)
-            for suffix in ("-wal", "-shm", "-journal"):
-                stale = target_db.with_name(target_db.name + suffix)
-                if stale.exists():
-                    stale.unlink()
-            os.replace(staged_db, target_db)
-        else:
-            r = subprocess.run([_pg_tool("pg_restore"), "--clean", "--if-exists", "--no-owner", "--no-privileges",
-                                "--single-transaction", "--exit-on-error", f"--dbname={make_url(database_url).database}",
-                                str(staged_db)], env=_pg_env(database_url), capture_output=True, text=True)
-            if r.returncode != 0:
-                raise BackupError(f"pg_restore failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+            # 2. Move the current contents aside (never deleted).
+            if content:
+                aside = data_dir / f"pre-restore-{datetime.now(timezone.utc).strftime('%Y%m%dT%H%M%SZ')}"
+                aside.mkdir()
+                for p in content:
+                    if p.parent == data_dir:
+                        os.replace(p, aside / p.name)
+                if target_db is not None:
+                    for suffix in ("", "-wal", "-shm", "-journal"):
+                        extra = target_db.with_name(target_db.name + suffix)
+                        if extra.exists():
+                            os.replace(extra, aside / extra.name)
+                report.moved_aside = aside
 
-        # 4. The files.
-        for e in entries:
-            target = _inside(data_dir, e["path"])
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(_inside(stage / FILES, e["path"]), target)
-        for folder in {_inside(data_dir, e["path"]).parent for e in entries} | {data_dir}:
-            _fsync_dir(folder)
+            # 3. The database.
+            if kind == "sqlite":
+                target_db.parent.mkdir(parents=True, exist_ok=True)
+                for suffix in ("-wal", "-shm", "-journal"):
+                    stale = target_db.with_name(target_db.name + suffix)
+                    if stale.exists():
+                        stale.unlink()
+                os.replace(staged_db, target_db)
+            else:
+                r = subprocess.run([_pg_tool("pg_restore"), "--clean", "--if-exists", "--no-owner", "--no-privileges",
+                                    "--single-transaction", "--exit-on-error", f"--dbname={make_url(database_url).database}",
+                                    str(staged_db)], env=_pg_env(database_url), capture_output=True, text=True)
+                if r.returncode != 0:
+                    raise BackupError(f"pg_restore failed ({r.returncode}): {r.stderr.strip()[-500:]}")
+
+            # 4. The files.
+            for e in entries:
+                target = _inside(data_dir, e["path"])
+                target.parent.mkdir(parents=True, exist_ok=True)
+                os.replace(_inside(stage / FILES, e["path"]), target)
+            for folder in {_inside(data_dir, e["path"]).parent for e in entries} | {data_dir}:
+                _fsync_dir(folder)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+
+        # 5. Migrations of this version, then the rows of instances replaced after the snapshot.
+        from sqlalchemy import text
+
+        from storage.db import open_database
+
+        sessions = open_database(database_url)
+        fixes = [e for e in manifest["files"] if e.get("db_sha256") and e.get("sop_instance_uid")]
+        with sessions.begin() as s:
+            for e in fixes:
+                s.execute(text("UPDATE instances SET sha256 = :sha, size_bytes = :size WHERE sop_instance_uid = :uid"),
+                          {"sha": e["sha256"], "size": e["size"], "uid": e["sop_instance_uid"]})
+                s.execute(text("UPDATE series SET dirty = :t WHERE id = (SELECT series_id FROM instances "
+                               "WHERE sop_instance_uid = :uid)"), {"t": True, "uid": e["sop_instance_uid"]})
+        sessions.kw["bind"].dispose()
+        report.replaced_fixed = len(fixes)
+        report.missing = list(manifest.get("missing", []))
+        log.debug("restored %d file(s) and the %s database from %s into %s", report.files, kind, src, data_dir)
+        return report
     finally:
-        shutil.rmtree(stage, ignore_errors=True)
-
-    # 5. Migrations of this version, then the rows of instances replaced after the snapshot.
-    from sqlalchemy import text
-
-    from storage.db import open_database
-
-    sessions = open_database(database_url)
-    fixes = [e for e in manifest["files"] if e.get("db_sha256") and e.get("sop_instance_uid")]
-    with sessions.begin() as s:
-        for e in fixes:
-            s.execute(text("UPDATE instances SET sha256 = :sha, size_bytes = :size WHERE sop_instance_uid = :uid"),
-                      {"sha": e["sha256"], "size": e["size"], "uid": e["sop_instance_uid"]})
-            s.execute(text("UPDATE series SET dirty = :t WHERE id = (SELECT series_id FROM instances "
-                           "WHERE sop_instance_uid = :uid)"), {"t": True, "uid": e["sop_instance_uid"]})
-    sessions.kw["bind"].dispose()
-    report.replaced_fixed = len(fixes)
-    report.missing = list(manifest.get("missing", []))
-    log.debug("restored %d file(s) and the %s database from %s into %s", report.files, kind, src, data_dir)
-    return report
+        os.close(lock_fd)

@@ -339,7 +339,20 @@ def test_files_replaced_or_deleted_after_the_snapshot_are_reported_and_restored_
     with contextlib.ExitStack() as stack:
         target_url = (f"sqlite:///{tmp_path / 'restored' / 'db.sqlite3'}" if db_url.startswith("sqlite")
                       else stack.enter_context(pg_database()))
-        out = restore(tmp_path / "bk", target_url, tmp_path / "restored")
+        held = []
+
+        def try_serve_lock(done: int, total: int) -> None:  # what a `serve` starting now would do
+            import fcntl
+
+            with open(tmp_path / "restored" / "serve.lock", "a") as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    held.append(False)
+                except BlockingIOError:
+                    held.append(True)
+
+        out = restore(tmp_path / "bk", target_url, tmp_path / "restored", progress=try_serve_lock)
+        assert held and all(held)  # restore holds serve's lock throughout
         assert out.replaced_fixed == 1 and out.missing == [rels[3][1]]
         from storage.db import open_database
 
