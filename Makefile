@@ -17,7 +17,6 @@ $(VENV)/.installed: pyproject.toml
 	# The CPU build of torch (an unpinned torch would pull a multi-GB CUDA build).
 	$(VENV)/bin/pip install -q torch==2.13.0
 	$(VENV)/bin/pip install -q -e '.[test]'
-	$(VENV)/bin/pip install -q -e '.[validate]'
 	touch $@
 
 debs:

@@ -189,6 +189,18 @@ class ModelSection(BaseModel):
     device: str = "cpu"
 
 
+class RetentionSection(BaseModel):
+    """Deleting old studies (files and index rows, audited); a study with pending work is never deleted."""
+
+    #: Delete studies whose last instance arrived more than this many days ago; 0: off.
+    max_age_days: float = Field(0.0, ge=0)
+    #: While free space on the data folder's file system is below this percentage, delete the
+    #: oldest studies; 0: off.
+    min_free_disk_percent: float = Field(0.0, ge=0, lt=100)
+    #: Seconds between retention passes (run by the schedule stage).
+    interval_seconds: float = Field(3600.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DICOM_NODE_", env_nested_delimiter="__", extra="forbid")
 
@@ -201,6 +213,7 @@ class Settings(BaseSettings):
     worker: WorkerSection = WorkerSection()
     dispatch: DispatchSection = DispatchSection()
     model: ModelSection = ModelSection()
+    retention: RetentionSection = RetentionSection()
     sources: list[SourceEntry] = []
     destinations: list[DestinationEntry] = []
 

@@ -131,9 +131,11 @@ def echo(ae_title: str, host: str, port: int, *, calling_ae: str = "DICOM_NODE",
 
 def store(paths: list[Path], ae_title: str, host: str, port: int, *, calling_ae: str = "DICOM_NODE",
           timeout: float = 30.0, skip_uids: set[str] = frozenset(),
-          tls: tls_module.TLSSettings | None = None) -> Outcome:
+          tls: tls_module.TLSSettings | None = None, on_response=None) -> Outcome:
     """Send ``paths`` on one association (over DICOM TLS with ``tls``); returns which SOP
     Instance UIDs the peer acknowledged. ``timeout`` in seconds.
+
+    ``on_response(sop_instance_uid)``, if given, is called after each C-STORE response (progress).
 
     Presentation contexts are proposed for each file's SOP class with its own transfer syntax
     and Explicit/Implicit VR Little Endian, so files are sent as stored where the peer allows.
@@ -169,6 +171,8 @@ def store(paths: list[Path], ae_title: str, host: str, port: int, *, calling_ae:
         for ds in datasets:
             try:
                 status = assoc.send_c_store(ds)
+                if on_response is not None:
+                    on_response(ds.SOPInstanceUID)
             except ValueError as exc:  # no accepted presentation context for this SOP class
                 failure = Outcome(Kind.PERMANENT, f"{ae_title} accepts no context for {ds.SOPClassUID}: {exc}")
                 break

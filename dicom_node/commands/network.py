@@ -92,7 +92,13 @@ def run_send(args) -> int:
     if not dicom_files:
         print("dicom-node: no DICOM files to send", file=sys.stderr)
         return 2
-    outcome = store(dicom_files, ae, host, port, calling_ae=_calling_ae(args), timeout=args.timeout, tls=_tls(args))
+    from tqdm import tqdm
+
+    # A progress bar (one step per C-STORE response) on stderr, only when it is a terminal.
+    with tqdm(total=len(dicom_files), desc="send", unit="file", file=sys.stderr,
+              disable=not sys.stderr.isatty()) as bar:
+        outcome = store(dicom_files, ae, host, port, calling_ae=_calling_ae(args), timeout=args.timeout,
+                        tls=_tls(args), on_response=lambda _uid: bar.update())
     print(f"{len(outcome.acknowledged)}/{len(dicom_files)} stored: {outcome.message}",
           file=sys.stdout if outcome.ok else sys.stderr)
     return 0 if outcome.ok else 1

@@ -138,6 +138,8 @@ def create_app(node: Node) -> FastAPI:
         app.include_router(module.router)
     app.include_router(pages.router, include_in_schema=False)
     app.include_router(admin_pages.router, include_in_schema=False)
+    from dicom_node.web.routes import storage as storage_routes  # storage usage and retention (operations)
+    app.include_router(storage_routes.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _allow_docs_script(app, ops.router)
     return app

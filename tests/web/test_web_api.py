@@ -59,6 +59,7 @@ ROLES = {
     ("DELETE", "/api/users/{username}"): ADM,
     ("GET", "/api/settings"): ADM,
     ("PATCH", "/api/settings"): ADM,
+    ("GET", "/api/storage"): ADM,
 }
 PUBLIC = {("POST", "/api/token")}
 #: Routes that end the caller's own token: called with a fresh one, not the session's.
