@@ -13,6 +13,7 @@ import logging
 import sys
 
 COMMANDS = ["stages", "web", "network", "admin", "user", "predict", "train", "evaluate"]
+COMMANDS += ["backup", "retention"]  # operations (issue 11)
 
 
 def configure_logging(verbose: int = 0) -> None:
@@ -21,6 +22,9 @@ def configure_logging(verbose: int = 0) -> None:
                         format="%(asctime)s %(levelname)s %(processName)s %(name)s: %(message)s")
     if verbose < 2:
         logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    # Migrations are routine: Alembic's "Context impl", "Will assume transactional DDL" and
+    # "Running upgrade" lines only with -v.
+    logging.getLogger("alembic").setLevel(logging.INFO if verbose >= 1 else logging.WARNING)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -43,6 +43,11 @@ def check_outputs(value: list[str]) -> list[str]:
     return list(dict.fromkeys(value))
 
 
+def empty_is_none(value):
+    """``""`` in the file or the environment means "not set" for optional paths."""
+    return None if isinstance(value, str) and not value.strip() else value
+
+
 class NodeSection(BaseModel):
     ae_title: str = "DICOM_NODE"
     host: str = "0.0.0.0"
@@ -51,6 +56,20 @@ class NodeSection(BaseModel):
     #: "reject" (PS3.8 rejected-permanent, calling AE not recognised) or "accept" (any caller).
     unknown_callers: Literal["reject", "accept"] = "reject"
     max_pdu: int = Field(0, ge=0)
+    # Listener limits (docs/hardening/listener.md); seconds and bytes.
+    #: Associations at once past a complete request (half-open connections do not count).
+    max_associations: int = Field(64, ge=1)
+    #: Associations at once from one peer host.
+    max_associations_per_peer: int = Field(16, ge=1)
+    #: From TCP connect until the A-ASSOCIATE-RQ is complete, in total (holds against a drip).
+    association_request_timeout: float = Field(30.0, gt=0)
+    #: Without traffic on an association, or while one PDU is still arriving.
+    idle_timeout: float = Field(60.0, gt=0)
+    #: Largest declared A-ASSOCIATE-RQ PDU length read (a usual request is 1-20 kB; 128 contexts
+    #: each proposing all 45 transfer syntaxes pynetdicom knows is 148 kB).
+    max_request_pdu: int = Field(256 * 1024, ge=1024)
+    #: Largest instance kept, counted after inflating a deflated transfer syntax.
+    max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)
 
     _ae = field_validator("ae_title")(check_ae_title)
 
@@ -65,6 +84,61 @@ class WebSection(BaseModel):
     port: int = Field(8080, ge=0, le=65535)
     #: Signs session cookies and API tokens; empty means a random key kept in data_dir.
     secret_key: str = ""
+    #: Mark cookies Secure even on plain-HTTP requests (behind a TLS proxy the app is not told about).
+    force_secure_cookies: bool = False
+    #: Login rate limits, per web process, over login_window_seconds: failed logins from one
+    #: client for one user name, and from one client for any user name (then 429 + Retry-After).
+    login_failures_per_user_and_client: int = Field(5, ge=1)
+    login_failures_per_client: int = Field(20, ge=1)
+    login_window_seconds: float = Field(300.0, gt=0)
+    #: HTTPS: PEM certificate (chain) and private key; both empty: plain HTTP (e.g. behind a proxy).
+    certificate: Path | None = None
+    private_key: Path | None = None
+    #: Reverse proxies whose X-Forwarded-For/-Proto are believed (IP addresses or CIDR); empty: none.
+    trusted_proxies: list[str] = []
+
+    _paths = field_validator("certificate", "private_key", mode="before")(empty_is_none)
+
+    @model_validator(mode="after")
+    def _https_pair(self) -> WebSection:
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("[web] certificate and private_key go together: give both for HTTPS, or neither")
+        return self
+
+
+class TLSSection(BaseModel):
+    """DICOM TLS (PS3.15 Annex B): a TLS listener beside (or instead of) the plain port, and the
+    node's identity and trust as SCU towards destinations with ``tls = true``. PEM files."""
+
+    enabled: bool = False  # the TLS listener; destinations with tls = true use this section either way
+    port: int = Field(2762, ge=0, le=65535)  # 2762: the registered DICOM-TLS port; 0: any free port (tests)
+    plain: bool = True  # false: no plain-TCP listener on [node] port, TLS only
+    certificate: Path | None = None  # the node's certificate (chain), presented to callers
+    private_key: Path | None = None  # unencrypted PEM key of ``certificate``
+    ca_certificates: Path | None = None  # PEM bundle trusted for peers; None: the system's store (SCU only)
+    require_client_certificate: bool = False  # callers must present a certificate signed by ca_certificates
+    min_version: Literal["1.2", "1.3"] = "1.2"
+    client_certificate: Path | None = None  # as SCU; None: ``certificate``
+    client_private_key: Path | None = None  # as SCU; None: ``private_key``
+    verify_hostname: bool = True  # a destination's certificate must name its host (DNS name or IP)
+    handshake_timeout_seconds: float = Field(10.0, gt=0)
+
+    _paths = field_validator("certificate", "private_key", "ca_certificates", "client_certificate",
+                             "client_private_key", mode="before")(empty_is_none)
+
+    @model_validator(mode="after")
+    def _complete(self) -> TLSSection:
+        if self.enabled and (self.certificate is None or self.private_key is None):
+            raise ValueError("[tls] enabled needs certificate and private_key")
+        if self.require_client_certificate and self.ca_certificates is None:
+            raise ValueError("[tls] require_client_certificate needs ca_certificates (whom to trust)")
+        if (self.certificate is None) != (self.private_key is None):
+            raise ValueError("[tls] certificate and private_key go together")
+        if (self.client_certificate is None) != (self.client_private_key is None):
+            raise ValueError("[tls] client_certificate and client_private_key go together")
+        if not self.plain and not self.enabled:
+            raise ValueError("[tls] plain = false needs enabled = true (the node would not listen at all)")
+        return self
 
 
 class CompletionSection(BaseModel):
@@ -91,6 +165,7 @@ class DestinationEntry(BaseModel):
     host: str
     port: int = Field(ge=1, le=65535)
     outputs: list[str] = ["sr", "seg"]
+    tls: bool = False  # DICOM TLS with the [tls] client identity and trust
 
     _ae = field_validator("ae_title")(check_ae_title)
     _outputs = field_validator("outputs")(check_outputs)
@@ -114,17 +189,31 @@ class ModelSection(BaseModel):
     device: str = "cpu"
 
 
+class RetentionSection(BaseModel):
+    """Deleting old studies (files and index rows, audited); a study with pending work is never deleted."""
+
+    #: Delete studies whose last instance arrived more than this many days ago; 0: off.
+    max_age_days: float = Field(0.0, ge=0)
+    #: While free space on the data folder's file system is below this percentage, delete the
+    #: oldest studies; 0: off.
+    min_free_disk_percent: float = Field(0.0, ge=0, lt=100)
+    #: Seconds between retention passes (run by the schedule stage).
+    interval_seconds: float = Field(3600.0, gt=0)
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="DICOM_NODE_", env_nested_delimiter="__", extra="forbid")
 
     node: NodeSection = NodeSection()
     database: DatabaseSection = DatabaseSection()
     web: WebSection = WebSection()
+    tls: TLSSection = TLSSection()
     completion: CompletionSection = CompletionSection()
     eligibility: EligibilitySection = EligibilitySection()
     worker: WorkerSection = WorkerSection()
     dispatch: DispatchSection = DispatchSection()
     model: ModelSection = ModelSection()
+    retention: RetentionSection = RetentionSection()
     sources: list[SourceEntry] = []
     destinations: list[DestinationEntry] = []
 
@@ -169,4 +258,14 @@ def load_settings(path: Path | None) -> Settings:
         settings.node.data_dir = (base / settings.node.data_dir).resolve()
     if settings.model.weights is not None and not settings.model.weights.is_absolute():
         settings.model.weights = (base / settings.model.weights).resolve()
+    for section, key in _CERTIFICATE_PATHS:
+        value = getattr(getattr(settings, section), key)
+        if value is not None and not value.is_absolute():
+            setattr(getattr(settings, section), key, (base / value).resolve())
     return settings
+
+
+#: Certificate and key paths, resolved against the configuration file's folder like data_dir.
+_CERTIFICATE_PATHS = [("tls", "certificate"), ("tls", "private_key"), ("tls", "ca_certificates"),
+                      ("tls", "client_certificate"), ("tls", "client_private_key"),
+                      ("web", "certificate"), ("web", "private_key")]

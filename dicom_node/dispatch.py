@@ -27,10 +27,12 @@ from storage.models import AssociationResult, Destination, ResultObject, Transfe
 
 log = logging.getLogger(__name__)
 
-#: kind of destination -> sender(paths, destination, calling_ae, timeout, skip_uids) -> scu.Outcome
+#: kind of destination -> sender(paths, destination, calling_ae, timeout, skip_uids, tls=[tls] settings)
+#: -> scu.Outcome; a destination with ``tls`` is sent over DICOM TLS.
 SENDERS: dict[str, Callable[..., scu.Outcome]] = {
-    "dicom": lambda paths, d, calling_ae, timeout, skip: scu.store(
-        paths, d.ae_title, d.host, d.port, calling_ae=calling_ae, timeout=timeout, skip_uids=skip),
+    "dicom": lambda paths, d, calling_ae, timeout, skip, tls=None: scu.store(
+        paths, d.ae_title, d.host, d.port, calling_ae=calling_ae, timeout=timeout, skip_uids=skip,
+        tls=tls if d.tls else None),
 }
 
 
@@ -56,12 +58,12 @@ def dispatch_once(node: Node, worker_id: str) -> bool:
         skip = set(t.sent_sop_instance_uids or [])
         transfer_id, attempt = t.id, t.attempts
         calling_ae = node.effective("node.ae_title", s)
-        d = Destination(name=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port)
+        d = Destination(name=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port, tls=bool(dest.tls))
     log.info("transfer %d: %d object(s) to %s (%s@%s:%d), attempt %d", transfer_id, len(paths) - len(skip),
              dest_info[0], dest_info[1], dest_info[2], dest_info[3], attempt)
     started = utcnow()
     try:
-        outcome = SENDERS["dicom"](paths, d, calling_ae, cfg.timeout_seconds, skip)
+        outcome = SENDERS["dicom"](paths, d, calling_ae, cfg.timeout_seconds, skip, tls=node.settings.tls)
     except FileNotFoundError as exc:
         outcome = scu.Outcome(scu.Kind.PERMANENT, f"result file missing: {exc}")
     except Exception as exc:  # noqa: BLE001 - network errors of every kind are transient

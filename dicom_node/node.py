@@ -62,5 +62,5 @@ def open_node(settings: Settings, *, seed: bool = True) -> Node:
             for src in settings.sources:
                 repo.ensure_source(s, src.ae_title, src.host, src.description)
             for dst in settings.destinations:
-                repo.ensure_destination(s, dst.name, dst.ae_title, dst.host, dst.port, dst.outputs)
+                repo.ensure_destination(s, dst.name, dst.ae_title, dst.host, dst.port, dst.outputs, dst.tls)
     return node

@@ -145,6 +145,9 @@ def schedule_once(node: Node, model_version: str, limit: int = 20) -> int:
 
 def run_scheduler(node: Node, stop: threading.Event, model_version: str, poll_seconds: float = 1.0) -> None:
     log.info("scheduler running (model %s)", model_version)
+    from dicom_node.retention import start_retention
+
+    start_retention(node, stop)  # [retention], when enabled: its own loop in a thread of this stage
     while not stop.is_set():
         try:
             n = schedule_once(node, model_version)

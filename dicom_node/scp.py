@@ -14,20 +14,23 @@ from __future__ import annotations
 
 import io
 import logging
+import ssl
 import threading
 import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pydicom import dcmread
+from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
-from pynetdicom import AE, ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
+from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 from sqlalchemy.exc import DataError, IntegrityError
 
+from dicom_node import scp_reasons, tls
 from dicom_node.node import Node
+from dicom_node.scp_limits import LimitedAE, ListenerLimits, dataset_refusal
 from storage import limits, redact, repo
 from storage.filestore import StoreError
 from storage.models import AssociationLog, AssociationResult, utcnow
@@ -39,6 +42,9 @@ SUCCESS = 0x0000
 OUT_OF_RESOURCES = 0xA700
 DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
 CANNOT_UNDERSTAND = 0xC000
+#: An instance over ``max_dataset_bytes``: "Error: cannot understand" class, a permanent failure,
+#: with the reason in ErrorComment (resending the same instance cannot succeed).
+DATASET_TOO_LARGE = CANNOT_UNDERSTAND
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
 REJECTED_PERMANENT = 0x01
@@ -47,6 +53,8 @@ SOURCE_SERVICE_USER = 0x01
 REASON_NO_REASON = 0x01
 REASON_CALLING_AE_NOT_RECOGNISED = 0x03
 REASON_CALLED_AE_NOT_RECOGNISED = 0x07
+SOURCE_PROVIDER_PRESENTATION = 0x03
+REASON_LOCAL_LIMIT_EXCEEDED = 0x02
 
 #: Our own results (SR, SEG, key images) are stored when sent back to us but never analysed.
 RESULT_SOP_CLASSES = {
@@ -75,6 +83,9 @@ class _AssocState:
     instances: int = 0
     rejected_reason: str | None = None
     closed: bool = False
+    requested: bool = False  # a complete A-ASSOCIATE-RQ arrived (EVT_REQUESTED)
+    refused_reason: str | None = None  # instances refused on an accepted association
+    refused: int = 0
 
 
 def _text(value) -> str | None:
@@ -102,19 +113,20 @@ class Listener:
         self._server = None
         self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self.port: int | None = None
+        self._tls_server = None
+        self.tls_port: int | None = None  # the DICOM TLS port, with [tls] enabled
         self.ae = self._build_ae()
 
     # --- composition ---------------------------------------------------------------------------
-    def _build_ae(self) -> AE:
-        ae = AE(ae_title=self.node.settings.node.ae_title)
+    def _build_ae(self) -> LimitedAE:
+        # Limits (maximum PDU, associations, timeouts, sizes) are applied by LimitedAE.
+        self.limits = ListenerLimits.from_node_section(self.node.settings.node)
+        ae = LimitedAE(self.node.settings.node.ae_title, self.limits)
         ae.require_called_aet = False  # checked in _on_requested against the live setting
-        ae.maximum_pdu_size = self.node.settings.node.max_pdu
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
-        ae.acse_timeout = 30
         ae.dimse_timeout = 60
-        ae.network_timeout = 60
         return ae
 
     def handlers(self) -> list:
@@ -130,17 +142,66 @@ class Listener:
         ]
 
     def start(self, port: int | None = None) -> int:
+        """Bind the plain port (unless ``[tls] plain = false``) and, with ``[tls] enabled``, the
+        DICOM TLS port (``tls_port``). Returns the plain port, or the TLS port when TLS only."""
         host = self.node.settings.node.host
         port = self.node.effective("node.port") if port is None else port
-        self._server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers())
-        self.port = self._server.server_address[1]
-        log.info("listening as %s on %s:%d", self.node.effective("node.ae_title"), host, self.port)
-        return self.port
+        tls_cfg = self.node.settings.tls
+        if tls_cfg.enabled and self._tls_server is None:
+            self.start_tls(host, tls_cfg.port)
+        if not tls_cfg.enabled or tls_cfg.plain:
+            self._server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers())
+            self.port = self._server.server_address[1]
+            log.info("listening as %s on %s:%d", self.node.effective("node.ae_title"), host, self.port)
+        return self.port if self._server is not None else self.tls_port
+
+    def start_tls(self, host: str, port: int) -> int:
+        """DICOM TLS on ``host:port`` with the ``[tls]`` certificate; the handshake runs in each
+        connection's own thread (``_on_tls_handshake``), bounded by ``handshake_timeout_seconds``."""
+        context = tls.server_context(self.node.settings.tls)
+        self._tls_server = self.ae.start_server((host, port), block=False, ssl_context=context,
+                                                evt_handlers=self.handlers() + [(evt.EVT_CONN_OPEN, self._on_tls_handshake)])
+        self.tls_port = self._tls_server.server_address[1]
+        log.info("listening as %s with DICOM TLS on %s:%d (TLS >= %s, client certificate %s)",
+                 self.node.effective("node.ae_title"), host, self.tls_port, self.node.settings.tls.min_version,
+                 "required" if self.node.settings.tls.require_client_certificate else "optional")
+        return self.tls_port
 
     def stop(self) -> None:
+        self.stop_plain()
+        if self._tls_server is not None:
+            self._tls_server.shutdown()
+            self._tls_server = None
+
+    def stop_plain(self) -> None:
+        """Close the plain port only (rebinding after a port change keeps the TLS port)."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+
+    def _on_tls_handshake(self, event) -> None:
+        """EVT_CONN_OPEN on the TLS port: handshake now, in this connection's thread. A failure
+        (plain TCP, an untrusted or missing client certificate, a timeout) is audited as a
+        rejection with its reason, logged once, and the connection closed."""
+        sock = event.assoc.dul.socket.socket
+        if not isinstance(sock, ssl.SSLSocket) or sock.fileno() < 0:
+            return  # closed already (e.g. refused by a connection limit)
+        st = self._state(event)
+        timeout = self.node.settings.tls.handshake_timeout_seconds
+        try:
+            tls.handshake(sock, timeout)
+        except (ssl.SSLError, OSError) as exc:
+            reason = tls.describe_failure(exc, timeout)
+            with self._lock:
+                self._assocs.pop(id(event.assoc), None)
+            st.rejected_reason = reason
+            log.warning("connection from %s refused: %s", st.peer_host, reason)
+            try:
+                self._write_log(st, AssociationResult.REJECTED, reason, ended=True)
+            finally:
+                sock.close()  # pynetdicom then sees a closed transport: no read, no traceback
+            return
+        log.info("TLS from %s: %s", st.peer_host, tls.peer_summary(sock))
 
     # --- association audit -------------------------------------------------------------------
     def _state(self, event) -> _AssocState:
@@ -158,9 +219,15 @@ class Listener:
 
     def _on_requested(self, event) -> None:
         st = self._state(event)
+        st.requested = True
         rq = event.assoc.requestor.primitive
         st.calling_ae = _text(rq.calling_ae_title)
         st.called_ae = _text(rq.called_ae_title)
+        limit = self.ae.guard.admit(event.assoc)
+        if limit is not None:  # transient: the sender may retry later
+            self._reject(event, st, limit, REJECTED_TRANSIENT, SOURCE_PROVIDER_PRESENTATION,
+                         REASON_LOCAL_LIMIT_EXCEEDED, self.node.settings.node.ae_title)
+            return
         with self.node.sessions() as s:
             our_ae = self.node.effective("node.ae_title", s)
             reason = None
@@ -172,13 +239,18 @@ class Listener:
                 reason = repo.source_allows(s, st.calling_ae or "", st.peer_host)
                 diagnostic = REASON_CALLING_AE_NOT_RECOGNISED
         if reason is not None:
-            st.rejected_reason = reason
-            log.warning("association from %s (%s -> %s) rejected: %s", st.peer_host, st.calling_ae, st.called_ae, reason)
-            self._write_log(st, AssociationResult.REJECTED, reason, ended=True)
-            event.assoc.acceptor.ae_title = our_ae
-            event.assoc.acse.send_reject(REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic)
-            # Wait until the A-ASSOCIATE-RJ is on the wire before pynetdicom closes the socket.
-            event.assoc.kill()
+            self.ae.guard.release(event.assoc)
+            self._reject(event, st, reason, REJECTED_PERMANENT, SOURCE_SERVICE_USER, diagnostic, our_ae)
+
+    def _reject(self, event, st: _AssocState, reason: str, result: int, source: int, diagnostic: int,
+                our_ae: str) -> None:
+        st.rejected_reason = reason
+        log.warning("association from %s (%s -> %s) rejected: %s", st.peer_host, st.calling_ae, st.called_ae, reason)
+        self._write_log(st, AssociationResult.REJECTED, reason, ended=True)
+        event.assoc.acceptor.ae_title = our_ae
+        event.assoc.acse.send_reject(result, source, diagnostic)
+        # Wait until the A-ASSOCIATE-RJ is on the wire before pynetdicom closes the socket.
+        event.assoc.kill()
 
     def _on_established(self, event) -> None:
         st = self._state(event)
@@ -196,24 +268,38 @@ class Listener:
             row.ended_at = utcnow()
             row.instances = st.instances
             row.duration_s = round(time.monotonic() - st.started, 3)
+            if st.refused_reason is not None:
+                row.reason = f"{st.refused_reason}: {st.refused} instance(s) refused"
             if aborted:
                 row.result = AssociationResult.ABORTED
-                row.reason = "association aborted (A-ABORT or connection lost)"
+                row.reason = self._abort_reason(event.assoc)
         st.closed = True
         log.info("association %s %s: %d instance(s) in %.2f s", st.log_id, "aborted" if aborted else "released",
                  st.instances, time.monotonic() - st.started)
 
+    def _abort_reason(self, assoc) -> str:
+        """The real reason an established association ended without a release."""
+        refusal = getattr(assoc.dul, "refusal", None)
+        if refusal is not None:
+            return refusal
+        if getattr(assoc.dul, "idle_expired", False):  # latched: sending the A-ABORT restarts the timer
+            return scp_reasons.idle_timeout(self.limits.idle_timeout)
+        return "association aborted (A-ABORT or connection lost)"
+
     def _on_conn_close(self, event) -> None:
         with self._lock:
             st = self._assocs.get(id(event.assoc))
-            if st is not None and st.log_id is None and st.rejected_reason is None:
+            if st is not None and not st.requested:
                 del self._assocs[id(event.assoc)]
             else:
-                return  # established associations are closed in _on_ended (released/aborted)
-        # The peer never sent a valid A-ASSOCIATE-RQ: garbage on the port, a port scan, a timeout.
-        self._write_log(st, AssociationResult.REJECTED,
-                        "connection closed without a valid association request (malformed PDU or timeout)", ended=True)
-        log.warning("connection from %s closed without a valid association request", st.peer_host)
+                # Requested associations are audited when rejected, or in _on_ended (released or
+                # aborted), which may run after this even if the connection closed at once.
+                return
+        # The peer never sent a complete, valid A-ASSOCIATE-RQ: cut by a limit (the DUL says
+        # which), or garbage on the port, a port scan, a connection dropped.
+        reason = getattr(event.assoc.dul, "refusal", None) or scp_reasons.MALFORMED
+        self._write_log(st, AssociationResult.REJECTED, reason, ended=True)
+        log.warning("connection from %s closed without a valid association request: %s", st.peer_host, reason)
 
     def _write_log(self, st: _AssocState, result: AssociationResult, reason: str | None, *, ended: bool) -> None:
         duration = round(time.monotonic() - st.started, 3)
@@ -251,6 +337,9 @@ class Listener:
         """
         st = self._state(event)
         sop_uid_cmd = _text(event.request.AffectedSOPInstanceUID)
+        too_large = dataset_refusal(event.request, event.context.transfer_syntax, self.limits.max_dataset_bytes)
+        if too_large is not None:
+            return self._refuse_instance(st, sop_uid_cmd, too_large)
         try:
             data = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # noqa: BLE001 - any failure to take the bytes
@@ -284,6 +373,7 @@ class Listener:
         try:
             limits.check(meta)
         except limits.ValueRefused as exc:
+            st.refused_reason, st.refused = str(exc), st.refused + 1  # in the association audit
             log.error("instance %s from %s refused: %s", _uid_for_log(meta.sop_instance_uid), st.calling_ae, exc)
             return DATASET_DOES_NOT_MATCH_SOP_CLASS
         if meta.sop_instance_uid != sop_uid_cmd:
@@ -327,6 +417,15 @@ class Listener:
         log.debug("stored %s (%s) from %s", meta.sop_instance_uid, outcome, st.calling_ae)
         return SUCCESS
 
+    def _refuse_instance(self, st: _AssocState, sop_uid: str | None, reason: str) -> Dataset:
+        """A permanent refusal (``DATASET_TOO_LARGE``) with the reason in ErrorComment."""
+        st.refused_reason, st.refused = reason, st.refused + 1
+        log.warning("instance %s from %s refused: %s", sop_uid, st.calling_ae, reason)
+        status = Dataset()
+        status.Status = DATASET_TOO_LARGE
+        status.ErrorComment = reason[:64]  # LO: at most 64 characters
+        return status
+
 
 def _uid(value) -> str:
     """A UID attribute as indexed: padding removed (a missing one raises AttributeError upstream)."""
@@ -351,7 +450,13 @@ def run_listener(node: Node, stop: threading.Event, poll_seconds: float = 2.0) -
     """Run the SCP until ``stop`` is set; rebind when the port setting changes."""
     listener = Listener(node)
     configured = node.effective("node.port")
-    listener.start(configured)
+    try:
+        listener.start(configured)
+    except tls.TLSConfigError as exc:
+        log.error("cannot start the DICOM TLS listener: %s", exc)
+        listener.stop()
+        raise SystemExit(2) from None
+    plain = not node.settings.tls.enabled or node.settings.tls.plain
     try:
         while not stop.wait(poll_seconds):
             try:
@@ -359,9 +464,9 @@ def run_listener(node: Node, stop: threading.Event, poll_seconds: float = 2.0) -
             except Exception as exc:  # noqa: BLE001
                 log.warning("cannot read settings: %s", exc)
                 continue
-            if wanted != configured:
+            if wanted != configured and plain:
                 log.info("port setting changed %d -> %d: rebinding", configured, wanted)
-                listener.stop()
+                listener.stop_plain()
                 listener.start(wanted)
                 configured = wanted
     finally:

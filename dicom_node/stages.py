@@ -64,16 +64,22 @@ def run_stage(name: str, settings: Settings, stop: threading.Event) -> None:
 
 
 def run_web(node, stop: threading.Event) -> None:
+    """Serve the web application (HTTPS with ``[web] certificate``) until ``stop`` is set."""
     import uvicorn
 
+    from dicom_node.tls import TLSConfigError, web_config
     from dicom_node.web.app import create_app
 
-    config = uvicorn.Config(create_app(node), host=node.settings.web.host, port=node.settings.web.port,
-                            log_level="warning", access_log=False)
+    try:
+        config = web_config(create_app(node), node.settings.web, log_level="warning", access_log=False)
+    except TLSConfigError as exc:
+        log.error("cannot start the web over HTTPS: %s", exc)
+        raise SystemExit(2) from None
     server = uvicorn.Server(config)
     server.install_signal_handlers = lambda: None  # the stage's own handler sets ``stop``
     threading.Thread(target=lambda: (stop.wait(), setattr(server, "should_exit", True)), daemon=True).start()
-    log.info("web on http://%s:%d", node.settings.web.host, node.settings.web.port)
+    log.info("web on %s://%s:%d%s", "https" if config.ssl else "http", node.settings.web.host, node.settings.web.port,
+             f" (proxy headers from {', '.join(node.settings.web.trusted_proxies)})" if node.settings.web.trusted_proxies else "")
     server.run()
 
 

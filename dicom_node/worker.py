@@ -145,7 +145,7 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
             raise RuntimeError("job was taken over by another worker")
         study = job.series.study
         for n, f in enumerate(findings, start=1):
-            s.add(FindingRow(job=job, study_id=study.id, number=n, tracking_uid=results.tracking_uids[n - 1],
+            s.add(FindingRow(job=job, study_id=study.id, number=results.numbers[n - 1], tracking_uid=results.tracking_uids[n - 1],
                              center_x_mm=float(f.center_mm[0]), center_y_mm=float(f.center_mm[1]),
                              center_z_mm=float(f.center_mm[2]), center_voxel=[float(v) for v in f.center_voxel],
                              diameter_mm=float(f.diameter_mm), volume_mm3=float(f.volume_mm3),

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
 )
 from sqlalchemy.types import TypeDecorator
+from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 
@@ -277,6 +278,8 @@ class Destination(Base):
     port: Mapped[int] = mapped_column(Integer)
     outputs: Mapped[list] = mapped_column(JSON, default=lambda: ["sr", "seg"])
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: DICOM TLS (PS3.15 Annex B) with the node's [tls] client identity and trust.
+    tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
 
 class AssociationLog(Base):
@@ -329,5 +332,27 @@ class AuditEvent(Base):
     target: Mapped[str | None] = mapped_column(String(255))
     detail: Mapped[dict | None] = mapped_column(JSON)
 
+
+
+class WebSession(Base):
+    """A signed-in page session (cookie) or an API bearer token, revocable on the server.
+
+    Only a SHA-256 digest of the secret is stored (``token_hash``), so the table does not hold
+    usable credentials. A session is valid while ``revoked_at`` is empty and ``expires_at`` is
+    in the future; logout revokes one, a password change or removal all of a user's.
+    ``last_seen_at`` is refreshed at most every few minutes (see ``dicom_node.web.login``).
+    """
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(8))  # "page" (cookie) or "api" (bearer token)
+    client_host: Mapped[str | None] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
+    revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
 
 __all__ = [n for n in dir() if not n.startswith("_")]

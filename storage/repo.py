@@ -72,10 +72,14 @@ def ensure_source(s: Session, ae_title: str, host: str | None = None, descriptio
     return row
 
 
-def ensure_destination(s: Session, name: str, ae_title: str, host: str, port: int, outputs: list[str]) -> Destination:
+def ensure_destination(s: Session, name: str, ae_title: str, host: str, port: int, outputs: list[str],
+                       tls: bool = False) -> Destination:
+    """The destination ``name``, created with these values when new (an existing row is kept as the
+    admin left it: the database wins over config.toml)."""
     row = s.scalar(select(Destination).where(Destination.name == name))
     if row is None:
-        row = Destination(name=name, ae_title=ae_title, host=host, port=port, outputs=list(outputs), enabled=True)
+        row = Destination(name=name, ae_title=ae_title, host=host, port=port, outputs=list(outputs), enabled=True,
+                          tls=tls)
         s.add(row)
     return row
 

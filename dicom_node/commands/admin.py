@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("name")
     a.add_argument("peer", metavar="AE@HOST:PORT")
     a.add_argument("--outputs", default="sr,seg", help="comma-separated: sr, seg, sc (default: %(default)s)")
+    a.add_argument("--tls", action="store_true",
+                   help="send over DICOM TLS, with the [tls] client certificate and CA of the config")
     r = ss.add_parser("remove", help="remove a destination")
     r.add_argument("name")
     e = ss.add_parser("echo", help="C-ECHO a destination")
@@ -108,18 +110,21 @@ def run_destination(args) -> int:
             try:
                 ae, host, port = parse_peer(args.peer)
                 entry = DestinationEntry(name=args.name, ae_title=ae, host=host, port=port,
-                                         outputs=[o.strip() for o in args.outputs.split(",") if o.strip()])
+                                         outputs=[o.strip() for o in args.outputs.split(",") if o.strip()],
+                                         tls=args.tls)
             except ValueError as exc:
                 print(f"dicom-node: {exc}", file=sys.stderr)
                 return 2
             row = repo.ensure_destination(s, entry.name, entry.ae_title, entry.host, entry.port, entry.outputs)
             row.ae_title, row.host, row.port, row.outputs, row.enabled = entry.ae_title, entry.host, entry.port, entry.outputs, True
+            row.tls = entry.tls
             repo.audit(s, "cli", "destination.add", entry.name, entry.model_dump())
-            print(f"destination {entry.name} -> {ae}@{host}:{port} ({', '.join(entry.outputs)})")
+            print(f"destination {entry.name} -> {ae}@{host}:{port} ({', '.join(entry.outputs)}){' over TLS' if entry.tls else ''}")
             return 0
         if args.action == "list":
             for d in s.scalars(select(Destination).order_by(Destination.name)):
-                print(f"{d.name:16}  {d.ae_title}@{d.host}:{d.port}  outputs={','.join(d.outputs)}  {'enabled' if d.enabled else 'disabled'}")
+                print(f"{d.name:16}  {d.ae_title}@{d.host}:{d.port}  outputs={','.join(d.outputs)}  {'enabled' if d.enabled else 'disabled'}"
+                      f"{'  tls' if d.tls else ''}")
             return 0
         row = s.scalar(select(Destination).where(Destination.name == args.name))
         if row is None:
@@ -131,7 +136,8 @@ def run_destination(args) -> int:
             print(f"destination {args.name} removed")
             return 0
         target = (row.ae_title, row.host, row.port)
-    outcome = echo(*target, calling_ae=node.effective("node.ae_title"))
+        use_tls = bool(row.tls)
+    outcome = echo(*target, calling_ae=node.effective("node.ae_title"), tls=node.settings.tls if use_tls else None)
     print(outcome.message, file=sys.stdout if outcome.ok else sys.stderr)
     return 0 if outcome.ok else 1
 

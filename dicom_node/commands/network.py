@@ -13,6 +13,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("peer", metavar="AE@HOST:PORT")
     p.add_argument("--calling-ae", default=None, help="our AE title (default: [node] ae_title of the config)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds (default: %(default)s)")
+    p.add_argument("--tls", action="store_true", help="DICOM TLS with the [tls] certificates of the config")
     add_config_argument(p)
     p.set_defaults(func=run_echo)
 
@@ -22,6 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("peer", metavar="AE@HOST:PORT")
     p.add_argument("--calling-ae", default=None, help="our AE title (default: [node] ae_title of the config)")
     p.add_argument("--timeout", type=float, default=30.0, help="seconds (default: %(default)s)")
+    p.add_argument("--tls", action="store_true", help="DICOM TLS with the [tls] certificates of the config")
     add_config_argument(p)
     p.set_defaults(func=run_send)
 
@@ -40,13 +42,18 @@ def run_echo(args) -> int:
     from dicom_node.scu import echo
 
     ae, host, port = _peer(args.peer)
-    outcome = echo(ae, host, port, calling_ae=_calling_ae(args), timeout=args.timeout)
+    outcome = echo(ae, host, port, calling_ae=_calling_ae(args), timeout=args.timeout, tls=_tls(args))
     print(outcome.message, file=sys.stdout if outcome.ok else sys.stderr)
     return 0 if outcome.ok else 1
 
 
 def _calling_ae(args) -> str:
     return args.calling_ae or settings_from_args(args).node.ae_title
+
+
+def _tls(args):
+    """The [tls] settings with --tls, else None (plain TCP)."""
+    return settings_from_args(args).tls if getattr(args, "tls", False) else None
 
 
 def collect_files(paths: list[str]) -> list[Path]:
@@ -85,7 +92,13 @@ def run_send(args) -> int:
     if not dicom_files:
         print("dicom-node: no DICOM files to send", file=sys.stderr)
         return 2
-    outcome = store(dicom_files, ae, host, port, calling_ae=_calling_ae(args), timeout=args.timeout)
+    from tqdm import tqdm
+
+    # A progress bar (one step per C-STORE response) on stderr, only when it is a terminal.
+    with tqdm(total=len(dicom_files), desc="send", unit="file", file=sys.stderr,
+              disable=not sys.stderr.isatty()) as bar:
+        outcome = store(dicom_files, ae, host, port, calling_ae=_calling_ae(args), timeout=args.timeout,
+                        tls=_tls(args), on_response=lambda _uid: bar.update())
     print(f"{len(outcome.acknowledged)}/{len(dicom_files)} stored: {outcome.message}",
           file=sys.stdout if outcome.ok else sys.stderr)
     return 0 if outcome.ok else 1

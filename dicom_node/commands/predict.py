@@ -68,24 +68,35 @@ def run(args) -> int:
     except FileNotFoundError as exc:
         print(f"dicom-node predict: {exc}", file=sys.stderr)
         return 2
-    show = sys.stderr.isatty()
+    from tqdm import tqdm
+
+    # A progress bar on stderr only when it is a terminal; stdout carries nothing but the JSON
+    # lines (tqdm.write clears the bar on stderr and writes the line unchanged to stdout).
+    bar = tqdm(args.paths, desc="predict", unit="input", file=sys.stderr, disable=not sys.stderr.isatty(),
+               dynamic_ncols=True)
     status = 0
-    for k, raw in enumerate(args.paths, start=1):
+    for raw in bar:
         path = Path(raw)
-        if show:
-            print(f"[{k}/{len(args.paths)}] {raw} ...", file=sys.stderr, flush=True)
+        bar.set_postfix_str(path.name, refresh=True)
         t = time.perf_counter()
         try:
             image = read_image(path)
         except (ValueError, RuntimeError) as exc:
-            print(json.dumps({"input": raw, "error": str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)}), flush=True)
+            _emit({"input": raw, "error": str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)})
             status = 1
             continue
         findings = predictor.predict_image(image)
         seconds = time.perf_counter() - t
         if args.masks:
             write_mask(image, findings, Path(args.masks) / f"{mask_name(path)}_mask.nii.gz")
-        print(json.dumps({"input": raw, "findings": [f.to_json() for f in findings], "seconds": round(seconds, 2)}), flush=True)
-        if show:
-            print(f"[{k}/{len(args.paths)}] {len(findings)} finding(s) in {seconds:.1f} s", file=sys.stderr, flush=True)
+        _emit({"input": raw, "findings": [f.to_json() for f in findings], "seconds": round(seconds, 2)})
+    bar.close()
     return status
+
+
+def _emit(obj: dict) -> None:
+    """One JSON object on its own line on stdout, flushed (the ``predict --json`` contract)."""
+    from tqdm import tqdm
+
+    tqdm.write(json.dumps(obj), file=sys.stdout)
+    sys.stdout.flush()

@@ -1,4 +1,7 @@
-"""``dicom-node user``: web accounts (add, list, remove, passwd).
+"""``dicom-node user``: web accounts (add, list, remove, passwd, logout).
+
+``passwd`` and ``remove`` end every web session and API token of the user at once (in the same
+transaction); ``logout`` does that alone, without changing the password.
 
 Passwords are never taken from the command line (they would show in ``ps`` and the shell
 history): ``--password-stdin`` reads the first line of standard input, otherwise the command
@@ -35,7 +38,11 @@ def register(subparsers) -> None:  # noqa: ANN001
     pw.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     add_config_argument(pw)
 
-    for q in (add, ls, rm, pw):
+    lo = sub.add_parser("logout", help="end every web session and API token of a user")
+    lo.add_argument("name")
+    add_config_argument(lo)
+
+    for q in (add, ls, rm, pw, lo):
         q.set_defaults(func=run)
 
 
@@ -84,7 +91,16 @@ def run(args: argparse.Namespace) -> int:
             with sessions.begin() as s:
                 users.set_password_hash(s, args.name, password_hash)
                 repo.audit(s, "cli", "user.passwd", args.name)
-            print(f"password of {args.name} changed")
+            print(f"password of {args.name} changed; their web sessions and API tokens have ended")
+            return 0
+        if action == "logout":
+            with sessions.begin() as s:
+                user = users.get_user(s, args.name)
+                if user is None:
+                    raise users.UserError(f"user {args.name!r} does not exist")
+                n = users.revoke_user_sessions(s, user.id)
+                repo.audit(s, "cli", "user.logout", args.name, {"revoked": n})
+            print(f"{n} web session(s) and API token(s) of {args.name} ended")
             return 0
         if action == "remove":
             with sessions.begin() as s:

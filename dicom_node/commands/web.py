@@ -6,6 +6,7 @@ scale-out deployment where the web stage runs on its own host against the shared
 from __future__ import annotations
 
 import argparse
+import sys
 
 from dicom_node.cli import add_config_argument, settings_from_args
 
@@ -22,11 +23,18 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn
 
     from dicom_node.node import open_node
+    from dicom_node.tls import TLSConfigError, web_config
     from dicom_node.web.app import create_app
 
     settings = settings_from_args(args)
     node = open_node(settings)
     host = args.host or settings.web.host
     port = args.port or settings.web.port
-    uvicorn.run(create_app(node), host=host, port=port, log_level="info", access_log=False)
+    # HTTPS and trusted proxies as in ``serve`` (dicom_node.stages.run_web)
+    try:
+        config = web_config(create_app(node), settings.web, host=host, port=port, log_level="info", access_log=False)
+    except TLSConfigError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.Server(config).run()
     return 0

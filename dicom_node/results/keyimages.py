@@ -1,8 +1,10 @@
 """Secondary-capture key images: for viewers that show neither SR nor SEG.
 
-One RGB Secondary Capture image per nodule: its key slice in a lung window (level -600 HU,
-width 1500 HU) with the nodule outlined in red (the mask boundary on that slice, or the SR's
-ellipse when there is no mask), in the source study, a new series, and the source slice's
+One RGB Secondary Capture image per nodule, in nodule-number order (``common.order_findings``;
+Instance Number = nodule number): its key slice in a lung window (level -600 HU, width 1500 HU)
+with the nodule outlined in its segment colour (``common.segment_colour``, the SEG's recommended
+display colour; the mask boundary on that slice, or the SR's ellipse when there is no mask), in
+the source study, a new series, and the source slice's
 geometry (pixel spacing, patient orientation) so that measurements on it stay meaningful. The
 pixels carry no text, so Burned In Annotation is "NO".
 """
@@ -22,6 +24,7 @@ from dicom_node.results.common import (
     Nodule,
     Producer,
     UidSource,
+    hex_rgb,
     in_plane_ellipse,
 )
 from dicom_node.volume import Volume
@@ -30,7 +33,6 @@ logger = logging.getLogger(__name__)
 
 LUNG_WINDOW_LEVEL_HU = -600.0
 LUNG_WINDOW_WIDTH_HU = 1500.0
-OUTLINE_RGB = (255, 0, 0)
 
 
 def _orientation_label(vector: np.ndarray) -> str:
@@ -93,7 +95,7 @@ def build_key_images(
         ref = volume.datasets[nodule.key_slice]
         grey = _lung_window(volume.array[nodule.key_slice])
         rgb = np.repeat(grey[..., None], 3, axis=-1)
-        rgb[_outline(volume, nodule)] = OUTLINE_RGB
+        rgb[_outline(volume, nodule)] = hex_rgb(nodule.colour[1])
         iop = np.asarray(ref.ImageOrientationPatient, dtype=np.float64)
         image = hd.sc.SCImage.from_ref_dataset(
             ref_dataset=ref,
@@ -117,7 +119,8 @@ def build_key_images(
         image.BodyPartExamined = str(ref.get("BodyPartExamined") or "CHEST")
         image.ImageComments = (
             f"{nodule.tracking_id}: key slice {nodule.key_slice + 1} of {volume.array.shape[0]},"
-            f" lung window; automated research tool, not for clinical use"
+            f" lung window, outlined in {nodule.colour[1]}; automated research tool, not for"
+            f" clinical use"
         )
         image.DerivationDescription = (
             f"Source slice windowed (L {LUNG_WINDOW_LEVEL_HU:g} / W {LUNG_WINDOW_WIDTH_HU:g} HU),"

@@ -6,6 +6,12 @@ source series (ReferencedSeriesSequence) and, per frame, the source slice it was
 a mask are written: the source slices given to highdicom are those the masks touch, and empty
 (slice, segment) frames are omitted, so a 512x512x133 series with a few nodules yields a few
 dozen frames.
+
+Segments follow the nodule numbering (``common.order_findings``): segment label "Nodule <n>",
+the nodule's tracking UID and identifier, algorithm identification (name, family "Artificial
+Intelligence", version), and a RecommendedDisplayCIELabValue from ``common.segment_colour(n)``.
+Segment numbers are 1..K over the nodules that have a mask, so they equal the nodule numbers
+whenever every nodule has one; the label always carries the nodule number.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from collections.abc import Sequence
 import highdicom as hd
 import numpy as np
 import pydicom
+from pydicom.valuerep import format_number_as_ds
 
 from dicom_node.results.common import (
     ARTIFICIAL_INTELLIGENCE,
@@ -66,6 +73,7 @@ def build_seg(
             tracking_uid=nodule.tracking_uid,
             tracking_id=nodule.tracking_id,
             anatomic_regions=[LUNG],
+            display_color=hd.color.CIELabColor.from_dicom_value(nodule.colour[0]),
         )
         for nodule in segmented
     ]
@@ -90,6 +98,13 @@ def build_seg(
         institution_name=producer.institution_name,
         institutional_department_name=producer.institutional_department_name,
     )
+    # Content Creator Name is type 2 (empty: a device made it); without it DCMTK-based readers
+    # (dcmqi) warn. Spacing Between Slices (mm, the source grid's) lets them place the sparse
+    # frames without falling back on Slice Thickness, which they warn about.
+    seg.ContentCreatorName = ""
+    measures = seg.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
+    if "SpacingBetweenSlices" not in measures:
+        measures.SpacingBetweenSlices = format_number_as_ds(float(volume.spacing[0]))
     logger.info(
         "SEG %s: %d segments, %d frames, source series %s",
         seg.SOPInstanceUID,

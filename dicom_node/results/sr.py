@@ -1,17 +1,31 @@
 """Comprehensive 3D SR following TID 1500 (Measurement Report) for the nodules of one series.
 
-Content tree, per nodule ``Nodule <n>`` (one tracking identifier and one tracking UID, the same
-as the SEG segment's):
+Nodules are numbered by ``common.order_findings`` (descending malignancy probability, then
+descending detection score); nodule <n> has the tracking identifier "Nodule <n>" and one tracking
+UID shared by its measurement groups and its SEG segment ("Nodule <n>" as well). Per nodule, in
+this order:
 
-* with a mask: a TID 1411 *volumetric* measurement group: Referenced Segment (the SEG segment
-  and its source slices), finding category / finding / finding site, algorithm identification,
-  Diameter (mm), Volume (mm3), Probability of cancer (UCUM "1") and the qualitative evaluation
-  Malignancy = Malignant | Benign (probability >= the producer's threshold);
-* always: a TID 1410 *planar* measurement group on the key slice (the slice through the nodule
-  centre): Image Region = SCOORD ELLIPSE outlining the nodule section, and its Long axis (mm).
-  TID 1410/1411 allow one kind of region reference per group (image region, or segment), hence
-  two groups sharing the tracking identifiers. Without a mask, the planar group also carries the
-  diameter, volume and malignancy items.
+* with a mask: a TID 1411 *volumetric* group: Referenced Segment (the SEG segment and its source
+  slices); finding category, finding "Nodule", finding site "Lung" with laterality (or the lobe,
+  only when the caller knows it); algorithm identification (TID 4019: name, version); Diameter
+  (mm, 0.1 mm), Volume (mm3, 1 mm3, measurement method "Sum of segmented voxel method for
+  volume"), Probability of cancer (two decimals), Certainty of Finding = the detection score (two
+  decimals), and the qualitative evaluation Malignancy = Low | Intermediate | High suspicion
+  (cut-offs in ``common``);
+* always: a TID 1410 *planar* group on the key slice (through the nodule centre): Image Region =
+  SCOORD ELLIPSE with its axes along the image rows and columns (the shape OHIF 3.x draws), and the
+  section's Long axis (mm). Without a mask this group also carries the diameter, volume,
+  probability, detection score and suspicion level;
+* always: a TID 1410 planar group whose Image Region is a SCOORD3D POINT at the nodule centre in
+  the source frame of reference (LPS mm).
+
+TID 1410/1411 allow one region per group, hence several groups sharing the tracking identifiers;
+OHIF merges them by tracking UID and draws the first region, the key-slice ellipse.
+
+The report also has an Image Library (TID 1600) of the source slices it references (every slice
+of the series for a report without nodules) and, in its "Qualitative Evaluations" container, a
+plain-language "Summary" and the research-use disclaimer ("Comment"). Every container is
+SEPARATE, so that text renderers (DCMTK ``dsr2html``) print each item with its concept name.
 
 A series without nodules gets one TID 1501 group: finding "Nodule", finding site "Lung",
 qualitative evaluation (121052, DCM, "Presence of property") = (121054, DCM, "Absent").
@@ -28,22 +42,31 @@ import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.codedict import codes
+from pydicom.valuerep import DS
 
 from dicom_node.results.common import (
     ABSENT,
-    BENIGN,
+    CERTAINTY_OF_FINDING,
+    COMMENT,
     CT_CHEST,
     DIAMETER,
+    DISCLAIMER,
+    LEFT,
+    LOBES,
     LONG_AXIS,
     LUNG,
     MALIGNANCY,
-    MALIGNANT,
     MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
     NODULE,
     PRESENCE_OF_PROPERTY,
     PROBABILITY_OF_CANCER,
+    QUALITATIVE_EVALUATIONS,
+    RIGHT,
     SR_SERIES_DESCRIPTION,
     SR_SERIES_NUMBER,
+    SUM_OF_SEGMENTED_VOXELS,
+    SUMMARY,
+    SUSPICION_CODES,
     UCUM_MM,
     UCUM_MM3,
     UCUM_NO_UNITS,
@@ -52,6 +75,10 @@ from dicom_node.results.common import (
     Producer,
     UidSource,
     in_plane_ellipse,
+    round_mm,
+    round_mm3,
+    round_probability,
+    suspicion_level,
 )
 from dicom_node.volume import Volume
 
@@ -64,17 +91,44 @@ def _algorithm(producer: Producer) -> hd.sr.AlgorithmIdentification:
     )
 
 
-def _characterisation(nodule: Nodule, producer: Producer) -> tuple[list, list]:
-    """Diameter, volume, probability of cancer, and the malignancy evaluation."""
+def _measurement(name, value: float, unit, text: str, method=None) -> hd.sr.Measurement:
+    """A TID 300 measurement whose Numeric Value is written as ``text`` (the rounded value)."""
+    measurement = hd.sr.Measurement(name=name, value=value, unit=unit, method=method)
+    item = measurement[0].MeasuredValueSequence[0]
+    item.NumericValue = DS(text)
+    if "FloatingPointValue" in item:
+        item.FloatingPointValue = float(text)
+    return measurement
+
+
+def _finding_site(nodule: Nodule) -> hd.sr.FindingSite:
+    """Lung (or the lobe, when known) with the nodule's laterality."""
+    side = RIGHT if nodule.laterality == "right" else LEFT
+    location = LUNG if nodule.lobe is None else LOBES[nodule.lobe][0]
+    return hd.sr.FindingSite(anatomic_location=location, laterality=side)
+
+
+def _characterisation(nodule: Nodule, with_volume_method: bool) -> tuple[list, list]:
+    """Diameter, volume, probability of cancer, detection score, and the suspicion level."""
     finding = nodule.finding
-    probability = float(np.clip(finding.malignancy, 0.0, 1.0))
+    diameter = round_mm(finding.diameter_mm)
+    volume = round_mm3(finding.volume_mm3)
+    probability = round_probability(finding.malignancy)
+    score = round_probability(finding.score)
     measurements = [
-        hd.sr.Measurement(name=DIAMETER, value=float(finding.diameter_mm), unit=UCUM_MM),
-        hd.sr.Measurement(name=VOLUME, value=float(finding.volume_mm3), unit=UCUM_MM3),
-        hd.sr.Measurement(name=PROBABILITY_OF_CANCER, value=probability, unit=UCUM_NO_UNITS),
+        _measurement(DIAMETER, diameter, UCUM_MM, f"{diameter:.1f}"),
+        _measurement(
+            VOLUME,
+            volume,
+            UCUM_MM3,
+            f"{volume:d}",
+            method=SUM_OF_SEGMENTED_VOXELS if with_volume_method else None,
+        ),
+        _measurement(PROBABILITY_OF_CANCER, probability, UCUM_NO_UNITS, f"{probability:.2f}"),
+        _measurement(CERTAINTY_OF_FINDING, score, UCUM_NO_UNITS, f"{score:.2f}"),
     ]
-    verdict = MALIGNANT if probability >= producer.malignancy_threshold else BENIGN
-    evaluations = [hd.sr.QualitativeEvaluation(name=MALIGNANCY, value=verdict)]
+    level = SUSPICION_CODES[suspicion_level(finding.malignancy)]
+    evaluations = [hd.sr.QualitativeEvaluation(name=MALIGNANCY, value=level)]
     return measurements, evaluations
 
 
@@ -119,15 +173,15 @@ def _tracking(nodule: Nodule) -> hd.sr.TrackingIdentifier:
 def _nodule_groups(
     volume: Volume, nodule: Nodule, seg: pydicom.Dataset | None, producer: Producer
 ) -> list:
-    measurements, evaluations = _characterisation(nodule, producer)
+    has_segment = seg is not None and nodule.segment_number is not None
+    measurements, evaluations = _characterisation(nodule, with_volume_method=has_segment)
     common = dict(
         finding_category=MORPHOLOGICALLY_ABNORMAL_STRUCTURE,
         finding_type=NODULE,
-        finding_sites=[hd.sr.FindingSite(anatomic_location=LUNG)],
+        finding_sites=[_finding_site(nodule)],
         algorithm_id=_algorithm(producer),
     )
     groups = []
-    has_segment = seg is not None and nodule.segment_number is not None
     if has_segment:
         groups.append(
             hd.sr.VolumetricROIMeasurementsAndQualitativeEvaluations(
@@ -139,7 +193,7 @@ def _nodule_groups(
             )
         )
     key = volume.datasets[nodule.key_slice]
-    graphic, long_axis_mm = in_plane_ellipse(volume, nodule)
+    graphic, long_axis = in_plane_ellipse(volume, nodule)
     region = hd.sr.ImageRegion(
         graphic_type=hd.sr.GraphicTypeValues.ELLIPSE,
         graphic_data=graphic,
@@ -148,7 +202,8 @@ def _nodule_groups(
             referenced_sop_instance_uid=key.SOPInstanceUID,
         ),
     )
-    planar_measurements = [hd.sr.Measurement(name=LONG_AXIS, value=long_axis_mm, unit=UCUM_MM)]
+    long_axis = round_mm(long_axis)
+    planar_measurements = [_measurement(LONG_AXIS, long_axis, UCUM_MM, f"{long_axis:.1f}")]
     planar_evaluations = None
     if not has_segment:
         planar_measurements += measurements
@@ -162,7 +217,88 @@ def _nodule_groups(
             **common,
         )
     )
+    centre = hd.sr.ImageRegion3D(
+        graphic_type=hd.sr.GraphicTypeValues3D.POINT,
+        graphic_data=np.asarray([nodule.finding.center_mm], dtype=np.float64),
+        frame_of_reference_uid=volume.frame_of_reference_uid,
+    )
+    groups.append(
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=_tracking(nodule),
+            referenced_region=centre,
+            **common,
+        )
+    )
     return groups
+
+
+def summary_text(nodules: Sequence[Nodule]) -> str:
+    """The plain-language summary written into the SR (rounded as in the measurements)."""
+    if not nodules:
+        return (
+            "No lung nodule found by an automated research tool. This does not exclude nodules;"
+            " the images must be read by a radiologist."
+        )
+    largest = max(nodules, key=lambda n: (float(n.finding.diameter_mm), -n.number))
+    count = f"{len(nodules)} nodule{'s' if len(nodules) != 1 else ''}"
+    parts = [
+        f"{count} found by an automated research tool; largest {largest.tracking_id},"
+        f" {round_mm(largest.finding.diameter_mm):.1f} mm, {largest.site_text}."
+    ]
+    for nodule in nodules:
+        f = nodule.finding
+        parts.append(
+            f"{nodule.tracking_id}: {nodule.site_text}, diameter {round_mm(f.diameter_mm):.1f} mm,"
+            f" volume {round_mm3(f.volume_mm3):d} mm3, {suspicion_level(f.malignancy)} suspicion of"
+            f" malignancy (probability of cancer {round_probability(f.malignancy):.2f}),"
+            f" detection score {round_probability(f.score):.2f}."
+        )
+    parts.append("Nodules are numbered by decreasing probability of cancer, then detection score.")
+    return " ".join(parts)
+
+
+def _document_text(nodules: Sequence[Nodule]) -> hd.sr.ContainerContentItem:
+    """TID 1500 "Qualitative Evaluations": the summary and the research-use disclaimer."""
+    container = hd.sr.ContainerContentItem(
+        name=QUALITATIVE_EVALUATIONS,
+        relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+    )
+    container.ContentSequence = hd.sr.ContentSequence(
+        [
+            hd.sr.TextContentItem(
+                name=SUMMARY,
+                value=summary_text(nodules),
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+            hd.sr.TextContentItem(
+                name=COMMENT,
+                value=DISCLAIMER,
+                relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+            ),
+        ]
+    )
+    return container
+
+
+def _library_images(volume: Volume, nodules: Sequence[Nodule]) -> list[pydicom.Dataset]:
+    """Source slices the SR references (key slices, segment sources), in slice order; all
+    slices when there is no nodule."""
+    if not nodules:
+        return list(volume.datasets)
+    slices = {n.key_slice for n in nodules}
+    for nodule in nodules:
+        if nodule.mask is not None:
+            slices.update(int(z) for z in np.flatnonzero(nodule.mask.any(axis=(1, 2))))
+    return [volume.datasets[z] for z in sorted(slices)]
+
+
+def _separate(items) -> None:
+    """Set every CONTAINER below ``items`` to ContinuityOfContent SEPARATE."""
+    for item in items:
+        if item.get("ValueType") == "CONTAINER":
+            item.ContinuityOfContent = "SEPARATE"
+        if "ContentSequence" in item:
+            _separate(item.ContentSequence)
 
 
 def _negative_group(volume: Volume, producer: Producer, uids: UidSource):
@@ -209,7 +345,9 @@ def build_sr(
         observation_context=observer,
         procedure_reported=CT_CHEST,
         imaging_measurements=groups,
+        referenced_images=_library_images(volume, nodules),
     )
+    report[0].ContentSequence.append(_document_text(nodules))
     evidence = list(volume.datasets) + ([seg] if seg is not None else [])
     sr = hd.sr.Comprehensive3DSR(
         evidence=evidence,
@@ -226,6 +364,8 @@ def build_sr(
         institutional_department_name=producer.institutional_department_name,
         series_description=SR_SERIES_DESCRIPTION,
     )
+    sr.ContinuityOfContent = "SEPARATE"
+    _separate(sr.ContentSequence)
     sr.ManufacturerModelName = producer.manufacturer_model_name
     sr.SoftwareVersions = f"{producer.algorithm_name} {producer.algorithm_version}"
     sr.DeviceSerialNumber = producer.device_serial_number

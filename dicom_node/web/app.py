@@ -14,7 +14,9 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import HTTPException as FastAPIHTTPException
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.middleware.sessions import SessionMiddleware
@@ -22,9 +24,11 @@ from starlette.middleware.sessions import SessionMiddleware
 from dicom_node import __version__
 from dicom_node.node import Node
 from dicom_node.web.deps import LoginRequired, PageForbidden, session_user
+from dicom_node.web.headers import ContentSecurityPolicies, SecurityHeaders, inline_script_hashes
 from dicom_node.web.images import KeyImages
+from dicom_node.web.login import Authenticator
 from dicom_node.web.metrics import make_registry
-from dicom_node.web.security import SESSION_SECONDS, LoginThrottle, Tokens, load_secret_key
+from dicom_node.web.security import SESSION_SECONDS, LoginLimiter, load_secret_key, prepare_dummy_hash
 from dicom_node.web.services import ServiceError
 from dicom_node.web.templating import make_templates, render
 from storage import users
@@ -56,22 +60,27 @@ def create_app(node: Node) -> FastAPI:
 
     app = FastAPI(title="dicom-node", version=__version__, description=DESCRIPTION, lifespan=lifespan,
                   docs_url=None, redoc_url=None, openapi_url="/openapi.json")
-    secret = load_secret_key(node.settings.web.secret_key, node.settings.node.data_dir)
+    web = node.settings.web
+    secret = load_secret_key(web.secret_key, node.settings.node.data_dir)
     app.state.node = node
-    app.state.tokens = Tokens(secret)
-    app.state.login_throttle = LoginThrottle()
+    app.state.auth = Authenticator(node.sessions, LoginLimiter(
+        per_user_and_client=web.login_failures_per_user_and_client, per_client=web.login_failures_per_client,
+        window=web.login_window_seconds))
+    prepare_dummy_hash()
+    #: Where a route needs a laxer Content-Security-Policy (the OHIF viewer: relax("/viewer", ...)).
+    app.state.csp = ContentSecurityPolicies()
     app.state.key_images = KeyImages(node)
     app.state.metrics_registry = make_registry(node.sessions)
     app.state.templates = make_templates(HERE / "templates")
+    # The cookie carries the session secret (checked against web_sessions on every request);
+    # HttpOnly and SameSite=Lax here, Secure added by SecurityHeaders under HTTPS.
     app.add_middleware(SessionMiddleware, secret_key=secret, session_cookie="dicom_node_session",
                        max_age=SESSION_SECONDS, same_site="lax", https_only=False)
+    app.add_middleware(SecurityHeaders, policies=app.state.csp, force_secure_cookies=web.force_secure_cookies)
 
     @app.middleware("http")
-    async def security_headers(request: Request, call_next):
+    async def no_store(request: Request, call_next):
         response = await call_next(request)
-        response.headers.setdefault("X-Content-Type-Options", "nosniff")
-        response.headers.setdefault("X-Frame-Options", "DENY")
-        response.headers.setdefault("Referrer-Policy", "same-origin")
         if response.headers.get("content-type", "").startswith(("text/html", "application/json")):
             response.headers.setdefault("Cache-Control", "no-store")  # patient data stays out of caches
         return response
@@ -94,6 +103,14 @@ def create_app(node: Node) -> FastAPI:
         return render(request, "error.html", {"user": user, "title": "Not allowed", "code": 403,
                                              "message": "This page is for administrators. Your account is a radiologist account."},
                       status_code=403)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, exc: RequestValidationError):
+        if request.url.path.startswith("/api") or request.url.path in ("/metrics", "/healthz", "/openapi.json"):
+            return await request_validation_exception_handler(request, exc)
+        message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'value'}: {e['msg']}" for e in exc.errors())
+        return render(request, "error.html", {"title": "Invalid request", "code": 422, "message": message},
+                      status_code=422)
 
     @app.exception_handler(FastAPIHTTPException)
     async def http_error(request: Request, exc: FastAPIHTTPException):
@@ -121,5 +138,24 @@ def create_app(node: Node) -> FastAPI:
         app.include_router(module.router)
     app.include_router(pages.router, include_in_schema=False)
     app.include_router(admin_pages.router, include_in_schema=False)
+    from dicom_node.web.routes import storage as storage_routes  # storage usage and retention (operations)
+    app.include_router(storage_routes.router)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
+    _allow_docs_script(app, ops.router)
     return app
+
+
+def _allow_docs_script(app: FastAPI, router) -> None:  # noqa: ANN001
+    """Swagger UI's page (``/docs``) starts with one fixed inline script: allow exactly that
+    script, by its hash, on that page only."""
+    for route in router.routes:
+        if getattr(route, "path", None) == "/docs" and hasattr(route, "endpoint"):
+            try:
+                html = route.endpoint().body.decode()
+            except Exception as exc:  # noqa: BLE001 - without the hash the page is blocked, not the app
+                log.warning("API docs page not rendered at start-up (%s); its script will be blocked", exc)
+                return
+            hashes = inline_script_hashes(html)
+            if hashes:
+                app.state.csp.relax("/docs", script_src=hashes)
+            return

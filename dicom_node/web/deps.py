@@ -3,25 +3,31 @@
 The session is opened here and closed after the route; a route that writes commits it itself
 (the caller owns the transaction), so nothing is reported done before it is durable.
 
-Two ways to authenticate:
+Two ways to authenticate, both server-side sessions (``dicom_node.web.login``) that logout,
+a password change or the user's removal revoke at once:
 * API: ``Authorization: Bearer <token>`` from ``POST /api/token``. Safe methods (GET, HEAD)
   also accept the page session cookie, so pages can load images and JSON with it; unsafe
   methods accept only the bearer token, which is why the API needs no CSRF token.
-* Pages: the signed session cookie set by ``/login``; forms carry a CSRF token.
+* Pages: the signed session cookie set by ``/login`` carries the session secret; forms carry
+  a CSRF token.
 401 without valid credentials, 403 for the wrong role.
+
+Integer query and path parameters are bounded in the schema (``PageNumber``, ``RowId`` here;
+page sizes by ``services.MAX_PAGE_SIZE``), so an absurd value is a 422, never a database
+overflow (500).
 """
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Annotated
 
-from fastapi import Depends, Form, HTTPException, Request, status
+from fastapi import Depends, Form, HTTPException, Path, Query, Request, status
 from fastapi.security import OAuth2PasswordBearer
 from sqlalchemy.orm import Session
 
 from dicom_node.node import Node
-from dicom_node.web.security import Tokens, csrf_matches, password_fingerprint
-from storage import users
+from dicom_node.web.login import API, PAGE, Authenticator
+from dicom_node.web.security import csrf_matches
 from storage.models import Role, User
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -31,16 +37,22 @@ def get_node(request: Request) -> Node:
     return request.app.state.node
 
 
-def get_tokens(request: Request) -> Tokens:
-    return request.app.state.tokens
+def get_auth(request: Request) -> Authenticator:
+    return request.app.state.auth
+
+
+def client_host(request: Request) -> str:
+    """The client's address as the ASGI server reports it (a trusted proxy's X-Forwarded-For
+    when the server is configured to trust it)."""
+    return request.client.host if request.client and request.client.host else "unknown"
 
 
 def db(request: Request) -> Iterator[Session]:
-    """The request's session: a read session for GET/HEAD/OPTIONS (never takes the SQLite write
-    lock), a write session for the other methods (each transaction a writer; the route commits).
-    See ``storage.db``."""
+    """The request's session: a read session for safe methods; for the others a write session
+    where the storage layer tells the two apart (``sessions.writer()``); the route commits."""
     sessions = request.app.state.node.sessions
-    s = sessions() if request.method in SAFE_METHODS else sessions.writer()
+    writer = getattr(sessions, "writer", None)
+    s = sessions() if request.method in SAFE_METHODS or writer is None else writer()
     try:
         yield s
     finally:
@@ -50,34 +62,22 @@ def db(request: Request) -> Iterator[Session]:
 NodeDep = Annotated[Node, Depends(get_node)]
 DB = Annotated[Session, Depends(db)]
 
+#: Bounds for list routes: the largest page times the largest page size fits any SQL OFFSET.
+MAX_PAGE = 1_000_000
+#: Database ids (path parameters): a signed 64-bit integer on every backend.
+MAX_ROW_ID = 2**63 - 1
+PageNumber = Annotated[int, Query(ge=1, le=MAX_PAGE, description="page number, from 1")]
+RowId = Annotated[int, Path(ge=1, le=MAX_ROW_ID, description="a database id")]
+
 
 #: Declares the OAuth2 password flow in OpenAPI (the docs' Authorize button); reads the header.
 oauth2_scheme = OAuth2PasswordBearer(tokenUrl="/api/token", auto_error=False)
 
 
-def _end_read(s: Session) -> None:
-    """End the read transaction of the authentication look-up.
-
-    On SQLite a write session's transaction holds the database write lock (BEGIN IMMEDIATE),
-    and any open transaction pins a snapshot, so a route that opens its own sessions (C-ECHO,
-    key images) must not find this one still open; the next use of ``s`` simply begins a new
-    transaction. Loaded objects stay usable
-    (``expire_on_commit=False``).
-    """
-    s.commit()
-
-
 def session_user(request: Request, s: Session) -> User | None:
-    """The user of the page session cookie, if it is valid and the password is unchanged."""
-    name = request.session.get("user")
-    fp = request.session.get("fp")
-    if not name or not fp:
-        return None
-    user = users.get_user(s, name)
-    _end_read(s)
-    if user is None or password_fingerprint(user.password_hash) != fp:
-        return None
-    return user
+    """The user of the page session cookie, if its session is active (not logged out, not
+    revoked by a password change, not expired)."""
+    return get_auth(request).user_for(s, request.session.get("sid"), PAGE)
 
 
 def _unauthorized(detail: str) -> HTTPException:
@@ -91,13 +91,9 @@ def api_user(request: Request, s: DB, token: Annotated[str | None, Depends(oauth
             if user is not None:
                 return user
         raise _unauthorized("not authenticated: send a bearer token from POST /api/token")
-    claims = get_tokens(request).verify(token)
-    if claims is None:
-        raise _unauthorized("invalid or expired token")
-    user = users.get_user(s, claims.username)
-    _end_read(s)
-    if user is None or password_fingerprint(user.password_hash) != claims.fingerprint:
-        raise _unauthorized("token no longer valid (user removed or password changed)")
+    user = get_auth(request).user_for(s, token, API)
+    if user is None:
+        raise _unauthorized("invalid, expired or revoked token (logged out, password changed or user removed)")
     return user
 
 

@@ -11,8 +11,9 @@ import logging
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, SummaryMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 
+from dicom_node import scp_reasons
 from storage.models import (
     AssociationLog,
     AssociationResult,
@@ -27,6 +28,13 @@ from storage.models import (
 )
 
 log = logging.getLogger(__name__)
+
+
+def _refusal_category():
+    """SQL: the listener refusal category of an association row's reason (NULL if none)."""
+    return case(*[(AssociationLog.reason.startswith(opening, autoescape=True), name)
+                  for name, openings in scp_reasons.CATEGORIES.items() for opening in openings],
+                else_=None).label("category")
 
 
 class DatabaseCollector(Collector):
@@ -44,6 +52,9 @@ class DatabaseCollector(Collector):
             transfers = dict(s.execute(select(Transfer.state, func.count()).group_by(Transfer.state)).all())
             studies = dict(s.execute(select(Study.status, func.count()).group_by(Study.status)).all())
             n_users = s.scalar(select(func.count()).select_from(User)) or 0
+            cat = _refusal_category()
+            refusals = dict(s.execute(select(cat, func.count()).where(AssociationLog.direction == "in")
+                                      .where(AssociationLog.reason.is_not(None)).group_by("category")).all())
 
         yield CounterMetricFamily("dicom_node_instances_received", "DICOM instances received and stored", value=instances)
 
@@ -55,6 +66,13 @@ class DatabaseCollector(Collector):
         for (direction, result), n in sorted(seen.items()):
             c.add_metric([direction or "in", result], n)
         yield c
+
+        r = CounterMetricFamily("dicom_node_listener_refusals",
+                                "Connections, associations and instances the listener refused, by reason "
+                                "(associations with refused instances count once)", labels=["reason"])
+        for name in scp_reasons.CATEGORIES:
+            r.add_metric([name], refusals.get(name, 0))
+        yield r
 
         g = GaugeMetricFamily("dicom_node_jobs", "Inference jobs by state", labels=["state"])
         for state in JobState:

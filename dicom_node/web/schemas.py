@@ -155,6 +155,7 @@ class DestinationIn(BaseModel):
     port: int = Field(ge=1, le=65535)
     outputs: list[str] = ["sr", "seg"]
     enabled: bool = True
+    tls: bool = Field(False, description="DICOM TLS (PS3.15 Annex B) with the node's [tls] client identity and trust")
 
     _ae = field_validator("ae_title")(check_ae_title)
     _outputs = field_validator("outputs")(check_outputs)

@@ -1,11 +1,14 @@
-"""Passwords, API tokens, session cookies and CSRF tokens.
+"""Passwords, session and token secrets, CSRF tokens, login rate limits.
 
-* Passwords are hashed with Argon2id (``pwdlib``); no default password exists anywhere.
-* API bearer tokens and the session cookie are signed with the node's secret key
-  (``[web] secret_key``, else a random key kept in ``data_dir/web-secret``, created once with
-  mode 0600, so every web process of one node shares it). A token carries the user name and a
-  fingerprint of the password hash: changing a password or removing the user revokes every
-  token and session issued before.
+* Passwords are hashed with Argon2id (``pwdlib``); no default password exists anywhere. The
+  check is CPU work of tens of milliseconds, so callers run it with no database connection
+  held (``dicom_node.web.login``).
+* Page sessions and API bearer tokens are random 256-bit secrets; the database keeps only their
+  SHA-256 digest (``storage.models.WebSession``), so they can be revoked one by one (logout) or
+  all at once (password change, user removal, ``POST /api/logout-all``).
+* The session cookie itself is signed with the node's secret key (``[web] secret_key``, else a
+  random key kept in ``data_dir/web-secret``, created once with mode 0600, so every web process
+  of one node shares it); it carries the session secret, the CSRF token and flash messages.
 * Pages check a per-session CSRF token on every form POST; the API accepts unsafe methods with
   a bearer token only (never the cookie), so it needs no CSRF token.
 """
@@ -18,14 +21,13 @@ import os
 import secrets
 import threading
 import time
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from itsdangerous import BadSignature, SignatureExpired, URLSafeTimedSerializer
-
 log = logging.getLogger(__name__)
 
+#: Lifetime of an API bearer token and of a page session, in seconds (absolute, from login).
 TOKEN_SECONDS = 8 * 3600
 SESSION_SECONDS = 12 * 3600
 SECRET_FILE = "web-secret"
@@ -65,21 +67,41 @@ def verify_password(password: str, password_hash: str) -> bool:
         return False
 
 
+def verify_and_update(password: str, password_hash: str) -> tuple[bool, str | None]:
+    """Check a password; also return a new hash when the stored one uses weaker parameters."""
+    try:
+        ok, new_hash = _password_hasher().verify_and_update(password, password_hash)
+    except Exception:  # noqa: BLE001 - a malformed hash is a failed login, not a crash
+        return False, None
+    return bool(ok), (new_hash if ok else None)
+
+
 # A valid hash to compare against when the user does not exist, so that a login with an
 # unknown name takes as long as one with a wrong password.
 _DUMMY_HASH: str | None = None
 
 
-def dummy_verify(password: str) -> None:
+def prepare_dummy_hash() -> None:
+    """Make the comparison hash now (at start-up), so the first unknown name costs no extra hash."""
     global _DUMMY_HASH
     if _DUMMY_HASH is None:
         _DUMMY_HASH = _password_hasher().hash("not-a-real-password-" + secrets.token_hex(8))
-    verify_password(password, _DUMMY_HASH)
 
 
-def password_fingerprint(password_hash: str) -> str:
-    """A short digest of the stored hash: tokens carry it, so a new password revokes them."""
-    return hashlib.sha256(password_hash.encode()).hexdigest()[:16]
+def dummy_verify(password: str) -> None:
+    """The same Argon2 check as a real login, against a hash no password matches."""
+    prepare_dummy_hash()
+    verify_and_update(password, _DUMMY_HASH)
+
+
+def new_session_secret() -> str:
+    """A fresh page-session or API-token secret (256 random bits, URL-safe)."""
+    return secrets.token_urlsafe(32)
+
+
+def secret_digest(secret: str) -> str:
+    """What the database stores of a session secret: its SHA-256, hex (64 characters)."""
+    return hashlib.sha256(secret.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def load_secret_key(configured: str, data_dir: Path) -> str:
@@ -105,32 +127,6 @@ def load_secret_key(configured: str, data_dir: Path) -> str:
     return key
 
 
-@dataclass(frozen=True)
-class TokenClaims:
-    username: str
-    fingerprint: str
-
-
-class Tokens:
-    """Signed, timestamped bearer tokens (itsdangerous); verification checks the age."""
-
-    def __init__(self, secret_key: str, max_age: int = TOKEN_SECONDS):
-        self._serializer = URLSafeTimedSerializer(secret_key, salt="dicom-node.api-token")
-        self.max_age = max_age
-
-    def issue(self, username: str, password_hash: str) -> str:
-        return self._serializer.dumps({"u": username, "f": password_fingerprint(password_hash)})
-
-    def verify(self, token: str) -> TokenClaims | None:
-        try:
-            data = self._serializer.loads(token, max_age=self.max_age)
-        except (BadSignature, SignatureExpired):
-            return None
-        if not isinstance(data, dict) or not isinstance(data.get("u"), str) or not isinstance(data.get("f"), str):
-            return None
-        return TokenClaims(username=data["u"], fingerprint=data["f"])
-
-
 def new_csrf_token() -> str:
     return secrets.token_urlsafe(32)
 
@@ -139,42 +135,88 @@ def csrf_matches(expected: str | None, given: str | None) -> bool:
     return bool(expected) and bool(given) and hmac.compare_digest(str(expected), str(given))
 
 
-class LoginThrottle:
-    """Slows password guessing: after ``limit`` failed logins for one user name within
-    ``window`` seconds, further attempts for that name are refused until the window passes.
+@dataclass(frozen=True)
+class Refusal:
+    """A login refused by the rate limit: wait ``retry_after`` seconds; ``first`` is True for
+    the first refusal of this client (and name) in the current window (the one to audit)."""
 
-    Kept in memory per web process (each process counts on its own), which is enough to turn
-    an online guessing attack from thousands of tries a minute into a handful.
+    retry_after: int
+    first: bool
+
+
+class LoginLimiter:
+    """Failed-login limits per client and per (client, user name), over a sliding window.
+
+    * ``per_user_and_client`` failures for one name from one client hold back that pair;
+    * ``per_client`` failures for any names from one client hold back that client.
+    Nothing is counted per account alone, so guessing a user's password from one address never
+    locks the user out when logging in from another. An attempt is counted when it starts
+    (``attempt``), so parallel guesses cannot overshoot a limit; a successful login takes its
+    count back and clears its pair's count, not the client's (one valid account must not reset
+    a client that sprays names).
+
+    Kept in memory per web process (several processes each count on their own), bounded to
+    ``max_keys`` clients and pairs (the oldest forgotten first). Client addresses are what the
+    ASGI server reports: behind a reverse proxy, list it in ``[web] trusted_proxies``, or every
+    user shares the proxy's address and its ``per_client`` limit.
+    Times in seconds (``time.monotonic``).
     """
 
-    def __init__(self, limit: int = 5, window: float = 300.0):
-        self.limit, self.window = limit, window
-        self._failures: dict[str, deque] = {}
+    def __init__(self, per_user_and_client: int = 5, per_client: int = 20, window: float = 300.0,
+                 max_keys: int = 100_000, clock=time.monotonic):
+        self.per_pair, self.per_client, self.window = per_user_and_client, per_client, window
+        self.max_keys = max_keys
+        self._clock = clock
+        self._counts: OrderedDict[tuple, deque] = OrderedDict()
+        self._refused: dict[tuple, float] = {}  # key -> when its current refusal was first reported
         self._lock = threading.Lock()
 
-    def _recent(self, key: str, now: float) -> deque:
-        q = self._failures.setdefault(key, deque())
+    @staticmethod
+    def _keys(client: str, username: str) -> tuple[tuple, tuple]:
+        return ("client", client), ("pair", client, (username or "").strip().lower())
+
+    def _recent(self, key: tuple, now: float) -> deque:
+        q = self._counts.get(key)
+        if q is None:
+            return deque()
         while q and now - q[0] > self.window:
             q.popleft()
         return q
 
-    def retry_after(self, username: str) -> int:
-        """Seconds until ``username`` may try again; 0 when it may try now."""
-        now = time.monotonic()
+    def attempt(self, client: str, username: str) -> Refusal | None:
+        """Count an attempt and return None, or refuse it (counting nothing) with the wait."""
+        now = self._clock()
+        keys = self._keys(client, username)
         with self._lock:
-            q = self._recent(username.lower(), now)
-            if len(q) < self.limit:
-                return 0
-            return max(1, int(self.window - (now - q[0])) + 1)
+            waits = []
+            for key, limit in zip(keys, (self.per_client, self.per_pair)):
+                q = self._recent(key, now)
+                if len(q) >= limit:
+                    waits.append((key, max(1, int(self.window - (now - q[-limit])) + 1)))
+            if waits:
+                key, wait = max(waits, key=lambda kw: kw[1])
+                since = self._refused.get(key)
+                first = since is None or now - since > self.window
+                if first:
+                    self._refused[key] = now
+                    if len(self._refused) > self.max_keys:
+                        self._refused = {k: v for k, v in self._refused.items() if now - v <= self.window}
+                return Refusal(retry_after=wait, first=first)
+            for key in keys:
+                q = self._recent(key, now)
+                q.append(now)
+                self._counts[key] = q
+                self._counts.move_to_end(key)
+            while len(self._counts) > self.max_keys:  # bound memory under a spray of names
+                self._counts.popitem(last=False)
+            return None
 
-    def failed(self, username: str) -> None:
-        now = time.monotonic()
+    def succeeded(self, client: str, username: str) -> None:
+        """The attempt was a successful login: it does not count."""
+        client_key, pair = self._keys(client, username)
         with self._lock:
-            q = self._recent(username.lower(), now)
-            q.append(now)
-            if len(self._failures) > 10000:  # bound memory under a spray of names
-                self._failures = {k: v for k, v in self._failures.items() if v}
-
-    def succeeded(self, username: str) -> None:
-        with self._lock:
-            self._failures.pop(username.lower(), None)
+            self._counts.pop(pair, None)
+            self._refused.pop(pair, None)
+            q = self._counts.get(client_key)
+            if q:
+                q.pop()

@@ -282,7 +282,7 @@ def remove_source(s: Session, actor: str, ae_title: str) -> None:
 
 def destination_out(row: Destination) -> schemas.DestinationOut:
     return schemas.DestinationOut(id=row.id, name=row.name, ae_title=row.ae_title, host=row.host, port=row.port,
-                                  outputs=list(row.outputs or []), enabled=bool(row.enabled))
+                                  outputs=list(row.outputs or []), enabled=bool(row.enabled), tls=bool(row.tls))
 
 
 def list_destinations(s: Session) -> list[Destination]:
@@ -331,9 +331,10 @@ def echo_destination(node: Node, name: str, actor: str) -> schemas.EchoResult:
 
     with node.sessions() as s:
         row = get_destination(s, name)
-        ae_title, host, port = row.ae_title, row.host, row.port
+        ae_title, host, port, use_tls = row.ae_title, row.host, row.port, bool(row.tls)
         calling = node.effective("node.ae_title", s)
-    outcome = scu.echo(ae_title, host, port, calling_ae=calling, timeout=5.0)
+    outcome = scu.echo(ae_title, host, port, calling_ae=calling, timeout=5.0,
+                       tls=node.settings.tls if use_tls else None)
     log.info("C-ECHO to destination %s (%s@%s:%s) by %s: %s", name, ae_title, host, port, actor, outcome.message)
     with node.sessions.begin() as s:
         repo.audit(s, actor, "destination.echo", name, {"ok": outcome.ok, "message": outcome.message})

@@ -14,16 +14,18 @@ import pytest
 from dicom_node.results import ResultSet, build_results
 from dicom_node.results.common import (
     ABSENT,
-    BENIGN,
     DIAMETER,
+    INTERMEDIATE,
     LONG_AXIS,
     MALIGNANCY,
-    MALIGNANT,
     NODULE,
     PRESENCE_OF_PROPERTY,
     PROBABILITY_OF_CANCER,
+    SUSPICION_CODES,
     VOLUME,
+    suspicion_level,
 )
+from dicom_node.results.common import hex_rgb, segment_colour
 from model.finding import Finding
 
 from .conftest import dciodvfy, errors, save, sphere_finding
@@ -46,9 +48,9 @@ PATIENT_AND_STUDY = (
 def findings(synthetic_volume) -> list[Finding]:
     return [
         sphere_finding(synthetic_volume, (0.0, 0.0, -10.0), 5.0, malignancy=0.8),
-        sphere_finding(synthetic_volume, (6.0, 8.0, 4.0), 3.0, malignancy=0.2),
+        sphere_finding(synthetic_volume, (6.0, 8.0, 4.0), 3.0, malignancy=0.55),
         sphere_finding(
-            synthetic_volume, (-6.0, -8.0, -20.0), 2.5, malignancy=0.55, with_mask=False
+            synthetic_volume, (-6.0, -8.0, -20.0), 2.5, malignancy=0.2, with_mask=False
         ),
     ]
 
@@ -67,6 +69,11 @@ def results(synthetic_volume, findings) -> ResultSet:
 
 def _codes(items) -> list[tuple[str, str]]:
     return [(item.name.value, item.value.value) for item in items]
+
+
+def _ellipses(groups):
+    """The key-slice groups (SCOORD ELLIPSE); the others hold the SCOORD3D centre point."""
+    return [g for g in groups if isinstance(g.roi, hd.sr.ImageRegion)]
 
 
 def test_objects_file_under_the_source_study(synthetic_volume, results):
@@ -147,7 +154,7 @@ def test_sr_reports_each_nodule(tmp_path, synthetic_volume, findings, results):
     assert seg_uid in evidence
 
     volumetric = sr.content.get_volumetric_roi_measurement_groups()
-    planar = sr.content.get_planar_roi_measurement_groups()
+    planar = _ellipses(sr.content.get_planar_roi_measurement_groups())
     assert [g.tracking_identifier for g in volumetric] == ["Nodule 1", "Nodule 2"]
     assert [g.tracking_identifier for g in planar] == ["Nodule 1", "Nodule 2", "Nodule 3"]
     assert [g.tracking_uid for g in volumetric] == [g.tracking_uid for g in planar[:2]]
@@ -156,17 +163,19 @@ def test_sr_reports_each_nodule(tmp_path, synthetic_volume, findings, results):
     for number, (group, finding) in enumerate(zip(volumetric, findings[:2]), start=1):
         assert group.finding_type == NODULE
         assert [site.value.value for site in group.finding_sites] == ["39607008"]
+        side = "7771000" if finding.center_mm[0] > 0 else "24028007"
+        assert [site.laterality.value for site in group.finding_sites] == [side]
         segment = group.referenced_segment
         assert segment.referenced_sop_instance_uid == seg_uid
         assert segment.referenced_segment_numbers == [number]
         values = {m.name.value: (m.value, m.unit.value) for m in group.get_measurements()}
-        assert values[DIAMETER.value] == pytest.approx((finding.diameter_mm, "mm"))
-        assert values[VOLUME.value] == pytest.approx((finding.volume_mm3, "mm3"))
-        assert values[PROBABILITY_OF_CANCER.value] == pytest.approx((finding.malignancy, "1"))
-        verdict = MALIGNANT if finding.malignancy >= 0.5 else BENIGN
-        assert (MALIGNANCY.value, verdict.value) in _codes(group.get_qualitative_evaluations())
+        assert values[DIAMETER.value] == (pytest.approx(finding.diameter_mm, abs=0.05), "mm")
+        assert values[VOLUME.value] == (pytest.approx(finding.volume_mm3, abs=0.5), "mm3")
+        assert values[PROBABILITY_OF_CANCER.value] == (pytest.approx(finding.malignancy), "1")
+        level = SUSPICION_CODES[suspicion_level(finding.malignancy)]
+        assert (MALIGNANCY.value, level.value) in _codes(group.get_qualitative_evaluations())
 
-    # Planar groups: an ellipse on the slice through the centre, and the long axis.
+    # Key-slice groups: an ellipse on the slice through the centre, and the long axis.
     for group, finding in zip(planar, findings):
         key = int(round(finding.center_voxel[0]))
         region = group.roi
@@ -182,8 +191,9 @@ def test_sr_reports_each_nodule(tmp_path, synthetic_volume, findings, results):
         assert finding.diameter_mm - 1.5 <= long_axis <= finding.diameter_mm + 1.5
     # The nodule without mask carries everything in its planar group.
     third = {m.name.value: m.value for m in planar[2].get_measurements()}
-    assert third[PROBABILITY_OF_CANCER.value] == pytest.approx(0.55)
-    assert (MALIGNANCY.value, MALIGNANT.value) in _codes(planar[2].get_qualitative_evaluations())
+    assert third[PROBABILITY_OF_CANCER.value] == pytest.approx(0.2)
+    assert (MALIGNANCY.value, "62482003") in _codes(planar[2].get_qualitative_evaluations())
+    assert INTERMEDIATE == SUSPICION_CODES[suspicion_level(findings[1].malignancy)]
 
 
 def test_result_set_maps_findings_to_tracking_uids_and_segments(results):
@@ -222,7 +232,9 @@ def test_findings_without_masks_give_no_seg(synthetic_volume, findings):
         synthetic_volume, [findings[2]], algorithm_name="A", algorithm_version="1"
     )
     assert results.seg is None
-    assert len(results.sr.ContentSequence[-1].ContentSequence) == 1  # one planar group
+    sr = hd.sr.Comprehensive3DSR.from_dataset(results.sr)
+    assert len(sr.content.get_planar_roi_measurement_groups()) == 2  # key slice, centre point
+    assert sr.content.get_volumetric_roi_measurement_groups() == []
 
 
 def test_mask_outside_the_volume_is_dropped(synthetic_volume, findings):
@@ -239,7 +251,9 @@ def test_mask_outside_the_volume_is_dropped(synthetic_volume, findings):
     results = build_results(
         synthetic_volume, [outside, findings[0]], algorithm_name="A", algorithm_version="1"
     )
-    assert results.seg.SegmentSequence[0].SegmentLabel == "Nodule 2"
+    # The outside one (malignancy 0.1) is Nodule 2 and has no segment; Nodule 1 keeps its mask.
+    assert results.numbers == [2, 1] and results.segment_numbers == [None, 1]
+    assert results.seg.SegmentSequence[0].SegmentLabel == "Nodule 1"
     assert len(results.seg.SegmentSequence) == 1
 
 
@@ -252,7 +266,8 @@ def test_key_images_outline_each_nodule(tmp_path, synthetic_volume, findings, re
         assert reread.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
         assert reread.PhotometricInterpretation == "RGB" and reread.InstanceNumber == number
         rgb = reread.pixel_array
-        red = (rgb[..., 0] == 255) & (rgb[..., 1] == 0) & (rgb[..., 2] == 0)
+        colour = hex_rgb(segment_colour(number)[1])
+        red = np.all(rgb == np.asarray(colour, dtype=rgb.dtype), axis=-1)
         rows, cols = np.nonzero(red)
         assert red.sum() > 4
         np.testing.assert_allclose((rows.mean(), cols.mean()), finding.center_voxel[1:], atol=1.5)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dicom_node.results import build_results
-from dicom_node.results.common import DIAMETER, MALIGNANCY, MALIGNANT, PROBABILITY_OF_CANCER
+from dicom_node.results.common import DIAMETER, HIGH, MALIGNANCY, PROBABILITY_OF_CANCER
 
 from .conftest import LIDC_NODULE_MM, dciodvfy, errors, save, sphere_finding
 
@@ -74,9 +74,19 @@ def test_lidc_sr_content(tmp_path, lidc_volume, lidc_results):
     findings, results, _ = lidc_results
     sr = hd.sr.srread(save(results.sr, tmp_path / "sr.dcm"))
     volumetric = sr.content.get_volumetric_roi_measurement_groups()
-    planar = sr.content.get_planar_roi_measurement_groups()
+    planar = [
+        g for g in sr.content.get_planar_roi_measurement_groups()
+        if isinstance(g.roi, hd.sr.ImageRegion)
+    ]
+    centres = [
+        g for g in sr.content.get_planar_roi_measurement_groups()
+        if isinstance(g.roi, hd.sr.ImageRegion3D)
+    ]
 
-    assert len(volumetric) == 1 and len(planar) == 2
+    assert len(volumetric) == 1 and len(planar) == 2 and len(centres) == 2
+    np.testing.assert_allclose(centres[0].roi.value, [LIDC_NODULE_MM], atol=1e-3)
+    # x = +56.2 mm is the patient's left.
+    assert [s.laterality.value for s in volumetric[0].finding_sites] == ["7771000"]
     group = volumetric[0]
     assert (
         group.tracking_uid == results.seg.SegmentSequence[0].TrackingUID == planar[0].tracking_uid
@@ -86,7 +96,7 @@ def test_lidc_sr_content(tmp_path, lidc_volume, lidc_results):
     assert values[DIAMETER.value] == pytest.approx(24.0)
     assert values[PROBABILITY_OF_CANCER.value] == pytest.approx(0.93)
     evaluations = [(q.name.value, q.value.value) for q in group.get_qualitative_evaluations()]
-    assert (MALIGNANCY.value, MALIGNANT.value) in evaluations
+    assert (MALIGNANCY.value, HIGH.value) in evaluations
     # Key slice: the slice through the centre (z index 90, z = -115.0 mm).
     key = planar[0].roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
     assert key == lidc_volume.datasets[90].SOPInstanceUID

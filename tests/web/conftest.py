@@ -3,13 +3,13 @@
 The API tests run on SQLite and on PostgreSQL. PostgreSQL: the server at ``DICOM_NODE_TEST_PG``
 (default ``postgresql://postgres@127.0.0.1:5432/postgres``); a fresh database is created for the
 session and dropped at the end; when no server answers those variants are skipped with a
-message. Between tests every table is emptied except the two fixture accounts, which is much
+message. Between tests every table is emptied except the two fixture accounts (and their sessions), which is much
 faster than migrating a database per test.
 """
 from __future__ import annotations
 
 import pytest
-from sqlalchemy import delete
+from sqlalchemy import delete, select
 
 from tests.peers import pg_database
 from webtools import ADMIN, RAD, build_node, create_accounts
@@ -25,12 +25,16 @@ def web_db_url(request, tmp_path_factory):
 
 
 def clean_tables(node) -> None:
-    from storage.models import Base, User
+    from storage.models import Base, User, WebSession
 
+    keep = [ADMIN[0], RAD[0]]
     with node.sessions.begin() as s:
         for table in reversed(Base.metadata.sorted_tables):
             if table.name == "users":
-                s.execute(delete(User).where(User.username.not_in([ADMIN[0], RAD[0]])))
+                s.execute(delete(User).where(User.username.not_in(keep)))
+            elif table.name == "web_sessions":  # the session-wide tokens of the two accounts stay valid
+                s.execute(delete(WebSession).where(
+                    WebSession.user_id.not_in(select(User.id).where(User.username.in_(keep)))))
             else:
                 s.execute(table.delete())
 

@@ -30,6 +30,8 @@ ADM = "admin"
 #: Every API route and who may use it. A route missing here fails test_every_api_route_is_classified.
 ROLES = {
     ("GET", "/api/me"): ANY,
+    ("POST", "/api/logout"): ANY,
+    ("POST", "/api/logout-all"): ANY,
     ("GET", "/api/studies"): ANY,
     ("GET", "/api/studies/{study_uid}"): ANY,
     ("GET", "/api/findings/{finding_id}/image"): ANY,
@@ -57,8 +59,11 @@ ROLES = {
     ("DELETE", "/api/users/{username}"): ADM,
     ("GET", "/api/settings"): ADM,
     ("PATCH", "/api/settings"): ADM,
+    ("GET", "/api/storage"): ADM,
 }
 PUBLIC = {("POST", "/api/token")}
+#: Routes that end the caller's own token: called with a fresh one, not the session's.
+ENDS_SESSION = {("POST", "/api/logout"), ("POST", "/api/logout-all")}
 
 
 def api_routes(app):
@@ -81,8 +86,13 @@ def test_every_api_route_is_classified(client):
 def test_roles_enforced_on_every_route(node, client, admin_h, rad_h):
     client.cookies.clear()
     bad = {"Authorization": "Bearer not-a-token"}
+    session_rad_h, session_admin_h = rad_h, admin_h
     for (method, path), role in ROLES.items():
         url = concrete(path)
+        if (method, path) in ENDS_SESSION:
+            rad_h, admin_h = (_fresh(client, RAD), _fresh(client, ADMIN))
+        else:
+            rad_h, admin_h = session_rad_h, session_admin_h
         r = client.request(method, url)
         assert r.status_code == 401, f"{method} {path} without credentials: {r.status_code}"
         assert r.headers.get("www-authenticate") == "Bearer"
@@ -95,6 +105,15 @@ def test_roles_enforced_on_every_route(node, client, admin_h, rad_h):
             assert r.status_code not in (401, 403), f"{method} {path} as radiologist: {r.status_code}"
         r = client.request(method, url, headers=admin_h, json={})
         assert r.status_code not in (401, 403), f"{method} {path} as admin: {r.status_code}"
+        if (method, path) in ENDS_SESSION:  # logout-all ended the session-wide tokens too: new ones
+            session_rad_h.update(_fresh(client, RAD))
+            session_admin_h.update(_fresh(client, ADMIN))
+
+
+def _fresh(client, user) -> dict:
+    r = client.post("/api/token", data={"username": user[0], "password": user[1]})
+    assert r.status_code == 200, r.text
+    return {"Authorization": f"Bearer {r.json()['access_token']}"}
 
 
 def test_token_refused_for_wrong_password_and_unknown_user(client):
@@ -383,7 +402,8 @@ def test_users_api(node, client, admin_h):
     assert client.delete("/api/users/carol", headers=admin_h).status_code == 204
     assert [u["username"] for u in client.get("/api/users", headers=admin_h).json()] == ["admin", "rad"]
     actions = [e["action"] for e in client.get("/api/audit", headers=admin_h).json()["items"]]
-    assert actions == ["user.remove", "user.update", "user.add"]
+    assert [a for a in actions if not a.startswith("login")] == ["user.remove", "user.update", "user.add"]
+    assert actions.count("login") == 1  # carol's
     assert "carol-pass" not in client.get("/api/audit", headers=admin_h).text  # never the password itself
 
 

@@ -9,7 +9,6 @@ step go to ``docs/screenshots/`` for the README.
 from __future__ import annotations
 
 import os
-import threading
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,18 @@ import pytest
 
 from web_phantom import NODULE_DIAMETER_MM, NODULE_MM, add_done_job, add_study_row, lidc_files, nodule_mask, store_files, store_phantom
 from storage.models import StudyStatus
-from webtools import ADMIN, LIDC_NODULE_MM, LIDC_SERIES, REPO, RAD, StoreSCP, build_node, create_accounts, free_port, wait_port
+from webtools import (
+    ADMIN,
+    LIDC_NODULE_MM,
+    LIDC_SERIES,
+    RAD,
+    REPO,
+    StoreSCP,
+    WebServer,
+    build_node,
+    create_accounts,
+    free_port,
+)
 
 CHROMIUM = os.environ.get("DICOM_NODE_CHROMIUM", "/usr/bin/chromium")
 #: Screenshots are written only when asked (``DICOM_NODE_SCREENSHOTS=docs/screenshots``), so that a
@@ -144,25 +154,6 @@ def _queue_and_log_rows(node):
                              started_at=now - timedelta(minutes=2))
 
 
-class _Server:
-    def __init__(self, app, port):
-        import uvicorn
-
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                                                    access_log=False))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.port = port
-
-    def __enter__(self):
-        self.thread.start()
-        wait_port(self.port)
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(10)
-
-
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
     if not Path(CHROMIUM).exists():
@@ -177,7 +168,7 @@ def site(tmp_path_factory):
     _queue_and_log_rows(node)
     port = free_port()
     scp = StoreSCP(tmp / "storescp", ae_title="PACS_TEST").start()
-    with _Server(create_app(node), port):
+    with WebServer(create_app(node), port):
         yield {"url": f"http://127.0.0.1:{port}", "study_uid": study_uid, "node": node, "scp": scp}
     scp.stop()
 
@@ -201,14 +192,29 @@ def page(chromium, site):
     context.on("request", lambda req: offsite.append(req.url) if not req.url.startswith((site["url"], "blob:", "data:")) else None)
     pg = context.new_page()
     pg.set_default_timeout(15000)
+    blocked = []  # what the Content-Security-Policy refused: the pages must need nothing it forbids
+    pg.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
     yield pg
     context.close()
     assert offsite == [], f"the page fetched from outside the node: {offsite}"
+    assert blocked == [], f"the Content-Security-Policy blocked: {blocked}"
 
 
 def shot(page, name: str, full_page: bool = False) -> None:
     SHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SHOTS / f"{name}.png"), full_page=full_page)
+
+
+def wait_until(page, expression: str, timeout: float = 15.0) -> None:
+    """Poll a JavaScript expression until it is true. (Playwright's wait_for_function evaluates
+    its predicate with eval(), which the pages' Content-Security-Policy rightly refuses.)"""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not page.evaluate(expression):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"still false after {timeout} s: {expression}")
+        page.wait_for_timeout(100)
 
 
 def login(page, user):
@@ -251,10 +257,10 @@ def test_login_worklist_and_study_with_nodule_image(page, site):
     page.wait_for_url(f"**{href}")
     img = page.locator("#axial-image")
     img.wait_for()
-    page.wait_for_function("document.getElementById('axial-image').complete && "
-                           "document.getElementById('axial-image').naturalWidth > 0")
+    wait_until(page, "document.getElementById('axial-image').complete && "
+                     "document.getElementById('axial-image').naturalWidth > 0")
     assert page.evaluate("document.getElementById('axial-image').naturalWidth") == 512
-    page.wait_for_function("Array.from(document.querySelectorAll('.reformats img')).every(i => i.complete && i.naturalWidth > 0)")
+    wait_until(page, "Array.from(document.querySelectorAll('.reformats img')).every(i => i.complete && i.naturalWidth > 0)")
     assert "right lung" in page.locator("table.findings").inner_text()
     assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
     shot(page, "03-study")
@@ -263,15 +269,15 @@ def test_login_worklist_and_study_with_nodule_image(page, site):
     # Scroll two slices with the keyboard on the focused image.
     img.focus()
     page.keyboard.press("ArrowDown")
-    page.wait_for_function("document.getElementById('slice-label').textContent.includes('+1')")
+    wait_until(page, "document.getElementById('slice-label').textContent.includes('+1')")
     page.keyboard.press("ArrowDown")
-    page.wait_for_function("document.getElementById('slice-label').textContent.includes('+2 slices')")
+    wait_until(page, "document.getElementById('slice-label').textContent.includes('+2 slices')")
     assert page.evaluate("document.getElementById('axial-image').src").startswith("blob:")
     # Zoom by keyboard: Z magnifies all three planes around the nodule.
     page.keyboard.press("z")
-    page.wait_for_function("document.querySelector('a.zoom[data-zoom=\"2\"]').getAttribute('aria-pressed') === 'true'")
-    page.wait_for_function("Array.from(document.querySelectorAll('.reformats img')).every("
-                           "i => i.src.includes('zoom=2') && i.complete && i.naturalWidth > 0)")
+    wait_until(page, "document.querySelector('a.zoom[data-zoom=\"2\"]').getAttribute('aria-pressed') === 'true'")
+    wait_until(page, "Array.from(document.querySelectorAll('.reformats img')).every("
+                     "i => i.src.includes('zoom=2') && i.complete && i.naturalWidth > 0)")
     shot(page, "03-study-zoom")
 
 

@@ -97,7 +97,7 @@ def test_study_page_shows_nodules_images_and_actions(node, browser):
     assert "Re-run queued" in r.text
     with node.sessions() as s:
         actions = [a for (a,) in s.execute(select(AuditEvent.action).order_by(AuditEvent.id))]
-    assert actions == ["job.resend", "job.rerun"]
+    assert actions == ["login", "job.resend", "job.rerun"]
     assert browser.get("/studies/9.9.9").status_code == 404
     img = browser.get(f"/api/findings/{_finding_id(browser, ph.study_uid)}/image")  # the page session loads images
     assert img.status_code == 200 and img.headers["content-type"] == "image/png"

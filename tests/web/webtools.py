@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+import threading
 import uuid
 from pathlib import Path
 
@@ -47,3 +48,24 @@ def create_accounts(node) -> None:
         for (name, password), role in ((ADMIN, "admin"), (RAD, "radiologist")):
             if users.get_user(s, name) is None:
                 users.add_user(s, name, role, hash_password(password))
+
+
+class WebServer:
+    """An application under a real uvicorn server in a thread, on ``127.0.0.1:port``."""
+
+    def __init__(self, app, port: int):
+        import uvicorn
+
+        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                                                    access_log=False))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self.port = port
+
+    def __enter__(self):
+        self.thread.start()
+        wait_port(self.port)
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(10)

@@ -16,7 +16,7 @@ from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
 from dicom_node.web import schemas, services
-from dicom_node.web.deps import CSRF, DB, NodeDep, PageAdmin
+from dicom_node.web.deps import CSRF, DB, NodeDep, PageAdmin, PageNumber, RowId
 from dicom_node.web.services import ServiceError
 from dicom_node.web.templating import flash, render
 from storage import repo, users
@@ -149,19 +149,19 @@ def destinations_page(request: Request, s: DB, user: PageAdmin, edit: str | None
 
 
 def _destination_form(name: str, ae_title: str, host: str, port: str, outputs: list[str],
-                      enabled: str | None) -> schemas.DestinationIn:
+                      enabled: str | None, tls: str | None = None) -> schemas.DestinationIn:
     return schemas.DestinationIn.model_validate({"name": name.strip(), "ae_title": ae_title, "host": host.strip(),
                                                  "port": port.strip() or 0, "outputs": outputs,
-                                                 "enabled": bool(enabled)})
+                                                 "enabled": bool(enabled), "tls": bool(tls)})
 
 
 @router.post("/destinations", dependencies=[CSRF])
 def destination_add(request: Request, s: DB, user: PageAdmin, name: Annotated[str, Form()] = "",
                     ae_title: Annotated[str, Form()] = "", host: Annotated[str, Form()] = "",
                     port: Annotated[str, Form()] = "", outputs: Annotated[list[str], Form()] = [],  # noqa: B006
-                    enabled: Annotated[str | None, Form()] = None):
+                    enabled: Annotated[str | None, Form()] = None, tls: Annotated[str | None, Form()] = None):
     def action() -> str:
-        data = _destination_form(name, ae_title, host, port, outputs, enabled)
+        data = _destination_form(name, ae_title, host, port, outputs, enabled, tls)
         services.add_destination(s, user.username, data)
         return f"Destination {data.name} added."
     return _apply(request, s, "/admin/destinations", action)
@@ -171,9 +171,9 @@ def destination_add(request: Request, s: DB, user: PageAdmin, name: Annotated[st
 def destination_update(request: Request, s: DB, user: PageAdmin, current: str, name: Annotated[str, Form()] = "",
                        ae_title: Annotated[str, Form()] = "", host: Annotated[str, Form()] = "",
                        port: Annotated[str, Form()] = "", outputs: Annotated[list[str], Form()] = [],  # noqa: B006
-                       enabled: Annotated[str | None, Form()] = None):
+                       enabled: Annotated[str | None, Form()] = None, tls: Annotated[str | None, Form()] = None):
     def action() -> str:
-        data = _destination_form(name, ae_title, host, port, outputs, enabled)
+        data = _destination_form(name, ae_title, host, port, outputs, enabled, tls)
         services.update_destination(s, user.username, current, data)
         return f"Destination {data.name} saved."
     return _apply(request, s, "/admin/destinations", action)
@@ -202,8 +202,7 @@ def destination_echo(request: Request, s: DB, node: NodeDep, user: PageAdmin, na
 
 @router.get("/queues")
 def queues_page(request: Request, s: DB, user: PageAdmin, transfer_state: str = "open", job_state: str = "",
-                page: int = 1):
-    page = max(1, page)
+                page: PageNumber = 1):
     if transfer_state == "open":
         pending, _ = services.list_transfers(s, "pending", 1, 100)
         failed, _ = services.list_transfers(s, "failed", 1, 100)
@@ -226,7 +225,7 @@ def queues_page(request: Request, s: DB, user: PageAdmin, transfer_state: str = 
 
 
 @router.post("/transfers/{transfer_id}/retry", dependencies=[CSRF])
-def transfer_retry(request: Request, s: DB, user: PageAdmin, transfer_id: int):
+def transfer_retry(request: Request, s: DB, user: PageAdmin, transfer_id: RowId):
     def action() -> str:
         services.retry_transfer(s, user.username, transfer_id)
         return f"Transfer {transfer_id} queued again."
@@ -234,7 +233,7 @@ def transfer_retry(request: Request, s: DB, user: PageAdmin, transfer_id: int):
 
 
 @router.post("/transfers/{transfer_id}/cancel", dependencies=[CSRF])
-def transfer_cancel(request: Request, s: DB, user: PageAdmin, transfer_id: int):
+def transfer_cancel(request: Request, s: DB, user: PageAdmin, transfer_id: RowId):
     def action() -> str:
         services.cancel_transfer(s, user.username, transfer_id)
         return f"Transfer {transfer_id} cancelled."
@@ -242,7 +241,7 @@ def transfer_cancel(request: Request, s: DB, user: PageAdmin, transfer_id: int):
 
 
 @router.post("/jobs/{job_id}/rerun", dependencies=[CSRF])
-def job_rerun(request: Request, s: DB, user: PageAdmin, job_id: int):
+def job_rerun(request: Request, s: DB, user: PageAdmin, job_id: RowId):
     def action() -> str:
         job = services.rerun_job(s, user.username, job_id)
         return f"Job {job_id} re-run as job {job.id}."
@@ -252,8 +251,7 @@ def job_rerun(request: Request, s: DB, user: PageAdmin, job_id: int):
 # --- logs ---------------------------------------------------------------------------------------------
 
 @router.get("/associations")
-def associations_page(request: Request, s: DB, user: PageAdmin, result: str = "", page: int = 1):
-    page = max(1, page)
+def associations_page(request: Request, s: DB, user: PageAdmin, result: str = "", page: PageNumber = 1):
     try:
         rows, total = services.list_associations(s, result or None, page, PAGE_SIZE)
     except ServiceError:
@@ -266,8 +264,7 @@ def associations_page(request: Request, s: DB, user: PageAdmin, result: str = ""
 
 
 @router.get("/audit")
-def audit_page(request: Request, s: DB, user: PageAdmin, page: int = 1):
-    page = max(1, page)
+def audit_page(request: Request, s: DB, user: PageAdmin, page: PageNumber = 1):
     rows, total = services.list_audit(s, page, PAGE_SIZE)
     return render(request, "admin/audit.html", {
         "user": user, "nav": "audit", "title": "Audit trail", "rows": [services.audit_out(a) for a in rows],

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, Body, Query, status
 
 from dicom_node.web import schemas, services
-from dicom_node.web.deps import DB, AdminUser, AnyUser
+from dicom_node.web.deps import DB, AdminUser, AnyUser, PageNumber, RowId
 
 router = APIRouter(prefix="/api/jobs", tags=["queues"])
 
@@ -18,7 +18,7 @@ router = APIRouter(prefix="/api/jobs", tags=["queues"])
 @router.get("", response_model=schemas.JobPage, summary="List jobs, newest first")
 def list_jobs(s: DB, user: AdminUser,
               state: Annotated[str | None, Query(description="pending, running, done, failed, cancelled")] = None,
-              page: Annotated[int, Query(ge=1)] = 1,
+              page: PageNumber = 1,
               page_size: Annotated[int, Query(ge=1, le=services.MAX_PAGE_SIZE)] = 50) -> schemas.JobPage:
     rows, total = services.list_jobs(s, state, page, page_size)
     return schemas.JobPage(items=rows, total=total, page=page, page_size=page_size)
@@ -26,7 +26,7 @@ def list_jobs(s: DB, user: AdminUser,
 
 @router.post("/{job_id}/rerun", response_model=schemas.JobOut, status_code=status.HTTP_201_CREATED,
              summary="Queue a new job for the same series (new idempotency key '<key>:rerun:<n>')")
-def rerun(job_id: int, s: DB, user: AnyUser) -> schemas.JobOut:
+def rerun(job_id: RowId, s: DB, user: AnyUser) -> schemas.JobOut:
     job = services.rerun_job(s, user.username, job_id)
     s.commit()
     return services.job_out(job)
@@ -34,7 +34,7 @@ def rerun(job_id: int, s: DB, user: AnyUser) -> schemas.JobOut:
 
 @router.post("/{job_id}/resend", response_model=list[schemas.TransferOut], status_code=status.HTTP_201_CREATED,
              summary="Queue new transfers of the job's result objects (default: every enabled destination)")
-def resend(job_id: int, s: DB, user: AnyUser,
+def resend(job_id: RowId, s: DB, user: AnyUser,
            body: Annotated[schemas.ResendIn | None, Body()] = None) -> list[schemas.TransferOut]:
     created = services.resend_job(s, user.username, job_id, body.destinations if body else None)
     s.commit()

@@ -6,12 +6,13 @@ from datetime import date
 from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, Request
+from fastapi import APIRouter, Form, Query, Request
 from fastapi.responses import RedirectResponse
 
 from dicom_node.web import services
-from dicom_node.web.deps import CSRF, DB, PageUser, session_user
-from dicom_node.web.security import dummy_verify, new_csrf_token, password_fingerprint, verify_password
+from dicom_node.web.deps import CSRF, DB, MAX_ROW_ID, PageNumber, PageUser, client_host, get_auth, session_user
+from dicom_node.web.login import PAGE
+from dicom_node.web.security import new_csrf_token
 from dicom_node.web.services import ServiceError
 from dicom_node.web.templating import flash, render
 from storage import users
@@ -46,31 +47,30 @@ def login_page(request: Request, s: DB, next: str = "/worklist"):
 
 
 @router.post("/login", dependencies=[CSRF])
-def login(request: Request, s: DB, username: Annotated[str, Form()] = "", password: Annotated[str, Form()] = "",
+def login(request: Request, username: Annotated[str, Form()] = "", password: Annotated[str, Form()] = "",
           next: Annotated[str, Form()] = "/worklist"):
-    throttle = request.app.state.login_throttle
-    wait = throttle.retry_after(username.strip())
-    if wait:
-        return render(request, "login.html", {"next": _safe_next(next), "username": username, "title": "Sign in",
-                                             "error": f"Too many failed sign-ins for this user name. Try again in {wait} s."},
-                      status_code=429)
-    user = users.get_user(s, username.strip())
-    if user is None:
-        dummy_verify(password)
-    if user is None or not verify_password(password, user.password_hash):
-        throttle.failed(username.strip())
+    result = get_auth(request).login(username, password, client_host(request), PAGE)
+    if result.retry_after:
+        response = render(request, "login.html", {
+            "next": _safe_next(next), "username": username, "title": "Sign in",
+            "error": f"Too many failed sign-ins from this computer. Try again in {result.retry_after} s."},
+            status_code=429)
+        response.headers["Retry-After"] = str(result.retry_after)
+        return response
+    if not result.ok:
         return render(request, "login.html", {"next": _safe_next(next), "error": "Wrong user name or password.",
                                              "username": username, "title": "Sign in"}, status_code=401)
-    throttle.succeeded(user.username)
-    request.session.clear()
-    request.session.update({"user": user.username, "role": user.role.value,
-                            "fp": password_fingerprint(user.password_hash), "csrf": new_csrf_token()})
-    log.info("page login by %s (%s)", user.username, user.role.value)
+    request.session.clear()  # a new session secret and CSRF token: nothing survives from before login
+    request.session.update({"sid": result.secret, "user": result.user.username, "role": result.user.role.value,
+                            "csrf": new_csrf_token()})
     return _see_other(_safe_next(next))
 
 
 @router.post("/logout", dependencies=[CSRF])
 def logout(request: Request):
+    """End this browser's session on the server too: a copy of the cookie is worthless after."""
+    get_auth(request).logout(request.session.get("sid"), request.session.get("user") or "(unknown)",
+                             client_host(request), PAGE)
     request.session.clear()
     return _see_other("/login")
 
@@ -84,7 +84,8 @@ def _parse_date(value: str | None) -> date | None:
 
 @router.get("/worklist")
 def worklist(request: Request, s: DB, user: PageUser, status: str = "", date_from: str = "", date_to: str = "",
-             modality: str = "", q: str = "", sort: str = "suspicion", page: int = 1, fragment: int = 0):
+             modality: str = "", q: str = "", sort: str = "suspicion", page: PageNumber = 1,
+             fragment: Annotated[int, Query(ge=0, le=1)] = 0):
     query = services.StudyQuery(status=status or None, date_from=_parse_date(date_from), date_to=_parse_date(date_to),
                                 modality=modality or None, q=q or None,
                                 sort=sort if sort in services.SORTS else "suspicion", page=page, page_size=50)
@@ -106,8 +107,9 @@ def worklist(request: Request, s: DB, user: PageUser, status: str = "", date_fro
 
 
 @router.get("/studies/{study_uid}")
-def study_page(request: Request, s: DB, user: PageUser, study_uid: str, finding: int | None = None,
-               offset: int = 0, zoom: int = 1):
+def study_page(request: Request, s: DB, user: PageUser, study_uid: str,
+               finding: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
+               offset: Annotated[int, Query(ge=-2000, le=2000)] = 0, zoom: Annotated[int, Query(ge=1, le=4)] = 1):
     detail = services.study_detail(s, study_uid) if _exists(s, study_uid) else None
     if detail is None:
         return render(request, "error.html", {"user": user, "title": "Not found", "code": 404,

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, Request
 from fastapi.responses import FileResponse, Response
 
 from dicom_node.web import schemas, services
-from dicom_node.web.deps import DB, AnyUser, NodeDep
+from dicom_node.web.deps import DB, AnyUser, NodeDep, PageNumber, RowId
 from dicom_node.web.images import ImageError
 from storage.models import ResultObject
 
@@ -25,7 +25,7 @@ def list_studies(
     modality: Annotated[str | None, Query(description="e.g. CT")] = None,
     q: Annotated[str | None, Query(description="search patient name/ID, accession, study UID or description")] = None,
     sort: Annotated[str, Query(description="suspicion (default), date, received")] = "suspicion",
-    page: Annotated[int, Query(ge=1)] = 1,
+    page: PageNumber = 1,
     page_size: Annotated[int, Query(ge=1, le=services.MAX_PAGE_SIZE)] = 50,
 ) -> schemas.StudyPage:
     query = services.StudyQuery(status=status, date_from=date_from, date_to=date_to, modality=modality, q=q,
@@ -44,10 +44,10 @@ def get_study(study_uid: str, s: DB, user: AnyUser) -> schemas.StudyDetail:
 @router.get("/findings/{finding_id}/image", response_class=Response,
             responses={200: {"content": {"image/png": {}}}},
             summary="Key image of a finding (PNG, lung window, nodule outlined)")
-def finding_image(request: Request, finding_id: int, user: AnyUser,
+def finding_image(request: Request, finding_id: RowId, user: AnyUser,
                   plane: Annotated[str, Query(description="axial, coronal or sagittal")] = "axial",
                   offset: Annotated[int, Query(ge=-2000, le=2000, description="slices from the nodule centre")] = 0,
-                  zoom: Annotated[int, Query(description="1 (whole slice), 2 or 4 (centred on the nodule)")] = 1) -> Response:
+                  zoom: Annotated[int, Query(ge=1, le=4, description="1 (whole slice), 2 or 4 (centred on the nodule)")] = 1) -> Response:
     try:
         png, info = request.app.state.key_images.render(finding_id, plane, offset, zoom)
     except ImageError as exc:
@@ -60,7 +60,7 @@ def finding_image(request: Request, finding_id: int, user: AnyUser,
 @router.get("/results/{result_id}/file", response_class=FileResponse,
             responses={200: {"content": {"application/dicom": {}}}},
             summary="Download a result object (SR or SEG) as a DICOM file")
-def result_file(result_id: int, s: DB, node: NodeDep, user: AnyUser) -> FileResponse:
+def result_file(result_id: RowId, s: DB, node: NodeDep, user: AnyUser) -> FileResponse:
     row = s.get(ResultObject, result_id)
     if row is None:
         raise HTTPException(404, detail=f"result object {result_id} not found")

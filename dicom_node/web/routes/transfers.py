@@ -6,7 +6,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 
 from dicom_node.web import schemas, services
-from dicom_node.web.deps import DB, AdminUser
+from dicom_node.web.deps import DB, AdminUser, PageNumber, RowId
 
 router = APIRouter(prefix="/api/transfers", tags=["queues"])
 
@@ -14,7 +14,7 @@ router = APIRouter(prefix="/api/transfers", tags=["queues"])
 @router.get("", response_model=schemas.TransferPage, summary="List transfers, newest first")
 def list_transfers(s: DB, user: AdminUser,
                    state: Annotated[str | None, Query(description="pending, sending, sent, failed, cancelled")] = None,
-                   page: Annotated[int, Query(ge=1)] = 1,
+                   page: PageNumber = 1,
                    page_size: Annotated[int, Query(ge=1, le=services.MAX_PAGE_SIZE)] = 50) -> schemas.TransferPage:
     rows, total = services.list_transfers(s, state, page, page_size)
     return schemas.TransferPage(items=[services.transfer_out(t, n) for t, n in rows], total=total, page=page,
@@ -29,14 +29,14 @@ def _one(s, transfer_id: int) -> schemas.TransferOut:
 
 
 @router.post("/{transfer_id}/retry", response_model=schemas.TransferOut, summary="Retry a failed or cancelled transfer now")
-def retry(transfer_id: int, s: DB, user: AdminUser) -> schemas.TransferOut:
+def retry(transfer_id: RowId, s: DB, user: AdminUser) -> schemas.TransferOut:
     services.retry_transfer(s, user.username, transfer_id)
     s.commit()
     return _one(s, transfer_id)
 
 
 @router.post("/{transfer_id}/cancel", response_model=schemas.TransferOut, summary="Cancel a pending or failed transfer")
-def cancel(transfer_id: int, s: DB, user: AdminUser) -> schemas.TransferOut:
+def cancel(transfer_id: RowId, s: DB, user: AdminUser) -> schemas.TransferOut:
     services.cancel_transfer(s, user.username, transfer_id)
     s.commit()
     return _one(s, transfer_id)
