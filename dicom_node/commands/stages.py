@@ -1,7 +1,13 @@
-"""``dicom-node serve`` (all stages) and ``listen|schedule|work|dispatch`` (one stage each)."""
+"""``dicom-node serve`` (all stages) and ``listen|schedule|work|dispatch`` (one stage each).
+
+Exit codes: 0 stopped on request (SIGTERM/SIGINT); 2 invalid configuration; 75 (``serve``)
+another ``serve`` holds the data directory; 78 a port is taken (or cannot be bound) or a stage
+cannot run for a configuration reason: restarting will not help until the cause is removed.
+"""
 from __future__ import annotations
 
 import argparse
+import sys
 import threading
 
 from dicom_node.cli import add_config_argument, settings_from_args
@@ -33,9 +39,13 @@ def run(args) -> int:
         if settings.web.enabled and not args.no_web:
             stages.append("web")
         return supervise(settings, stages, args.verbose)
-    from dicom_node.stages import install_stop_handlers, run_stage
+    from dicom_node.stages import EXIT_CONFIG, StageConfigError, install_stop_handlers, run_stage
 
     stop = threading.Event()
     install_stop_handlers(stop)
-    run_stage(args.stage, settings, stop)
+    try:
+        run_stage(args.stage, settings, stop)
+    except StageConfigError as exc:
+        print(f"dicom-node {args.stage}: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
     return 0
