@@ -2,7 +2,8 @@
 
 ``serve`` takes an exclusive lock on ``data_dir/serve.lock`` (held for its life; a second
 ``serve`` on the same data directory is refused with one line), checks that its ports are
-free, then starts listen, schedule, work, dispatch (and web when enabled) as child processes.
+free (waiting up to 10 s for them), then starts listen, schedule, work, dispatch (and web when
+enabled) as child processes.
 It restarts a stage that crashes (back-off 2, 4, 8 ... 60 s) but stops with exit code 78 when
 a stage cannot run for a configuration reason (its port is taken). On SIGTERM or Ctrl-C it asks
 every stage to stop and waits for them: the worker up to ``[worker] stop_grace_seconds`` (a
@@ -61,6 +62,9 @@ _PR_SET_PDEATHSIG = 1
 STOP_TIMEOUT_SECONDS = 30.0
 #: How long an orphaned stage other than the worker may take to stop before it exits hard (s).
 ORPHAN_GRACE_SECONDS = 15.0
+#: How long ``serve`` waits for a taken port to be freed before it gives up (s): the stages of
+#: a ``serve`` killed a moment ago may still be closing theirs.
+PORT_WAIT_SECONDS = 10.0
 
 
 class StageConfigError(Exception):
@@ -107,10 +111,23 @@ def bind_socket(host: str, port: int) -> socket.socket:
     return sock
 
 
-def check_port_free(host: str, port: int) -> None:
-    """Raise ``StageConfigError`` unless ``host:port`` can be bound now (0: any port, always)."""
-    if port:
-        bind_socket(host, port).close()
+def check_port_free(host: str, port: int, wait: float = 0.0) -> None:
+    """Raise ``StageConfigError`` unless ``host:port`` can be bound (0: any port, always).
+
+    ``wait``: keep trying this long (seconds) first, e.g. while the stages of a ``serve`` that
+    was just killed close their ports.
+    """
+    if not port:
+        return
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            bind_socket(host, port).close()
+            return
+        except StageConfigError:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.5)
 
 
 # --- the data-directory lock ------------------------------------------------------------------
@@ -370,12 +387,14 @@ def _supervise(settings: Settings, stages: list[str], verbose: int, restart_dela
     node = open_node(settings)  # migrate and seed once, before the stages race to do it
     try:
         if "listen" in stages:
-            check_port_free(settings.node.host, int(node.effective("node.port")))
+            check_port_free(settings.node.host, int(node.effective("node.port")), PORT_WAIT_SECONDS)
         if "web" in stages:
-            check_port_free(settings.web.host, settings.web.port)
+            check_port_free(settings.web.host, settings.web.port, PORT_WAIT_SECONDS)
     except StageConfigError as exc:
         log.error("%s", exc)
         return EXIT_CONFIG
+    if stop.is_set():  # SIGTERM while migrating
+        return 0
     node.sessions.kw["bind"].dispose()  # the children open their own connections
     ctx = mp.get_context("spawn")
     procs: dict[str, mp.Process] = {}

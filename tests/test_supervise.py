@@ -341,3 +341,83 @@ def test_healthz_says_503_and_why_when_the_disk_is_below_the_watermark(tmp_path)
     assert body["disk"]["free_bytes"] < body["disk"]["min_free_bytes"]
     assert body["stages"]["listen"]["status"] == "ok"
     assert len(body["problems"]) == 1 and "below the 1e+12 MiB watermark" in body["problems"][0]
+
+
+def _one_job(node) -> int:
+    from storage.models import Series, Study
+
+    with node.sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.3")
+        series = Series(series_instance_uid="1.2.3.4", study=study, modality="CT", instance_count=0)
+        job = Job(series=series, idempotency_key="k", max_attempts=3)
+        s.add(job)
+        s.flush()
+        return job.id
+
+
+def _expire(node, job_id: int) -> None:
+    from datetime import timedelta
+
+    from storage.models import utcnow
+
+    with node.sessions.begin() as s:
+        s.get(Job, job_id).lease_until = utcnow() - timedelta(seconds=1)
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_lease_expiries_are_not_attempts_but_have_their_own_cap(db_url, make_node):
+    from dicom_node.worker import work_once
+    from storage import repo
+
+    node = make_node(db_url, worker={"max_lease_expiries": 2})
+    job_id = _one_job(node)
+    with node.sessions.begin() as s:
+        job = repo.claim_job(s, "w1", 60)
+        assert (job.attempts, job.lease_expiries) == (1, 0)
+    with node.sessions.begin() as s:
+        assert repo.claim_job(s, "w2", 60) is None  # the lease holds
+    for n in (1, 2):  # the worker dies twice: reclaimed, attempt not charged
+        _expire(node, job_id)
+        with node.sessions.begin() as s:
+            job = repo.claim_job(s, f"w{n + 2}", 60)
+            assert (job.id, job.attempts, job.lease_expiries, job.claimed_by) == (job_id, 1, n, f"w{n + 2}")
+    with node.sessions.begin() as s:  # a graceful stop puts it back uncharged
+        assert repo.release_job(s, job_id, "w4", "stopping")
+        assert not repo.release_job(s, job_id, "w4", "stopping")
+    with node.sessions.begin() as s:
+        job = repo.claim_job(s, "w5", 60)
+        assert (job.state, job.attempts, job.lease_expiries) == (JobState.RUNNING, 1, 2)
+    _expire(node, job_id)  # a third death: past the cap of 2, the poison job is failed
+    assert work_once(node, "w6", lambda *a: pytest.fail("must not run"), "v")
+    with node.sessions() as s:
+        job = s.get(Job, job_id)
+        assert job.state is JobState.FAILED and job.attempts == 1 and job.lease_expiries == 3
+        assert "worker stopped 3 times" in job.error
+
+
+@pytest.mark.parametrize("db_url", ["sqlite", "postgresql"], indirect=True)
+def test_an_attempt_is_charged_when_the_job_itself_fails(db_url, make_node, tmp_path):
+    from dicom_node.worker import work_once
+    from storage.models import Instance, Series
+
+    node = make_node(db_url)
+    job_id = _one_job(node)
+    paths = write_series(tmp_path / "series", SeriesSpec(n_slices=20))
+    with node.sessions.begin() as s:
+        series = s.get(Series, 1)
+        for n, p in enumerate(paths):
+            rel = f"in/{n}.dcm"
+            node.store.write_atomic(rel, p.read_bytes())
+            s.add(Instance(series=series, sop_instance_uid=f"1.2.3.4.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", path=rel, size_bytes=1, sha256=str(n)))
+
+    def broken(*_args):
+        raise RuntimeError("model exploded")
+
+    for attempt in (1, 2, 3):
+        assert work_once(node, "w", broken, "v")
+        with node.sessions() as s:
+            job = s.get(Job, job_id)
+            assert job.attempts == attempt and job.lease_expiries == 0
+            assert job.state is (JobState.PENDING if attempt < 3 else JobState.FAILED), job.error
+    assert "model exploded" in job.error
