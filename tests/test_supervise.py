@@ -305,6 +305,8 @@ def test_healthz_reports_each_stage_and_a_stale_one(tmp_path, fake_model):
         assert set(body["stages"]) == {"listen", "schedule", "work", "dispatch", "web"}
         assert all(v["status"] == "ok" and v["age_seconds"] < 6 for v in body["stages"].values()), body
         assert body["database"] == "ok" and body["disk"]["status"] == "ok" and body["disk"]["free_bytes"] > 0
+        status_cli = node.cli("status")  # the same checks from the command line
+        assert status_cli.returncode == 0 and "dispatch  ok" in status_cli.stdout
         pid = stage_pid(node, "dispatch")
         os.kill(pid, signal.SIGSTOP)  # alive but not working
         try:
@@ -312,6 +314,8 @@ def test_healthz_reports_each_stage_and_a_stale_one(tmp_path, fake_model):
                                     what="the stopped dispatcher to go stale")
             assert body["stages"]["dispatch"]["status"] == "stale"
             assert any(p.startswith("stage dispatch: stale") for p in body["problems"]), body
+            status_cli = node.cli("status", check=False)
+            assert status_cli.returncode == 1 and "problem: stage dispatch: stale" in status_cli.stderr
         finally:
             os.kill(pid, signal.SIGCONT)
         wait_for(lambda: get_health(node.web_port)[0] == 200, timeout=60, what="the dispatcher to recover")
