@@ -18,8 +18,8 @@ in the queue, its attempt uncharged, and the process exits.
 """
 from __future__ import annotations
 
-import hashlib
 import contextlib
+import hashlib
 import io
 import logging
 import os
