@@ -90,14 +90,12 @@ class _GracefulStop(threading.Thread):
         super().__init__(daemon=True, name="stop-grace")
         self.node, self.stop, self.worker_id, self.grace = node, stop, worker_id, grace
         self._lock = threading.Lock()
-        self._idle = threading.Event()
-        self._idle.set()
+        self.exited = threading.Event()  # set by the worker loop when it returns
         self._job: tuple[int, _Heartbeat] | None = None
 
     def begin(self, job_id: int, beat: _Heartbeat) -> None:
         with self._lock:
             self._job = (job_id, beat)
-            self._idle.clear()
 
     @contextlib.contextmanager
     def finishing(self):
@@ -107,7 +105,6 @@ class _GracefulStop(threading.Thread):
                 yield
             finally:
                 self._job = None
-                self._idle.set()
 
     def end(self) -> None:
         with self.finishing():
@@ -115,9 +112,10 @@ class _GracefulStop(threading.Thread):
 
     def run(self) -> None:
         self.stop.wait()
-        if self._job is not None:
-            log.info("stop requested: letting job %d finish (at most %.0f s)", self._job[0], self.grace)
-        if self._idle.wait(self.grace):
+        current = self._job
+        if current is not None:
+            log.info("stop requested: letting job %d finish (at most %.0f s)", current[0], self.grace)
+        if self.exited.wait(self.grace):  # the loop ended in time (also covers a job claimed late)
             return
         with self._lock:
             if self._job is None:
@@ -282,11 +280,14 @@ def run_worker(node: Node, stop: threading.Event, worker_id: str, predictor_fact
     log.info("worker %s ready (model %s)", worker_id, weights_version)
     guard = _GracefulStop(node, stop, worker_id, node.settings.worker.stop_grace_seconds)
     guard.start()
-    while not stop.is_set():
-        try:
-            busy = work_once(node, worker_id, predictor, weights_version, guard)
-        except Exception:  # noqa: BLE001 - the database may be restarting
-            log.exception("worker pass failed")
-            busy = False
-        if not busy:
-            stop.wait(node.settings.worker.poll_seconds)
+    try:
+        while not stop.is_set():
+            try:
+                busy = work_once(node, worker_id, predictor, weights_version, guard)
+            except Exception:  # noqa: BLE001 - the database may be restarting
+                log.exception("worker pass failed")
+                busy = False
+            if not busy:
+                stop.wait(node.settings.worker.poll_seconds)
+    finally:
+        guard.exited.set()
