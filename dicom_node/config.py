@@ -70,6 +70,15 @@ class NodeSection(BaseModel):
     max_request_pdu: int = Field(256 * 1024, ge=1024)
     #: Largest instance kept, counted after inflating a deflated transfer syntax.
     max_dataset_bytes: int = Field(512 * 1024 * 1024, ge=1024)
+    #: /healthz answers 503 when the data_dir filesystem has less free space than this (MiB).
+    min_free_disk_mb: float = Field(1024.0, ge=0)
+    #: Each stage process writes a heartbeat row this often (seconds).
+    heartbeat_seconds: float = Field(5.0, gt=0)
+    #: /healthz calls a stage "stale" when its newest heartbeat is older than this (seconds).
+    stage_stale_seconds: float = Field(30.0, gt=0)
+    #: Stages that /healthz requires (503 when one has no fresh heartbeat on any host).
+    required_stages: list[Literal["listen", "schedule", "work", "dispatch", "web"]] = [
+        "listen", "schedule", "work", "dispatch"]
 
     _ae = field_validator("ae_title")(check_ae_title)
 
@@ -174,6 +183,12 @@ class DestinationEntry(BaseModel):
 class WorkerSection(BaseModel):
     lease_seconds: float = Field(60.0, gt=0)
     poll_seconds: float = Field(1.0, gt=0)
+    #: On SIGTERM a running inference may finish for this long (seconds); after that the job is
+    #: put back in the queue, uncharged, and the worker exits.
+    stop_grace_seconds: float = Field(120.0, ge=0)
+    #: A job reclaimed after an expired lease (its worker died) this many times is failed: a
+    #: poison job that kills the worker every time. Such reclaims do not use up max_attempts.
+    max_lease_expiries: int = Field(10, ge=1)
 
 
 class DispatchSection(BaseModel):

@@ -8,12 +8,21 @@ and marks the job done. A worker killed mid-job leaves the lease to expire and t
 again (by this or another worker); nothing of a half-finished attempt is visible in the database.
 A series that cannot be read as a volume fails at once (retrying cannot help); other errors are
 retried up to the job's ``max_attempts``.
+
+Attempts are charged only when the job itself fails (an exception while loading, predicting or
+writing results). A reclaim after an expired lease (the worker was killed, the node restarted)
+is counted in ``lease_expiries`` instead, and only a job reclaimed more than ``[worker]
+max_lease_expiries`` times is failed (a poison job that kills its worker every time). On
+SIGTERM the running job may finish for ``[worker] stop_grace_seconds``; past that it is put back
+in the queue, its attempt uncharged, and the process exits.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import logging
+import os
 import shutil
 import threading
 import time
@@ -69,9 +78,70 @@ def _encode(ds) -> bytes:
     return buf.getvalue()
 
 
-def work_once(node: Node, worker_id: str, predictor: Callable, weights_version: str) -> bool:
+class _GracefulStop(threading.Thread):
+    """Once ``stop`` is set, lets the running job finish for ``grace`` seconds; past that, puts
+    the job back in the queue without charging its attempt and exits the process.
+
+    The worker holds ``finishing()`` while it commits a job's outcome, so a job is never both
+    released and recorded done or failed.
+    """
+
+    def __init__(self, node: Node, stop: threading.Event, worker_id: str, grace: float):
+        super().__init__(daemon=True, name="stop-grace")
+        self.node, self.stop, self.worker_id, self.grace = node, stop, worker_id, grace
+        self._lock = threading.Lock()
+        self.exited = threading.Event()  # set by the worker loop when it returns
+        self._job: tuple[int, _Heartbeat] | None = None
+
+    def begin(self, job_id: int, beat: _Heartbeat) -> None:
+        with self._lock:
+            self._job = (job_id, beat)
+
+    @contextlib.contextmanager
+    def finishing(self):
+        """Held while the outcome of the current job is committed; the job is over afterwards."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                self._job = None
+
+    def end(self) -> None:
+        with self.finishing():
+            pass
+
+    def run(self) -> None:
+        self.stop.wait()
+        current = self._job
+        if current is not None:
+            log.info("stop requested: letting job %d finish (at most %.0f s)", current[0], self.grace)
+        if self.exited.wait(self.grace):  # the loop ended in time (also covers a job claimed late)
+            return
+        with self._lock:
+            if self._job is None:
+                return
+            job_id, beat = self._job
+            beat.done.set()
+            try:
+                with self.node.sessions.begin() as s:
+                    released = repo.release_job(s, job_id, self.worker_id,
+                                                f"worker stopped after {self.grace:.0f} s grace; requeued, uncharged")
+                    if released:
+                        refresh_study_status(s, s.get(Job, job_id).series.study)
+                if released:
+                    log.warning("job %d still running %.0f s after the stop request: back in the queue, attempt "
+                                "not charged", job_id, self.grace)
+            except Exception:  # noqa: BLE001 - the lease will expire instead (not charged either)
+                log.exception("job %d could not be put back in the queue; its lease will expire", job_id)
+            logging.shutdown()
+            os._exit(0)
+
+
+def work_once(node: Node, worker_id: str, predictor: Callable, weights_version: str,
+              guard: _GracefulStop | None = None) -> bool:
     """Claim and process one job. Returns False when there was nothing to do."""
     lease = node.settings.worker.lease_seconds
+    max_expiries = node.settings.worker.max_lease_expiries
     with node.sessions() as s:  # a read: an idle poll takes no write lock
         if not repo.job_claimable(s):
             return False
@@ -81,15 +151,18 @@ def work_once(node: Node, worker_id: str, predictor: Callable, weights_version: 
             return False
         job_id, attempts, max_attempts = job.id, job.attempts, job.max_attempts
         uid_seed = job.idempotency_key
-        if attempts > max_attempts:
-            # Claimed again after its lease expired too often: the worker keeps dying on it.
+        if job.lease_expiries > max_expiries:
+            # Reclaimed after an expired lease too often: the worker keeps dying on this job.
             job.state, job.finished_at, job.lease_until = JobState.FAILED, utcnow(), None
-            job.error = (f"abandoned after {attempts - 1} attempts: the worker stopped while processing "
+            job.error = (f"abandoned after the worker stopped {job.lease_expiries} times while processing it "
                          f"(killed, or out of memory); last error: {job.error or 'none'}")
             log.error("job %d: %s", job_id, job.error)
             s.flush()
             refresh_study_status(s, job.series.study)
             return True
+        if job.lease_expiries:
+            log.warning("job %d: reclaimed after its worker stopped (%d time(s)); attempt not charged",
+                        job_id, job.lease_expiries)
         series = job.series
         series_uid = series.series_instance_uid
         paths = [node.store.path(i.path) for i in series.instances]
@@ -97,20 +170,27 @@ def work_once(node: Node, worker_id: str, predictor: Callable, weights_version: 
     log.info("job %d: series %s, %d instances (attempt %d/%d)", job_id, series_uid, len(paths), attempts, max_attempts)
     beat = _Heartbeat(node, job_id, worker_id, lease)
     beat.start()
+    if guard is not None:
+        guard.begin(job_id, beat)
+    finishing = guard.finishing if guard is not None else contextlib.nullcontext
     try:
-        _process(node, job_id, paths, predictor, weights_version, beat, uid_seed)
+        _process(node, job_id, paths, predictor, weights_version, beat, uid_seed, finishing)
     except VolumeError as exc:
-        _finish_failed(node, job_id, f"series cannot be analysed: {exc}", retry=False)
+        with finishing():
+            _finish_failed(node, job_id, f"series cannot be analysed: {exc}", retry=False)
     except Exception as exc:  # noqa: BLE001
         log.exception("job %d failed", job_id)
-        _finish_failed(node, job_id, f"{type(exc).__name__}: {exc}", retry=attempts < max_attempts)
+        with finishing():
+            _finish_failed(node, job_id, f"{type(exc).__name__}: {exc}", retry=attempts < max_attempts)
     finally:
         beat.done.set()
+        if guard is not None:
+            guard.end()
     return True
 
 
 def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, weights_version: str,
-             beat: _Heartbeat, uid_seed: str) -> None:
+             beat: _Heartbeat, uid_seed: str, finishing=contextlib.nullcontext) -> None:
     """Load, predict, write result files, then commit findings, result objects and transfers.
 
     ``uid_seed`` (the job's idempotency key) makes a re-run after a crash produce the same
@@ -139,7 +219,7 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
     t3 = time.monotonic()
     if beat.lost:
         raise RuntimeError("lease lost while processing; another worker owns the job now")
-    with node.sessions.begin() as s:
+    with finishing(), node.sessions.begin() as s:
         job = s.get(Job, job_id)
         if job.claimed_by != beat.worker_id or job.state is not JobState.RUNNING:
             raise RuntimeError("job was taken over by another worker")
@@ -201,11 +281,16 @@ def run_worker(node: Node, stop: threading.Event, worker_id: str, predictor_fact
     """Load the model once, then process jobs until ``stop`` is set."""
     predictor = predictor_factory()
     log.info("worker %s ready (model %s)", worker_id, weights_version)
-    while not stop.is_set():
-        try:
-            busy = work_once(node, worker_id, predictor, weights_version)
-        except Exception:  # noqa: BLE001 - the database may be restarting
-            log.exception("worker pass failed")
-            busy = False
-        if not busy:
-            stop.wait(node.settings.worker.poll_seconds)
+    guard = _GracefulStop(node, stop, worker_id, node.settings.worker.stop_grace_seconds)
+    guard.start()
+    try:
+        while not stop.is_set():
+            try:
+                busy = work_once(node, worker_id, predictor, weights_version, guard)
+            except Exception:  # noqa: BLE001 - the database may be restarting
+                log.exception("worker pass failed")
+                busy = False
+            if not busy:
+                stop.wait(node.settings.worker.poll_seconds)
+    finally:
+        guard.exited.set()

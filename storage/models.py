@@ -21,6 +21,7 @@ from sqlalchemy import (
     String,
     Text,
 )
+from sqlalchemy import UniqueConstraint
 from sqlalchemy.types import TypeDecorator
 from sqlalchemy import false as sa_false
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
@@ -175,6 +176,9 @@ class Job(Base):
     state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    #: Times the job was reclaimed after its lease expired (its worker died or was killed); not
+    #: charged as attempts, capped separately by ``[worker] max_lease_expiries`` (poison jobs).
+    lease_expiries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     claimed_by: Mapped[str | None] = mapped_column(String(128))
     lease_until: Mapped[datetime | None] = mapped_column(UTCDateTime())
     error: Mapped[str | None] = mapped_column(Text)
@@ -354,5 +358,22 @@ class WebSession(Base):
     last_seen_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime(), index=True)
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+class StageHeartbeat(Base):
+    """A running stage process: written every few seconds by the stage, read by ``/healthz``.
+
+    One row per (stage, identity); ``identity`` is ``host:pid``. A process that stops cleanly
+    deletes its row; rows of killed processes go stale and are pruned after an hour.
+    """
+
+    __tablename__ = "stage_heartbeats"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    stage: Mapped[str] = mapped_column(String(16), index=True)
+    identity: Mapped[str] = mapped_column(String(128))
+    started_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    last_seen: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    __table_args__ = (UniqueConstraint("stage", "identity", name="uq_stage_heartbeats_stage_identity"),)
+
 
 __all__ = [n for n in dir() if not n.startswith("_")]

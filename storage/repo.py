@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from sqlalchemy import bindparam, func, insert, or_, select, text, update
+from sqlalchemy import case
 from sqlalchemy.orm import Session
 
 from storage.models import (
@@ -303,9 +304,31 @@ def _transfer_ready(now: datetime):
 
 
 def claim_job(s: Session, worker_id: str, lease_seconds: float) -> Job | None:
-    """Claim the oldest pending job, or a running one whose lease expired (its worker died)."""
+    """Claim the oldest pending job, or a running one whose lease expired (its worker died).
+
+    Attempts are charged only for the job's own failures: claiming a pending job starts a new
+    attempt (``attempts + 1``); reclaiming a running job whose lease expired does not (the
+    attempt that died with its worker is not charged: ``attempts`` stays and ``lease_expiries
+    + 1`` instead; the caller fails a job past ``[worker] max_lease_expiries``).
+    """
+    reclaim = Job.state == JobState.RUNNING  # SET expressions see the row as it was before
     return _claim(s, Job, _job_ready, worker_id, lease_seconds,
-                  {"state": JobState.RUNNING, "attempts": Job.attempts + 1, "started_at": utcnow()})
+                  {"state": JobState.RUNNING, "started_at": utcnow(),
+                   "attempts": case((reclaim, Job.attempts), else_=Job.attempts + 1),
+                   "lease_expiries": case((reclaim, Job.lease_expiries + 1), else_=Job.lease_expiries)})
+
+
+def release_job(s: Session, job_id: int, worker_id: str, reason: str) -> bool:
+    """Put a job that ``worker_id`` is running back in the queue without charging the attempt
+    (the worker is stopping, not the job failing). False when the worker no longer holds it."""
+    res = s.execute(
+        update(Job)
+        .where(Job.id == job_id, Job.claimed_by == worker_id, Job.state == JobState.RUNNING)
+        .values(state=JobState.PENDING, attempts=Job.attempts - 1, claimed_by=None, lease_until=None,
+                error=reason[:4000])
+        .execution_options(synchronize_session=False)
+    )
+    return res.rowcount == 1
 
 
 def claim_transfer(s: Session, worker_id: str, lease_seconds: float) -> Transfer | None:

@@ -87,11 +87,58 @@ def test_kill_9_during_processing_then_restart_completes_the_job(tmp_path, db_ur
         wait_for(sent, timeout=400, what="SR and SEG sent after restart")
         with sessions() as s:
             job = s.scalar(select(Job))
-            assert job.state is JobState.DONE and job.attempts == 2
+            assert job.state is JobState.DONE and job.attempts == 1 and job.lease_expiries == 1
             assert s.scalar(select(Study)).status is StudyStatus.DONE
             assert len(s.scalars(select(Job)).all()) == 1
         modalities = sorted(dcmread(f, stop_before_pixels=True).Modality for f in peer.files())
         assert modalities == ["SEG", "SR"]  # exactly one copy of each
     finally:
         node.stop()
+        peer.stop()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_supervisor_alone_during_processing_leaves_no_orphan_and_the_job_completes_once(tmp_path):
+    """The issue's fault test with the real model: SIGKILL of ``serve`` only (not its group) while
+    the worker runs the model. Every stage exits by itself (the worker may first finish its
+    inference within ``stop_grace_seconds``), a fresh ``serve`` starts, and the job is done
+    exactly once with one attempt: one SR and one SEG reach the destination."""
+    from tests.test_supervise import alive, children
+
+    series = need_lidc()
+    peer = StoreSCP(tmp_path / "pacs").start()
+    node = NodeProcess(tmp_path / "node", destinations=[{"name": "pacs", "ae_title": "STORESCP", "port": peer.port}])
+    try:
+        node.start(timeout=120)
+        stages = children(node.proc.pid)
+        r = subprocess.run(["storescu", "-aec", "DICOM_NODE", "127.0.0.1", str(node.port), "+sd", str(series)],
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        sessions = node.sessions()
+
+        def running():
+            with sessions() as s:
+                return s.scalar(select(Job).where(Job.state == JobState.RUNNING))
+
+        wait_for(running, timeout=120, interval=0.1, what="the job to start")
+        time.sleep(1.0)  # inside inference
+        os.kill(node.proc.pid, signal.SIGKILL)
+        node.proc.wait(10)
+        wait_for(lambda: not any(alive(p) for p in stages), timeout=300, what="every orphaned stage to exit")
+        node.start(timeout=120)
+
+        def sent():
+            with sessions() as s:
+                t = s.scalar(select(Transfer))
+                return t is not None and t.state is TransferState.SENT
+
+        wait_for(sent, timeout=400, what="SR and SEG sent")
+        with sessions() as s:
+            jobs = s.scalars(select(Job)).all()
+            assert len(jobs) == 1 and jobs[0].state is JobState.DONE and jobs[0].attempts == 1
+        modalities = sorted(dcmread(f, stop_before_pixels=True).Modality for f in peer.files())
+        assert modalities == ["SEG", "SR"]
+        assert node.stop() == 0
+    finally:
+        node.kill()
         peer.stop()

@@ -1,4 +1,5 @@
-"""Operations: ``/metrics`` (Prometheus text), ``/healthz``, and the offline API docs at ``/docs``.
+"""Operations: ``/metrics`` (Prometheus text), ``/healthz`` (disk, database, stages), and the
+offline API docs at ``/docs``.
 
 ``/metrics`` and ``/healthz`` need no login (scrapers and load balancers have none); they
 expose counts only, no patient data. ``/docs`` is Swagger UI served from this package's static
@@ -10,7 +11,8 @@ from fastapi import APIRouter, Request
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from sqlalchemy import text
+
+from dicom_node.health import check_health
 
 router = APIRouter(tags=["operations"])
 
@@ -20,14 +22,13 @@ def metrics(request: Request) -> Response:
     return Response(generate_latest(request.app.state.metrics_registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/healthz", summary="Liveness and database reachability")
+@router.get("/healthz", summary="Disk, database and stage health (503 when any is not ok)")
 def healthz(request: Request) -> JSONResponse:
-    try:
-        with request.app.state.node.sessions() as s:
-            s.execute(text("SELECT 1"))
-    except Exception as exc:  # noqa: BLE001
-        return JSONResponse({"status": "error", "database": f"unreachable: {type(exc).__name__}"}, status_code=503)
-    return JSONResponse({"status": "ok", "database": "ok"})
+    """200 with ``status`` "ok", or 503 with "error" and every reason in ``problems``: free disk
+    of the data directory against ``[node] min_free_disk_mb``, the database, and each stage's
+    newest heartbeat (see ``dicom_node.health``)."""
+    body = check_health(request.app.state.node)
+    return JSONResponse(body, status_code=200 if body["status"] == "ok" else 503)
 
 
 @router.get("/docs", include_in_schema=False, response_class=HTMLResponse)

@@ -1,7 +1,7 @@
 """index text columns sized by DICOM VR: descriptive attributes unbounded
 
 Revision ID: 0002
-Revises: 0004 (written on 0001; re-chained onto main's head at the merge)
+Revises: 0003 (written on 0001; re-chained onto main's head at the merge)
 Create Date: 2026-12-02 07:10:00
 
 The descriptive attributes the listener indexes (PN, LO, SH, CS, DA) become TEXT: a value
@@ -16,7 +16,7 @@ import sqlalchemy as sa
 
 
 revision = '0002'
-down_revision = '0004'
+down_revision = '0003'
 branch_labels = None
 depends_on = None
 
