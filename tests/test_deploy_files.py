@@ -183,7 +183,9 @@ def test_the_image_healthcheck_command_passes_against_a_web_stage(tmp_path):
     health = next(x for x in _dockerfile() if x.startswith("HEALTHCHECK"))
     argv = __import__("json").loads(health[health.index("CMD") + 3:].strip())
     argv = [sys.executable if a == "python" else a.replace("127.0.0.1:8080", f"127.0.0.1:{port}") for a in argv]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "DICOM_NODE_NODE__DATA_DIR": str(tmp_path / "var")}
+    # Only the web stage runs here: require no other stage's heartbeat (under `serve` all run).
+    env = {**os.environ, "PYTHONPATH": str(REPO), "DICOM_NODE_NODE__DATA_DIR": str(tmp_path / "var"),
+           "DICOM_NODE_NODE__REQUIRED_STAGES": "[]", "DICOM_NODE_NODE__MIN_FREE_DISK_MB": "1"}
     web = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "web", "--config", str(CONTAINER_CONFIG),
                             "--host", "127.0.0.1", "--port", str(port)], cwd=tmp_path, env=env,
                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)

@@ -484,10 +484,10 @@ def test_web_serves_https_with_the_configured_certificate(make_node, pki):
     try:
         wait_port(port)
         trust = ssl.create_default_context(cafile=str(pki / "ca.pem"))
-        with urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=trust, timeout=30) as resp:
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/openapi.json", context=trust, timeout=30) as resp:
             assert resp.status == 200
         with pytest.raises(urllib.error.URLError):  # not trusted without the CA
-            urllib.request.urlopen(f"https://127.0.0.1:{port}/healthz", context=ssl.create_default_context(),
+            urllib.request.urlopen(f"https://127.0.0.1:{port}/openapi.json", context=ssl.create_default_context(),
                                    timeout=30)
     finally:
         stop.set()
