@@ -1,21 +1,35 @@
 #!/usr/bin/env python
-"""Ingest throughput and end-to-end latency, each against a baseline in the same run.
+"""Ingest throughput and CPU, side by side in one run, plus end-to-end latency.
 
-1. DCMTK ``storescu`` sends LIDC-IDRI-0001 (133 CT instances, 70 MB; Armato et al., TCIA,
-   doi:10.7937/K9/TCIA.2015.LO9QL9SX) to
+Data: LIDC-IDRI-0001 (133 CT instances, 70 MB; Armato et al., TCIA,
+doi:10.7937/K9/TCIA.2015.LO9QL9SX), sent with DCMTK ``storescu``. Every peer (senders and
+receivers) runs with ``TCP_NODELAY=1`` in its environment (DCMTK reads it; Orthanc is built on
+DCMTK).
+
+1. One sender, alternating, ``--repeats`` times each, into
    a) a bare ``python -m pynetdicom storescp`` (writes files, no fsync, no index): the baseline,
-   b) the node's listener (``dicom-node listen``: fsync'ed atomic writes + database index,
-      Success only after both),
-   alternating, ``--repeats`` times each; prints the median seconds and the ratio (target <= 1.25).
-2. With ``--e2e`` (default on): ``dicom-node serve`` with DCMTK ``storescp`` as destination;
-   prints seconds from the last instance acknowledged to SR + SEG acknowledged by the
-   destination (quiet period included, reported separately).
+   b) ``dicom-node listen`` on SQLite (fsync'ed atomic writes + index; Success only after both),
+   c) ``dicom-node listen`` on PostgreSQL (a fresh database per run; skipped when no server
+      answers at ``DICOM_NODE_TEST_PG``),
+   d) Orthanc (its own SQLite index and file store).
+   Prints the median seconds, instances/s, the receiver's CPU milliseconds per instance (user +
+   system time of the receiving process, from /proc; PostgreSQL's own server processes are not
+   counted) and the ratio to the baseline.
+2. ``--senders N`` (default 8) concurrent senders, each sending its own copy of the series (new
+   Study/Series/SOP Instance UIDs, so nothing is a duplicate), into the node (SQLite and
+   PostgreSQL) and into Orthanc: seconds until all acknowledged, and the receiver's CPU.
+3. Unless ``--no-e2e``: ``dicom-node serve`` with DCMTK ``storescp`` as destination; seconds from the
+   last instance acknowledged to SR + SEG acknowledged by the destination.
 
-Usage: python benchmarks/bench_ingest.py [--repeats 5] [--no-e2e] [--quiet-seconds 2]
+Usage: python benchmarks/bench_ingest.py [--repeats 3] [--senders 8] [--no-e2e] [--no-postgresql]
+       [--no-orthanc] [--quiet-seconds 2]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import hashlib
+import os
 import shutil
 import statistics
 import subprocess
@@ -27,17 +41,63 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.peers import LIDC_SERIES, NodeProcess, StoreSCP, free_port, wait_port  # noqa: E402
+from tests.peers import LIDC_SERIES, NodeProcess, Orthanc, StoreSCP, free_port, wait_port  # noqa: E402
+
+N_INSTANCES = 133
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def send(port: int, called: str) -> float:
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU seconds of process ``pid`` (its threads included, children not)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def send(port: int, called: str, folder: Path = LIDC_SERIES) -> float:
     t0 = time.perf_counter()
-    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), "+sd", str(LIDC_SERIES)],
+    subprocess.run(["storescu", "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), "+sd", str(folder)],
                    check=True, capture_output=True)
     return time.perf_counter() - t0
 
 
-def bench_bare(work: Path) -> float:
+def send_parallel(port: int, called: str, folders: list[Path]) -> float:
+    t0 = time.perf_counter()
+    procs = [subprocess.Popen(["storescu", "-aet", "STORESCU", "-aec", called, "127.0.0.1", str(port), "+sd", str(f)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for f in folders]
+    failed = [p.communicate()[1][-300:] for p in procs if p.wait() != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} sender(s) failed: {failed[0]!r}")
+    return time.perf_counter() - t0
+
+
+def copies(work: Path, n: int, files: int | None = None, name: str = "copies") -> list[Path]:
+    """``n`` copies of the series (its first ``files`` instances) with new UIDs, made once per run."""
+    from pydicom import dcmread
+
+    def uid(old: str, k: int) -> str:
+        return "2.25." + str(int(hashlib.sha256(f"{old}/{k}".encode()).hexdigest()[:30], 16))
+
+    sources = sorted(LIDC_SERIES.iterdir())[:files]
+    out = []
+    for k in range(n):
+        folder = work / name / str(k)
+        out.append(folder)
+        if folder.is_dir() and len(list(folder.iterdir())) == len(sources):
+            continue
+        folder.mkdir(parents=True, exist_ok=True)
+        for src in sources:
+            ds = dcmread(src)
+            for kw in ("StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+                setattr(ds, kw, uid(str(getattr(ds, kw)), k))
+            ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+            ds.save_as(folder / src.name)
+    return out
+
+
+# --- receivers: each a context manager yielding (port, called AE, pid, count of stored instances) --
+
+@contextlib.contextmanager
+def bare(work: Path):
     out = work / "bare"
     shutil.rmtree(out, ignore_errors=True)
     out.mkdir(parents=True)
@@ -46,26 +106,70 @@ def bench_bare(work: Path) -> float:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port(port, proc=proc)
-        seconds = send(port, "STORESCP")
-        assert len(list(out.iterdir())) == 133, "bare storescp did not store all instances"
-        return seconds
+        yield port, "STORESCP", proc.pid, lambda: len(list(out.iterdir()))
     finally:
         proc.terminate()
         proc.wait()
 
 
-def bench_node(work: Path) -> float:
+@contextlib.contextmanager
+def node_listener(work: Path, database_url: str = ""):
     folder = work / "node"
     shutil.rmtree(folder, ignore_errors=True)
-    node = NodeProcess(folder)
+    node = NodeProcess(folder, database_url=database_url)
     proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "listen", "--config", str(node.config)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    sessions = None
     try:
-        wait_port(node.port, proc=proc)
-        return send(node.port, "DICOM_NODE")
+        wait_port(node.port, timeout=120, proc=proc)
+        sessions = node.sessions()
+
+        def count() -> int:
+            from sqlalchemy import func, select
+
+            from storage.models import Instance
+
+            with sessions() as s:
+                return s.scalar(select(func.count(Instance.id)))
+
+        yield node.port, "DICOM_NODE", proc.pid, count
     finally:
         proc.terminate()
         proc.wait()
+        if sessions is not None:
+            sessions.kw["bind"].dispose()
+
+
+@contextlib.contextmanager
+def node_postgresql(work: Path):
+    from tests.peers import pg_database
+
+    with pg_database("dicomnode_bench") as url, node_listener(work, url) as target:
+        yield target
+
+
+@contextlib.contextmanager
+def orthanc(work: Path):
+    folder = work / "orthanc"
+    shutil.rmtree(folder, ignore_errors=True)
+    peer = Orthanc(folder, "DICOM_NODE", free_port()).start()
+    try:
+        yield peer.dicom_port, peer.ae_title, peer.proc.pid, lambda: peer.rest("GET", "/statistics")["CountInstances"]
+    finally:
+        peer.stop()
+
+
+def measure(receiver, work: Path, folders: list[Path] | None = None) -> tuple[float, float]:
+    """(seconds, receiver CPU seconds) for one send (or ``folders`` sent in parallel)."""
+    with receiver(work) as (port, called, pid, count):
+        cpu0 = cpu_seconds(pid)
+        seconds = send(port, called) if folders is None else send_parallel(port, called, folders)
+        cpu = cpu_seconds(pid) - cpu0
+        expected = N_INSTANCES * (1 if folders is None else len(folders))
+        stored = count()
+        if stored != expected:
+            raise RuntimeError(f"{receiver.__name__} stored {stored} of {expected} instances")
+        return seconds, cpu
 
 
 def bench_e2e(work: Path, quiet: float) -> tuple[float, float]:
@@ -97,26 +201,70 @@ def bench_e2e(work: Path, quiet: float) -> tuple[float, float]:
         peer.stop()
 
 
+def postgresql_available() -> bool:
+    try:
+        import psycopg
+
+        from tests.peers import PG_ADMIN_URL
+
+        psycopg.connect(PG_ADMIN_URL, connect_timeout=3).close()
+        return True
+    except Exception:  # noqa: BLE001
+        return False
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--no-e2e", action="store_true")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--senders", type=int, default=8, help="concurrent senders in part 2 (0: skip)")
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end measurement (it runs the model)")
+    ap.add_argument("--no-postgresql", action="store_true")
+    ap.add_argument("--no-orthanc", action="store_true")
     ap.add_argument("--quiet-seconds", type=float, default=2.0)
     args = ap.parse_args()
     if not LIDC_SERIES.is_dir():
         print(f"LIDC-IDRI-0001 not found at {LIDC_SERIES}: nothing to benchmark", file=sys.stderr)
         return 0
+    os.environ["TCP_NODELAY"] = "1"  # inherited by every sender and receiver started below
+    receivers = [("bare pynetdicom storescp", bare), ("dicom-node listen, SQLite", node_listener)]
+    if not args.no_postgresql:
+        if postgresql_available():
+            receivers.append(("dicom-node listen, PostgreSQL", node_postgresql))
+        else:
+            print("PostgreSQL not reachable: its rows are skipped", file=sys.stderr)
+    if not args.no_orthanc:
+        if shutil.which("Orthanc") or shutil.which("orthanc"):
+            receivers.append(("Orthanc", orthanc))
+        else:
+            print("Orthanc not installed: its rows are skipped", file=sys.stderr)
     with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
         work = Path(tmp)
-        bare, node = [], []
+        runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in receivers}
         for _ in range(args.repeats):
-            bare.append(bench_bare(work))
-            node.append(bench_node(work))
-        b, n = statistics.median(bare), statistics.median(node)
-        print(f"ingest LIDC-IDRI-0001 (133 instances, 70 MB) with DCMTK storescu, median of {args.repeats}:")
-        print(f"  bare pynetdicom storescp : {b:6.2f} s  ({133 / b:5.1f} instances/s)  runs {[round(x, 2) for x in bare]}")
-        print(f"  dicom-node listen        : {n:6.2f} s  ({133 / n:5.1f} instances/s)  runs {[round(x, 2) for x in node]}")
-        print(f"  ratio node / bare        : {n / b:6.2f}  (target <= 1.25) {'OK' if n / b <= 1.25 else 'MISSED'}")
+            for name, receiver in receivers:
+                runs[name].append(measure(receiver, work))
+        print(f"one sender: LIDC-IDRI-0001 ({N_INSTANCES} instances, 70 MB) with DCMTK storescu, TCP_NODELAY=1, "
+              f"median of {args.repeats}:")
+        base = statistics.median(s for s, _ in runs[receivers[0][0]])
+        for name, _ in receivers:
+            sec = statistics.median(s for s, _ in runs[name])
+            cpu_ms = statistics.median(c for _, c in runs[name]) * 1000 / N_INSTANCES
+            print(f"  {name:32s}: {sec:6.2f} s ({N_INSTANCES / sec:5.1f} instances/s)  CPU {cpu_ms:5.1f} ms/instance  "
+                  f"x{sec / base:4.2f} of bare  runs {[round(s, 2) for s, _ in runs[name]]}")
+        if args.senders > 0:
+            folders = copies(work, args.senders)
+            total = N_INSTANCES * args.senders
+            print(f"{args.senders} concurrent senders, each its own copy of the series ({total} instances):")
+            results = {}
+            for name, receiver in receivers[1:]:
+                sec, cpu = measure(receiver, work, folders)
+                results[name] = sec
+                print(f"  {name:32s}: {sec:6.2f} s ({total / sec:5.1f} instances/s)  "
+                      f"CPU {cpu * 1000 / total:5.1f} ms/instance")
+            if "Orthanc" in results:
+                for name, sec in results.items():
+                    if name != "Orthanc":
+                        print(f"  {name} / Orthanc: x{sec / results['Orthanc']:4.2f}")
         if not args.no_e2e:
             total, quiet = bench_e2e(work, args.quiet_seconds)
             print(f"end to end: last instance acknowledged -> SR + SEG acknowledged by DCMTK storescp: {total:.1f} s "

@@ -44,6 +44,9 @@ def backoff_seconds(attempt: int, base: float, cap: float) -> float:
 def dispatch_once(node: Node, worker_id: str) -> bool:
     """Claim and try one transfer. Returns False when none was due."""
     cfg = node.settings.dispatch
+    with node.sessions() as s:  # a read: an idle poll takes no write lock
+        if not repo.transfer_claimable(s):
+            return False
     with node.sessions.begin() as s:
         t = repo.claim_transfer(s, worker_id, lease_seconds=cfg.timeout_seconds * 4 + 60)
         if t is None:

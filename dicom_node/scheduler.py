@@ -38,11 +38,15 @@ def _headers(node: Node, series: Series) -> list:
     return [dcmread(node.store.path(i.path), stop_before_pixels=True) for i in series.instances]
 
 
-def evaluate_series(node: Node, s: Session, series: Series, model_version: str) -> Job | None:
-    """Record eligibility; create the job if eligible and not already done for this content."""
+def evaluate_series(node: Node, s: Session, series: Series, model_version: str,
+                    headers: list | None = None) -> Job | None:
+    """Record eligibility; create the job if eligible and not already done for this content.
+
+    ``headers``: the series' stored headers when the caller read them already (outside the
+    write transaction); read here otherwise."""
     series.dirty = False
     try:
-        headers = _headers(node, series)
+        headers = _headers(node, series) if headers is None else headers
     except Exception as exc:  # noqa: BLE001 - an unreadable stored file
         series.eligible, series.eligibility_reason = False, f"stored instance unreadable: {exc}"
         return None
@@ -101,19 +105,39 @@ def refresh_study_status(s: Session, study: Study) -> None:
         study.status_reason = "; ".join(reasons)[:2000]
 
 
-def schedule_once(node: Node, model_version: str, limit: int = 20) -> int:
-    """One pass: evaluate up to ``limit`` complete series. Returns how many were evaluated."""
-    with node.sessions.begin() as s:
-        quiet = float(node.effective("completion.quiet_seconds", s))
-        due = s.scalars(
-            select(Series)
+def _due(quiet: float, limit: int):
+    return (select(Series)
             .where(Series.dirty.is_(True), Series.is_result.is_(False),
                    Series.last_received_at <= utcnow() - timedelta(seconds=quiet))
             .order_by(Series.last_received_at)
-            .limit(limit)
-        ).all()
+            .limit(limit))
+
+
+def schedule_once(node: Node, model_version: str, limit: int = 20) -> int:
+    """One pass: evaluate up to ``limit`` complete series. Returns how many were evaluated.
+
+    The stored headers are read in a read session first, so the write transaction (the SQLite
+    write lock, which the listener needs for every instance) lasts only as long as the
+    decisions take; an idle pass takes no write lock at all.
+    """
+    with node.sessions() as s:
+        quiet = float(node.effective("completion.quiet_seconds", s))
+        prepared = {}
+        for series in s.scalars(_due(quiet, limit)).all():
+            try:
+                headers = _headers(node, series)
+            except Exception:  # noqa: BLE001 - read again (and recorded) in the write transaction
+                headers = None
+            prepared[series.id] = (series.last_received_at, series.instance_count, headers)
+    if not prepared:
+        return 0
+    with node.sessions.begin() as s:
+        due = s.scalars(_due(quiet, limit)).all()
         for series in due:
-            evaluate_series(node, s, series, model_version)
+            stamp, count, headers = prepared.get(series.id, (None, None, None))
+            if (stamp, count) != (series.last_received_at, series.instance_count):
+                headers = None  # instances arrived since the headers were read
+            evaluate_series(node, s, series, model_version, headers)
         for study in {x.study for x in due}:
             refresh_study_status(s, study)
         return len(due)

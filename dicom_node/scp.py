@@ -17,18 +17,21 @@ import logging
 import ssl
 import threading
 import time
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from pydicom import Dataset, dcmread
 from pydicom.errors import InvalidDicomError
+from pydicom.multival import MultiValue
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
+from sqlalchemy.exc import DataError, IntegrityError
 
 from dicom_node import scp_reasons, tls
 from dicom_node.node import Node
 from dicom_node.scp_limits import LimitedAE, ListenerLimits, dataset_refusal
-from storage import repo
+from storage import limits, redact, repo
 from storage.filestore import StoreError
 from storage.models import AssociationLog, AssociationResult, utcnow
 
@@ -88,8 +91,9 @@ class _AssocState:
 def _text(value) -> str | None:
     if value is None:
         return None
-    value = str(value).strip()
-    return value or None
+    if isinstance(value, MultiValue):  # a multi-valued text attribute, as DICOM writes it
+        value = "\\".join(str(v) for v in value)
+    return limits.clean_text(str(value))
 
 
 def _int(value) -> int | None:
@@ -312,8 +316,25 @@ class Listener:
     def _on_c_echo(self, event) -> int:
         return SUCCESS
 
+    def _index_cache(self, event) -> repo.IndexCache:
+        """The study/series rows known on this association (dropped with the association)."""
+        with self._lock:
+            caches = self.__dict__.setdefault("_index_caches", weakref.WeakKeyDictionary())
+            cache = caches.get(event.assoc)
+            if cache is None:
+                cache = caches[event.assoc] = repo.IndexCache()
+            return cache
+
     def _on_c_store(self, event) -> int | tuple:
-        """Persist, index, then acknowledge. Returns a named PS3.4 status."""
+        """Persist, index, then acknowledge. Returns a named PS3.4 status.
+
+        The file is made durable (fsync, rename) before the index transaction begins, so the
+        database write lock (SQLite) is never held across an fsync; the index never names a
+        file that is not durable. Refusals of the content itself are permanent (0xA900/0xC000:
+        the same bytes will never be accepted); only a failure of the disk or the database is
+        transient (0xA700: the sender retries). Logs name UIDs and attribute keywords, never a
+        value: patient attributes are among them.
+        """
         st = self._state(event)
         sop_uid_cmd = _text(event.request.AffectedSOPInstanceUID)
         too_large = dataset_refusal(event.request, event.context.transfer_syntax, self.limits.max_dataset_bytes)
@@ -322,15 +343,16 @@ class Listener:
         try:
             data = event.encoded_dataset(include_meta=True)
         except Exception as exc:  # noqa: BLE001 - any failure to take the bytes
-            log.error("cannot read dataset %s from %s: %s", sop_uid_cmd, st.calling_ae, exc)
+            log.error("cannot read dataset %s from %s: %s", _uid_for_log(sop_uid_cmd), st.calling_ae,
+                      type(exc).__name__)
             return CANNOT_UNDERSTAND
         try:
             header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
             meta = repo.InstanceMeta(
-                study_instance_uid=str(header.StudyInstanceUID),
-                series_instance_uid=str(header.SeriesInstanceUID),
-                sop_instance_uid=str(header.SOPInstanceUID),
-                sop_class_uid=str(header.SOPClassUID),
+                study_instance_uid=_uid(header.StudyInstanceUID),
+                series_instance_uid=_uid(header.SeriesInstanceUID),
+                sop_instance_uid=_uid(header.SOPInstanceUID),
+                sop_class_uid=_uid(header.SOPClassUID),
                 transfer_syntax_uid=str(event.context.transfer_syntax),
                 modality=_text(header.get("Modality")),
                 instance_number=_int(header.get("InstanceNumber")),
@@ -341,36 +363,56 @@ class Listener:
                 accession_number=_text(header.get("AccessionNumber")),
                 study_date=_text(header.get("StudyDate")),
                 study_description=_text(header.get("StudyDescription")),
-                is_result=str(header.SOPClassUID) in RESULT_SOP_CLASSES,
+                is_result=_uid(header.SOPClassUID) in RESULT_SOP_CLASSES,
             )
         except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError, KeyError) as exc:
-            log.error("instance %s from %s cannot be understood: %s", sop_uid_cmd, st.calling_ae, exc)
+            # The exception text may quote a value (a patient name): log its kind only.
+            log.error("instance %s from %s cannot be understood: %s", _uid_for_log(sop_uid_cmd), st.calling_ae,
+                      type(exc).__name__)
             return CANNOT_UNDERSTAND
+        try:
+            limits.check(meta)
+        except limits.ValueRefused as exc:
+            st.refused_reason, st.refused = str(exc), st.refused + 1  # in the association audit
+            log.error("instance %s from %s refused: %s", _uid_for_log(meta.sop_instance_uid), st.calling_ae, exc)
+            return DATASET_DOES_NOT_MATCH_SOP_CLASS
         if meta.sop_instance_uid != sop_uid_cmd:
-            log.error("SOP Instance UID %s in the dataset differs from %s in the command", meta.sop_instance_uid, sop_uid_cmd)
+            log.error("SOP Instance UID %s in the dataset differs from %s in the command",
+                      _uid_for_log(meta.sop_instance_uid), _uid_for_log(sop_uid_cmd))
             return DATASET_DOES_NOT_MATCH_SOP_CLASS
         store = self.node.store
         relpath = store.instance_relpath(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
         try:
             pending = store.begin_write(relpath, data)
+            pending.commit()  # durable before the index transaction: no lock held across the fsync
         except StoreError as exc:
             log.error("cannot store %s: %s", meta.sop_instance_uid, exc)
             return OUT_OF_RESOURCES
-        # fsync in a helper thread while the index row is prepared; the index transaction
-        # commits only after the file is durable, so the index never names a lost file.
-        synced = self._io.submit(pending.commit)
-        try:
-            with self.node.sessions.begin() as s:
-                outcome = repo.index_instance(s, meta, relpath, pending.size, pending.sha256, st.calling_ae, st.log_id)
-                s.flush()
-                synced.result()
-        except StoreError as exc:
-            log.error("cannot store %s: %s", meta.sop_instance_uid, exc)
-            return OUT_OF_RESOURCES
-        except Exception as exc:  # noqa: BLE001 - database down: the sender must retry
-            # The sender retries; the retry rewrites the file and indexes it.
-            log.error("cannot index %s: %s", meta.sop_instance_uid, exc)
-            return OUT_OF_RESOURCES
+        cache = self._index_cache(event)
+        for attempt in (1, 2):
+            try:
+                with self.node.sessions.begin() as s:
+                    outcome = repo.index_instance(s, meta, relpath, pending.size, pending.sha256, st.calling_ae,
+                                                  st.log_id, cache)
+                break
+            except IntegrityError as exc:
+                known = bool(cache.studies or cache.series)
+                cache.clear()  # rows cached in a rolled-back transaction, or removed meanwhile
+                if attempt == 1 and known:
+                    continue  # look the study and series up again
+                log.error("cannot index %s: %s", meta.sop_instance_uid, _db_error(exc))
+                return OUT_OF_RESOURCES
+            except DataError as exc:
+                cache.clear()
+                # The database refuses a value as such (it would refuse it on every retry).
+                log.error("instance %s from %s refused by the database: %s", meta.sop_instance_uid, st.calling_ae,
+                          _db_error(exc))
+                return DATASET_DOES_NOT_MATCH_SOP_CLASS
+            except Exception as exc:  # noqa: BLE001 - database down: the sender must retry
+                cache.clear()
+                # The sender retries; the retry rewrites the file and indexes it.
+                log.error("cannot index %s: %s", meta.sop_instance_uid, _db_error(exc))
+                return OUT_OF_RESOURCES
         st.instances += 1
         log.debug("stored %s (%s) from %s", meta.sop_instance_uid, outcome, st.calling_ae)
         return SUCCESS
@@ -383,6 +425,25 @@ class Listener:
         status.Status = DATASET_TOO_LARGE
         status.ErrorComment = reason[:64]  # LO: at most 64 characters
         return status
+
+
+def _uid(value) -> str:
+    """A UID attribute as indexed: padding removed (a missing one raises AttributeError upstream)."""
+    return limits.clean_text(str(value)) or ""
+
+
+def _uid_for_log(uid: str | None) -> str:
+    """A UID for a log line, cut to 64 characters plus its length when longer (garbage)."""
+    if uid is None:
+        return "(none)"
+    return uid if len(uid) <= 64 else f"{uid[:64]}... ({len(uid)} characters)"
+
+
+def _db_error(exc: BaseException) -> str:
+    """A database error for a log line: its class and the driver's first line, no parameters."""
+    orig = getattr(exc, "orig", None) or exc
+    first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
+    return redact.scrub(f"{type(orig).__name__}: {first}")
 
 
 def run_listener(node: Node, stop: threading.Event, poll_seconds: float = 2.0) -> None:

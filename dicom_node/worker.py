@@ -142,6 +142,9 @@ def work_once(node: Node, worker_id: str, predictor: Callable, weights_version: 
     """Claim and process one job. Returns False when there was nothing to do."""
     lease = node.settings.worker.lease_seconds
     max_expiries = node.settings.worker.max_lease_expiries
+    with node.sessions() as s:  # a read: an idle poll takes no write lock
+        if not repo.job_claimable(s):
+            return False
     with node.sessions.begin() as s:
         job = repo.claim_job(s, worker_id, lease)
         if job is None:

@@ -100,12 +100,12 @@ class Study(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    patient_name: Mapped[str | None] = mapped_column(String(324))
-    patient_id: Mapped[str | None] = mapped_column(String(64))
-    accession_number: Mapped[str | None] = mapped_column(String(16))
-    study_date: Mapped[str | None] = mapped_column(String(8), index=True)  # DICOM DA, YYYYMMDD
-    study_description: Mapped[str | None] = mapped_column(String(64))
-    modalities: Mapped[str | None] = mapped_column(String(64))  # backslash-joined, as DICOM
+    patient_name: Mapped[str | None] = mapped_column(Text)  # PN; see storage.limits
+    patient_id: Mapped[str | None] = mapped_column(Text)  # LO
+    accession_number: Mapped[str | None] = mapped_column(Text)  # SH
+    study_date: Mapped[str | None] = mapped_column(Text, index=True)  # DICOM DA, YYYYMMDD
+    study_description: Mapped[str | None] = mapped_column(Text)  # LO
+    modalities: Mapped[str | None] = mapped_column(Text)  # backslash-joined, as DICOM
     status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus), default=StudyStatus.RECEIVED, index=True)
     status_reason: Mapped[str | None] = mapped_column(Text)
     findings_count: Mapped[int | None] = mapped_column(Integer)
@@ -123,9 +123,9 @@ class Series(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
     series_instance_uid: Mapped[str] = mapped_column(String(64), unique=True, index=True)
-    modality: Mapped[str | None] = mapped_column(String(16))
+    modality: Mapped[str | None] = mapped_column(Text)  # CS
     series_number: Mapped[int | None] = mapped_column(Integer)
-    series_description: Mapped[str | None] = mapped_column(String(64))
+    series_description: Mapped[str | None] = mapped_column(Text)  # LO
     instance_count: Mapped[int] = mapped_column(Integer, default=0)
     last_received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
     # True while instances arrived since the scheduler last looked at the series.

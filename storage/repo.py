@@ -3,14 +3,16 @@
 Job and transfer claims are single ``UPDATE ... WHERE id = (SELECT ... LIMIT 1) RETURNING``
 statements; on PostgreSQL the sub-select takes ``FOR UPDATE SKIP LOCKED`` so that any number
 of workers and dispatchers on any number of hosts claim disjoint rows; on SQLite the write lock
-taken at ``BEGIN IMMEDIATE`` serialises claims.
+taken at ``BEGIN IMMEDIATE`` (a write transaction, ``sessions.begin()``) serialises claims.
+Pollers ask ``job_claimable`` / ``transfer_claimable`` in a read session first, so an idle
+poll never takes the write lock.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, insert, or_, select, update
+from sqlalchemy import bindparam, func, insert, or_, select, text, update
 from sqlalchemy import case
 from sqlalchemy.orm import Session
 
@@ -29,6 +31,7 @@ from storage.models import (
     StudyStatus,
     Transfer,
     TransferState,
+    UTCDateTime,
     utcnow,
 )
 
@@ -105,6 +108,23 @@ class InstanceMeta:
     is_result: bool = False
 
 
+@dataclass
+class IndexCache:
+    """Study and series rows already known on one association: (uid -> id), (uid -> (id, is_result)).
+
+    The listener keeps one per association, so an instance of a known series costs one
+    statement on PostgreSQL. A cached row deleted meanwhile makes the instance insert fail its
+    foreign key (``IntegrityError``): the caller clears the cache and indexes again.
+    """
+
+    studies: dict[str, int] = field(default_factory=dict)
+    series: dict[str, tuple[int, bool]] = field(default_factory=dict)
+
+    def clear(self) -> None:
+        self.studies.clear()
+        self.series.clear()
+
+
 # Statements of the hot path, built once (building them per call costs more than running them).
 _STUDY_ID = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
 _SERIES_ROW = select(Series.id, Series.is_result).where(Series.series_instance_uid == bindparam("uid"))
@@ -121,42 +141,100 @@ _REOPEN_STUDY = update(Study).where(
     Study.id == bindparam("row_id"), Study.status.not_in([StudyStatus.RECEIVED, StudyStatus.PROCESSING])
 ).values(status=StudyStatus.RECEIVED, status_reason=None, updated_at=bindparam("now"))
 
+#: PostgreSQL: the whole index of one instance in one statement (one round trip): upsert the
+#: instance (nothing when the same bytes are already indexed), then, only if a row was written,
+#: count it in its series, mark the series dirty and reopen the study. ``xmax = 0`` tells an
+#: insert from an update.
+_PG_INDEX = text("""
+WITH ins AS (
+  INSERT INTO instances (sop_instance_uid, series_id, sop_class_uid, transfer_syntax_uid, instance_number, path,
+                         size_bytes, sha256, calling_ae, association_id, received_at)
+  VALUES (:sop_instance_uid, :series_id, :sop_class_uid, :transfer_syntax_uid, :instance_number, :path,
+          :size_bytes, :sha256, :calling_ae, :association_id, :received_at)
+  ON CONFLICT (sop_instance_uid) DO UPDATE SET
+    series_id = excluded.series_id, sop_class_uid = excluded.sop_class_uid,
+    transfer_syntax_uid = excluded.transfer_syntax_uid, instance_number = excluded.instance_number,
+    path = excluded.path, size_bytes = excluded.size_bytes, sha256 = excluded.sha256,
+    calling_ae = excluded.calling_ae, association_id = excluded.association_id, received_at = excluded.received_at
+  WHERE instances.sha256 IS DISTINCT FROM excluded.sha256
+  RETURNING (xmax = 0) AS inserted
+), ser AS (
+  UPDATE series SET instance_count = instance_count + (SELECT count(*) FROM ins WHERE inserted),
+                    last_received_at = :received_at, dirty = :dirty
+  WHERE id = :series_id AND EXISTS (SELECT 1 FROM ins)
+), st AS (
+  UPDATE studies SET status = :received, status_reason = NULL, updated_at = :received_at
+  WHERE id = :study_id AND :reopen AND status NOT IN (:received, :processing) AND EXISTS (SELECT 1 FROM ins)
+)
+SELECT inserted FROM ins
+""").bindparams(bindparam("received_at", type_=UTCDateTime()))
+
+
+def _upsert(s: Session, model):
+    """``INSERT ... ON CONFLICT`` of the session's dialect (PostgreSQL or SQLite)."""
+    if s.bind.dialect.name == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert(model)
+
+
+def _ensure_rows(s: Session, meta: InstanceMeta, cache: IndexCache | None) -> tuple[int, int, bool]:
+    """(study id, series id, series is_result), creating the rows when new (race-free upsert)."""
+    cache = cache if cache is not None else IndexCache()
+    study_id = cache.studies.get(meta.study_instance_uid)
+    if study_id is None:
+        study_id = s.scalar(_STUDY_ID, {"uid": meta.study_instance_uid})
+        if study_id is None:
+            s.execute(_upsert(s, Study).values(study_instance_uid=meta.study_instance_uid, status=StudyStatus.RECEIVED)
+                      .on_conflict_do_nothing(index_elements=["study_instance_uid"]))
+            study_id = s.scalar(_STUDY_ID, {"uid": meta.study_instance_uid})
+        cache.studies[meta.study_instance_uid] = study_id
+    known = cache.series.get(meta.series_instance_uid)
+    if known is None:
+        row = s.execute(_SERIES_ROW, {"uid": meta.series_instance_uid}).first()
+        if row is None:
+            created = s.scalar(
+                _upsert(s, Series).values(series_instance_uid=meta.series_instance_uid, study_id=study_id,
+                                          modality=meta.modality, series_number=meta.series_number,
+                                          series_description=meta.series_description, is_result=meta.is_result,
+                                          instance_count=0)
+                .on_conflict_do_nothing(index_elements=["series_instance_uid"]).returning(Series.id))
+            if created is not None:
+                _update_study_attributes(s, study_id, meta)
+                row = (created, meta.is_result)
+            else:  # created by another association meanwhile
+                row = s.execute(_SERIES_ROW, {"uid": meta.series_instance_uid}).first()
+        known = cache.series[meta.series_instance_uid] = (row[0], bool(row[1]))
+    return study_id, known[0], known[1]
+
 
 def index_instance(s: Session, meta: InstanceMeta, relpath: str, size: int, sha256: str,
-                   calling_ae: str | None, association_id: int | None) -> str:
+                   calling_ae: str | None, association_id: int | None, cache: IndexCache | None = None) -> str:
     """Index a stored instance; returns "new", "duplicate" (same bytes) or "replaced".
 
     Duplicate SOP Instance UID policy: identical content is acknowledged and changes nothing;
     different content replaces the stored file (the newest wins) and marks the series for
     re-evaluation, so a corrected instance triggers a re-run.
 
-    This is the listener's hot path (once per received instance): Core statements on known
-    rows, the ORM only when a study or series is new.
+    This is the listener's hot path (once per received instance): with ``cache`` (one per
+    association) the study and series rows are looked up once; the instance is then indexed
+    in one statement on PostgreSQL, a few Core statements on SQLite (in process).
     """
     now = utcnow()
-    study_id = s.scalar(_STUDY_ID, {"uid": meta.study_instance_uid})
-    if study_id is None:
-        study = Study(study_instance_uid=meta.study_instance_uid, status=StudyStatus.RECEIVED)
-        s.add(study)
-        s.flush()
-        study_id = study.id
-    row = s.execute(_SERIES_ROW, {"uid": meta.series_instance_uid}).first()
-    if row is None:
-        series = Series(series_instance_uid=meta.series_instance_uid, study_id=study_id, modality=meta.modality,
-                        series_number=meta.series_number, series_description=meta.series_description,
-                        is_result=meta.is_result, instance_count=0)
-        s.add(series)
-        s.flush()
-        series_id, is_result = series.id, meta.is_result
-        _update_study_attributes(s, study_id, meta)
-    else:
-        series_id, is_result = row
-    existing = s.execute(_INSTANCE_ROW, {"uid": meta.sop_instance_uid}).first()
-    if existing is not None and existing.sha256 == sha256:
-        return "duplicate"
+    study_id, series_id, is_result = _ensure_rows(s, meta, cache)
     values = dict(series_id=series_id, sop_class_uid=meta.sop_class_uid, transfer_syntax_uid=meta.transfer_syntax_uid,
                   instance_number=meta.instance_number, path=relpath, size_bytes=size, sha256=sha256,
                   calling_ae=calling_ae, association_id=association_id, received_at=now)
+    if s.bind.dialect.name == "postgresql":
+        inserted = s.execute(_PG_INDEX, {"sop_instance_uid": meta.sop_instance_uid, **values, "study_id": study_id,
+                                         "dirty": not is_result, "reopen": not is_result,
+                                         "received": StudyStatus.RECEIVED.value,
+                                         "processing": StudyStatus.PROCESSING.value}).scalar()
+        return "duplicate" if inserted is None else "new" if inserted else "replaced"
+    existing = s.execute(_INSTANCE_ROW, {"uid": meta.sop_instance_uid}).first()
+    if existing is not None and existing.sha256 == sha256:
+        return "duplicate"
     if existing is None:
         s.execute(_INSERT_INSTANCE, {"sop_instance_uid": meta.sop_instance_uid, **values})
     else:
@@ -213,6 +291,18 @@ def _claim(s: Session, model, ready, worker_id: str, lease_seconds: float, extra
     return None if claimed is None else s.get(model, claimed, populate_existing=True)
 
 
+def _job_ready(now: datetime):
+    return or_(Job.state == JobState.PENDING, (Job.state == JobState.RUNNING) & (Job.lease_until < now))
+
+
+def _transfer_ready(now: datetime):
+    enabled = select(Destination.id).where(Destination.enabled.is_(True))
+    return Transfer.destination_id.in_(enabled) & or_(
+        (Transfer.state == TransferState.PENDING) & (Transfer.next_attempt_at <= now),
+        (Transfer.state == TransferState.SENDING) & (Transfer.lease_until < now),
+    )
+
+
 def claim_job(s: Session, worker_id: str, lease_seconds: float) -> Job | None:
     """Claim the oldest pending job, or a running one whose lease expired (its worker died).
 
@@ -221,12 +311,8 @@ def claim_job(s: Session, worker_id: str, lease_seconds: float) -> Job | None:
     attempt that died with its worker is not charged: ``attempts`` stays and ``lease_expiries
     + 1`` instead; the caller fails a job past ``[worker] max_lease_expiries``).
     """
-
-    def ready(now: datetime):
-        return or_(Job.state == JobState.PENDING, (Job.state == JobState.RUNNING) & (Job.lease_until < now))
-
     reclaim = Job.state == JobState.RUNNING  # SET expressions see the row as it was before
-    return _claim(s, Job, ready, worker_id, lease_seconds,
+    return _claim(s, Job, _job_ready, worker_id, lease_seconds,
                   {"state": JobState.RUNNING, "started_at": utcnow(),
                    "attempts": case((reclaim, Job.attempts), else_=Job.attempts + 1),
                    "lease_expiries": case((reclaim, Job.lease_expiries + 1), else_=Job.lease_expiries)})
@@ -247,16 +333,19 @@ def release_job(s: Session, job_id: int, worker_id: str, reason: str) -> bool:
 
 def claim_transfer(s: Session, worker_id: str, lease_seconds: float) -> Transfer | None:
     """Claim a due transfer whose destination is enabled, or one whose sender died."""
-
-    def ready(now: datetime):
-        enabled = select(Destination.id).where(Destination.enabled.is_(True))
-        return Transfer.destination_id.in_(enabled) & or_(
-            (Transfer.state == TransferState.PENDING) & (Transfer.next_attempt_at <= now),
-            (Transfer.state == TransferState.SENDING) & (Transfer.lease_until < now),
-        )
-
-    return _claim(s, Transfer, ready, worker_id, lease_seconds,
+    return _claim(s, Transfer, _transfer_ready, worker_id, lease_seconds,
                   {"state": TransferState.SENDING, "attempts": Transfer.attempts + 1})
+
+
+def job_claimable(s: Session) -> bool:
+    """Whether ``claim_job`` would find a job: a read, so an idle worker's poll takes no write
+    lock (SQLite); the claim itself, in a write transaction, decides."""
+    return s.scalar(select(Job.id).where(_job_ready(utcnow())).limit(1)) is not None
+
+
+def transfer_claimable(s: Session) -> bool:
+    """Whether ``claim_transfer`` would find a transfer (a read; see ``job_claimable``)."""
+    return s.scalar(select(Transfer.id).where(_transfer_ready(utcnow())).limit(1)) is not None
 
 
 def renew_lease(s: Session, model, row_id: int, worker_id: str, lease_seconds: float) -> bool:

@@ -137,7 +137,7 @@ def test_a_study_receiving_while_retention_deletes_it_is_kept(make_node, db_url)
     nbytes, sha = node.store.write_atomic(rel, os.urandom(1000))
     meta = repo.InstanceMeta(old, series_uid, sop, "1.2.840.10008.5.1.4.1.1.2", "1.2.840.10008.1.2.1",
                              "CT", 99, 1, "test", None, None, None, None, None)
-    listener = node.sessions()
+    listener = node.sessions.writer()  # a write session, as the listener's (storage.db)
     listener.begin()
     repo.index_instance(listener, meta, rel, nbytes, sha, "STORESCU", None)
     listener.flush()

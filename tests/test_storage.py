@@ -11,7 +11,7 @@ from sqlalchemy import select
 from storage import repo
 from storage.db import migrate, open_database
 from storage.filestore import FileStore, safe_uid
-from storage.models import Job, JobState, Series, Study, utcnow
+from storage.models import Instance, Job, JobState, Series, Study, utcnow
 
 
 def _jobs(sessions, n: int) -> None:
@@ -113,3 +113,38 @@ def test_a_job_whose_worker_keeps_dying_is_failed_not_retried_forever(make_node)
         job = s.scalar(select(Job))
         assert job.state is JobState.FAILED and "worker stopped 3 times" in job.error
         assert job.attempts == 1 and job.lease_expiries == 3  # past the cap of 2 reclaims
+
+
+def test_upgrading_a_populated_database_keeps_every_row_and_widens_the_text_columns(db_url):
+    """Migration 0002 rebuilds tables on SQLite; with foreign keys enforced, dropping the old
+    ``studies`` table would cascade-delete every series and instance (storage.db.migrate turns
+    enforcement off for the migration). On PostgreSQL it alters the column types."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import text
+
+    from storage.db import MIGRATIONS_DIR, make_engine
+
+    engine = make_engine(db_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+    with engine.begin() as conn:
+        conn.execute(text("INSERT INTO studies (id, study_instance_uid, status, created_at, updated_at) "
+                          "VALUES (1, '1.2', 'received', '2026-01-01', '2026-01-01')"))
+        conn.execute(text("INSERT INTO series (id, study_id, series_instance_uid, instance_count, last_received_at, "
+                          "dirty, is_result) VALUES (1, 1, '1.2.3', 1, '2026-01-01', true, false)"))
+        conn.execute(text("INSERT INTO instances (series_id, sop_instance_uid, sop_class_uid, transfer_syntax_uid, "
+                          "path, size_bytes, sha256, received_at) VALUES (1, '1.2.3.4', 'c', 't', 'p', 1, 's', "
+                          "'2026-01-01')"))
+    migrate(engine)
+    sessions = open_database(db_url)
+    with sessions.begin() as s:
+        assert [len(s.scalars(select(m)).all()) for m in (Study, Series, Instance)] == [1, 1, 1]
+        study = s.get(Study, 1)
+        study.accession_number, study.study_description = "A" * 24, "D" * 200
+    with sessions() as s:
+        assert s.get(Study, 1).study_description == "D" * 200
+    engine.dispose()
