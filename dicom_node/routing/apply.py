@@ -48,11 +48,13 @@ def return_to(s: Session, calling_ae: str | None) -> list[str] | None:
     return list(row.return_to or []) if row is not None else None
 
 
-def decide_series(node, s: Session, series: Series, first_header=None) -> Decision:
-    """The decision for a stored series, nothing written (also what a dry run shows)."""
+def decide_series(node, s: Session, series: Series, first_header=None, rules: list | None = None) -> Decision:
+    """The decision for a stored series, nothing written (also what a dry run shows).
+    ``rules``: evaluate these instead of the stored ones (a dry run of unsaved rules)."""
     facts = series_facts(s, series, node.store.path, first_header)
     destinations = list(s.scalars(select(Destination).order_by(Destination.name)))
-    decision = decide(store.load_rules(s), facts, destinations, return_to(s, facts.get("calling_ae")))
+    rules = store.load_rules(s) if rules is None else rules
+    decision = decide(rules, facts, destinations, return_to(s, facts.get("calling_ae")))
     decision.facts = facts.known()
     return decision
 

@@ -40,8 +40,12 @@ def load_rules(s: Session) -> list[Rule]:
     return [rule_of(r) for r in list_rows(s)]
 
 
+def find_row(s: Session, name: str) -> RoutingRule | None:
+    return s.scalar(select(RoutingRule).where(RoutingRule.name == name))
+
+
 def get_row(s: Session, name: str) -> RoutingRule:
-    row = s.scalar(select(RoutingRule).where(RoutingRule.name == name))
+    row = find_row(s, name)
     if row is None:
         raise RoutingError(404, f"rule {name!r} not found")
     return row

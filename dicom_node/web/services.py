@@ -45,6 +45,7 @@ STATUS_LABELS = {
     "processing": "Processing",
     "done": "Done",
     "not_eligible": "Not eligible",
+    "not_analysed": "Not analysed",
     "failed": "Failed",
 }
 
@@ -221,7 +222,8 @@ def study_detail(s: Session, uid: str) -> schemas.StudyDetail:
         series=[schemas.SeriesOut(
             series_instance_uid=x.series_instance_uid, modality=x.modality, series_number=x.series_number,
             series_description=x.series_description, instance_count=x.instance_count or 0,
-            eligible=x.eligible, eligibility_reason=x.eligibility_reason, is_result=bool(x.is_result)) for x in series],
+            eligible=x.eligible, eligibility_reason=x.eligibility_reason, is_result=bool(x.is_result),
+            route_summary=x.route_summary) for x in series],
         findings=findings,
         results=[schemas.ResultOut(id=r.id, job_id=r.job_id, kind=r.kind, sop_instance_uid=r.sop_instance_uid,
                                    series_instance_uid=r.series_instance_uid,
@@ -235,7 +237,7 @@ def study_detail(s: Session, uid: str) -> schemas.StudyDetail:
 
 def source_out(row: Source) -> schemas.SourceOut:
     return schemas.SourceOut(id=row.id, ae_title=row.ae_title, host=row.host, description=row.description,
-                             enabled=bool(row.enabled))
+                             enabled=bool(row.enabled), return_to=list(row.return_to or []))
 
 
 def list_sources(s: Session) -> list[Source]:
@@ -249,9 +251,17 @@ def _source(s: Session, ae_title: str) -> Source:
     return row
 
 
+def _check_return_to(s: Session, data: schemas.SourceIn) -> None:
+    known = set(s.scalars(select(Destination.name)))
+    unknown = [n for n in data.return_to if n not in known]
+    if unknown:
+        raise ServiceError(422, f"return_to names unknown destination(s) {unknown}; known: {sorted(known) or 'none'}")
+
+
 def add_source(s: Session, actor: str, data: schemas.SourceIn) -> Source:
     if s.scalar(select(Source).where(Source.ae_title == data.ae_title)) is not None:
         raise ServiceError(409, f"source {data.ae_title!r} already exists")
+    _check_return_to(s, data)
     row = Source(**data.model_dump())
     s.add(row)
     s.flush()
@@ -263,6 +273,7 @@ def update_source(s: Session, actor: str, ae_title: str, data: schemas.SourceIn)
     row = _source(s, ae_title)
     if data.ae_title != ae_title and s.scalar(select(Source).where(Source.ae_title == data.ae_title)) is not None:
         raise ServiceError(409, f"source {data.ae_title!r} already exists")
+    _check_return_to(s, data)
     before = source_out(row).model_dump(exclude={"id"})
     for k, v in data.model_dump().items():
         setattr(row, k, v)
