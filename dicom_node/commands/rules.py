@@ -77,7 +77,8 @@ def _rule_from_args(args):
 def _line(row, rule) -> str:
     match = ", ".join(f"{k}={json.dumps(v)}" for k, v in rule.match.items()) or "(every series)"
     return (f"{row.position:3}  {rule.name:20}  {'enabled ' if rule.enabled else 'disabled'}  match {match}  "
-            f"-> {'+'.join(rule.actions)} to {', '.join(rule.destinations)}"
+            f"-> {'+'.join(rule.actions)}"
+            f"{' to ' + ', '.join(rule.destinations) if set(rule.actions) - {'discard'} else ''}"
             f"{'  level=study' if rule.level == 'study' else ''}{'  urgent' if rule.priority == 'urgent' else ''}")
 
 
@@ -88,7 +89,9 @@ def run(args) -> int:
     from dicom_node.routing import store
     from dicom_node.routing.dryrun import dry_run
 
-    node = open_node(settings_from_args(args), seed=False)
+    # Seeded like ``serve`` (sources, destinations, and [[rules]] while none is stored), so what
+    # this command lists and dry-runs is what the node decides with.
+    node = open_node(settings_from_args(args))
     try:
         with node.sessions.begin() as s:
             if args.action == "list":

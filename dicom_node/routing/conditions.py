@@ -17,6 +17,7 @@ except ``{present = false}``.
 from __future__ import annotations
 
 import fnmatch
+import functools
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +35,7 @@ class Outcome:
     reason: str  # a sentence naming the key, the value seen and the condition
 
 
+@functools.lru_cache(maxsize=1024)
 def _regex(text: str) -> re.Pattern | None:
     """The compiled pattern of a ``/.../`` or ``/.../i`` string, None for a glob."""
     if len(text) >= 2 and text.startswith("/"):

@@ -112,6 +112,8 @@ class TransferOut(BaseModel):
     id: int
     job_id: int | None
     destination: str
+    kind: str = Field("results", description='"results" (a job\'s SR/SEG/key images) or "originals" (forwarded)')
+    priority: int = Field(0, description="higher first (urgent 10, routine 0)")
     state: str
     attempts: int
     next_attempt_at: datetime | None
