@@ -139,8 +139,10 @@ DESTS = [{"name": "pacs_a", "ae_title": "PACS_A", "host": "127.0.0.1", "port": 1
 
 @pytest.fixture
 def routed(make_node, db_url):
-    def _start(rules=(), sources=({"ae_title": "CT_A", "return_to": "pacs_a"}, {"ae_title": "STORESCU"})):
-        node = make_node(db_url, completion={"quiet_seconds": 0.2}, destinations=DESTS, sources=list(sources),
+    def _start(rules=(), sources=({"ae_title": "CT_A", "return_to": "pacs_a"}, {"ae_title": "STORESCU"}),
+               destinations=DESTS):
+        node = make_node(db_url, completion={"quiet_seconds": 0.2}, destinations=list(destinations),
+                         sources=list(sources),
                          rules=list(rules))
         scp = Listener(node)
         scp.start(0)
@@ -153,15 +155,13 @@ def routed(make_node, db_url):
 
 
 def _settle(node):
+    """Schedule until nothing is due (quiet_seconds is 0.2 s: wait it out first)."""
     import time
 
-    from datetime import timedelta
-
-    from storage.models import utcnow
+    time.sleep(0.3)
     for _ in range(10):
-        if schedule_once(node, "v1", now=utcnow() + timedelta(seconds=60)) == 0:
+        if schedule_once(node, "v1") == 0:
             break
-    time.sleep(0)
 
 
 def test_chest_ct_goes_to_analysis_with_results_to_its_sender_only(routed, tmp_path):
@@ -243,3 +243,67 @@ def test_study_level_rule_waits_for_every_series_and_rule_quiet_seconds(routed, 
     assert schedule_once(node, "v1", now=utcnow() + timedelta(seconds=301)) == 1
     with node.sessions() as s:
         assert s.scalar(select(Series)).route_analyse is True
+
+
+def test_forward_sends_only_what_is_new_and_discard_waits_for_the_forward(routed, tmp_path):
+    from datetime import timedelta
+
+    from dicom_node.dispatch import dispatch_once
+    from storage.models import Transfer, TransferState, utcnow
+    from tests.peers import StoreSCP
+
+    scp = StoreSCP(tmp_path / "archive", ae_title="ARCHIVE").start()
+    try:
+        archive = {"name": "archive", "ae_title": "ARCHIVE", "host": "127.0.0.1", "port": scp.port}
+        node, port = routed(rules=[{"name": "archive-then-drop", "match": {"Modality": "MR"},
+                                    "actions": ["forward", "discard"], "destinations": ["archive"]}],
+                            destinations=DESTS + [archive])
+        mr = derive_series(need_lidc(), tmp_path / "mr", modality="MR", limit=8)
+        files = sorted(mr.iterdir())
+        storescu(port, *files[:5])
+        _settle(node)
+        with node.sessions() as s:
+            [t] = s.scalars(select(Transfer)).all()
+            assert t.kind == "originals" and len(t.instance_ids) == 5
+            assert s.scalar(select(Series)).discard_pending is True  # kept until forwarded
+        storescu(port, *files[3:])  # 3 new instances, 2 resent identically
+        _settle(node)
+        with node.sessions() as s:
+            sizes = sorted(len(t.instance_ids) for t in s.scalars(select(Transfer)))
+        assert sizes == [3, 5]  # only the new ones are forwarded again
+        while dispatch_once(node, "test-dispatcher"):
+            pass
+        with node.sessions() as s:
+            assert {t.state for t in s.scalars(select(Transfer))} == {TransferState.SENT}
+        assert len(scp.files()) == 8
+        schedule_once(node, "v1", now=utcnow() + timedelta(seconds=60))  # sweeps the pending discard
+        with node.sessions() as s:
+            assert s.scalar(select(Instance)) is None
+            assert s.scalar(select(Series)).discard_pending is False
+    finally:
+        scp.stop()
+
+
+def test_urgent_jobs_and_transfers_are_claimed_before_routine_ones(make_node, db_url):
+    from storage import repo
+    from storage.models import JobState, Transfer, TransferState
+
+    node = make_node(db_url, destinations=DESTS)
+    with node.sessions.begin() as s:
+        study = Study(study_instance_uid="1.2.3")
+        series = Series(study=study, series_instance_uid="1.2.3.1", instance_count=0)
+        s.add_all([study, series])
+        s.flush()
+        dest = s.scalar(select(Destination.id))
+        s.add_all([Job(series=series, idempotency_key=f"k{n}", state=JobState.PENDING, priority=p)
+                   for n, p in enumerate([0, 0, 10])])
+        s.add_all([Transfer(destination_id=dest, kind="originals", series_id=series.id, instance_ids=[],
+                            result_object_ids=[], sent_sop_instance_uids=[], state=TransferState.PENDING, priority=p)
+                   for p in (0, 10, 0)])
+    order_jobs, order_transfers = [], []
+    for _ in range(3):
+        with node.sessions.begin() as s:
+            order_jobs.append(repo.claim_job(s, "w", 60).idempotency_key)
+            order_transfers.append(repo.claim_transfer(s, "d", 60).priority)
+    assert order_jobs == ["k2", "k0", "k1"]  # urgent first, then the oldest
+    assert order_transfers == [10, 0, 0]
