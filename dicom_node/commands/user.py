@@ -24,7 +24,7 @@ def register(subparsers) -> None:  # noqa: ANN001
     add.add_argument("name")
     add.add_argument("--role", required=True, choices=["admin", "radiologist", "sender"],
                      help="admin: everything; radiologist: worklist, studies, DICOMweb reads; "
-                          "sender: DICOMweb STOW-RS only"))
+                          "sender: DICOMweb STOW-RS only")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     add_config_argument(add)
 

@@ -286,3 +286,39 @@ def test_qido_bounds_and_bad_values_are_400(served):
             urllib.request.urlopen(req, timeout=30)
         assert bad.value.code == 400, query
         assert "detail" in json.loads(bad.value.read())
+
+
+@pytest.mark.slow
+def test_stow_answered_200_survives_kill_9_of_the_node(tmp_path):
+    """``dicom-node serve`` (all stages, SQLite) stores with STOW-RS; SIGKILL of the whole process
+    group right after the 200: the instances are on disk and indexed, and served after a restart."""
+    import hashlib
+
+    from tests.peers import NodeProcess, wait_port
+    from storage.models import Instance
+
+    files = _need_lidc()[:5]
+    node = NodeProcess(tmp_path / "node", web=True)
+    node.cli("user", "add", SENDER[0], "--role", "sender", "--password-stdin", input=f"{SENDER[1]}\n")
+    node.cli("user", "add", RAD[0], "--role", "radiologist", "--password-stdin", input=f"{RAD[1]}\n")
+    node.start(timeout=120)
+    try:
+        wait_port(node.web_port, timeout=60)
+        base = f"http://127.0.0.1:{node.web_port}"
+        response = _client(base, _token(base, SENDER)).store_instances([pydicom.dcmread(f) for f in files])
+        node.kill()  # at once after the 200: no clean shutdown, no chance to flush anything later
+        assert len(response.ReferencedSOPSequence) == len(files) and "FailedSOPSequence" not in response
+        with node.sessions()() as s:
+            rows = {r.sop_instance_uid: r for r in s.scalars(select(Instance)).all()}
+        for f in files:
+            uid = str(pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID)
+            stored = (node.data_dir / rows[uid].path).read_bytes()
+            assert hashlib.sha256(stored).hexdigest() == rows[uid].sha256
+            assert pydicom.dcmread(io.BytesIO(stored)).PixelData == pydicom.dcmread(f).PixelData
+        node.start(timeout=120)
+        wait_port(node.web_port, timeout=60)
+        rad = _client(base, _token(base, RAD))
+        (study,) = rad.search_for_studies(search_filters={"PatientID": LIDC_PATIENT})
+        assert study["00201208"]["Value"] == [len(files)]
+    finally:
+        node.stop()
