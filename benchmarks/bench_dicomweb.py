@@ -176,7 +176,7 @@ def main() -> int:
         auth = {"Authorization": f"Bearer {reader['access_token']}", "Accept": "application/dicom+json"}
         queries = [
             ("QIDO studies PatientID=PAT05000", "studies?PatientID=PAT05000"),
-            ("QIDO studies PatientName=DOE^JOHN^123*", "studies?PatientName=DOE%5EJOHN%5E123*"),
+            ("QIDO studies PatientName=DOE*123*", "studies?PatientName=DOE*123*"),
             ("QIDO studies StudyDate=one month, limit=100", "studies?StudyDate=20200101-20200131&limit=100"),
             ("QIDO studies limit=100 offset=5000", "studies?limit=100&offset=5000"),
             ("QIDO studies StudyInstanceUID=1", f"studies?StudyInstanceUID={uids(4321)[0]}"),
