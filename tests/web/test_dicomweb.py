@@ -220,6 +220,9 @@ def test_study_retrieve_streams_every_instance_and_rendered_is_a_png(served, rad
 
     img = Image.open(io.BytesIO(png))
     assert img.format == "PNG" and img.size == (512, 512)
+    thumb = rad._http_get(f"{served['base']}/dicom-web/studies/{served['study']}/series/{served['series']}/thumbnail",
+                          headers={"Accept": "image/jpeg"})
+    assert thumb.headers["content-type"] == "image/jpeg" and max(Image.open(io.BytesIO(thumb.content)).size) == 128
     study = rad.retrieve_study(served["study"])
     assert len(study) >= 135  # 133 CT slices, the SR and the SEG
 
@@ -275,6 +278,32 @@ def test_stow_refusals_are_listed_with_their_reasons(served):
     with served["node"].sessions() as s:
         assert s.scalar(select(func.count()).select_from(AssociationLog).where(AssociationLog.calling_ae == "STOW-RS")) >= 6
         assert s.scalar(select(func.count()).select_from(AuditEvent).where(AuditEvent.action == "stow")) >= 6
+
+
+def test_results_indexed_as_instances_are_backed_up_once_and_removed_by_retention(served, tmp_path):
+    """The SR and SEG are rows of ``instances`` (DICOMweb) and of ``result_objects`` (delivery):
+    a backup copies each file once; retention removes them with the study."""
+    from dicom_node import backup, retention
+    from storage.models import Instance, ResultObject, Series, Study
+
+    node = served["node"]
+    with node.sessions() as s:
+        results = s.execute(select(ResultObject.path, Instance.path).join(
+            Instance, Instance.sop_instance_uid == ResultObject.sop_instance_uid)).all()
+        assert {len(results)} == {2} and all(a == b for a, b in results)  # SR and SEG, the same file
+        n_instances = s.scalar(select(func.count()).select_from(Instance))
+    report = backup.backup(node.settings.database_url, node.settings.node.data_dir, tmp_path / "backup")
+    manifest = json.loads((tmp_path / "backup" / backup.MANIFEST).read_text())
+    paths = [e["path"] for e in manifest["files"] if e["kind"] != "other"]
+    assert len(paths) == len(set(paths)) == n_instances and not report.missing
+    with node.sessions.begin() as s:
+        study_id = s.scalar(select(Study.id).where(Study.study_instance_uid == served["study"]))
+        files, why = retention.delete_study(s, study_id, "test")
+    assert why is None and len(files) == len(set(files)) == n_instances
+    retention.remove_files(node.settings.node.data_dir, files)
+    assert not any(node.store.path(p).exists() for p, _ in results)
+    with node.sessions() as s:
+        assert s.scalar(select(func.count()).select_from(Series)) == 0
 
 
 def test_qido_bounds_and_bad_values_are_400(served):

@@ -10,7 +10,8 @@ rendered images; and WADO-URI (PS3.18 9) for single objects.
   a single ``Accept: application/octet-stream`` gets one part without the multipart wrapping.
   Stored native pixel data is sliced, not decoded; compressed data is decoded with pydicom.
 * Rendered (``/rendered``, ``/frames/{n}/rendered``): PNG (default) or JPEG of one frame, in the
-  window given by ``window=center,width`` or else the instance's own, else its value range.
+  window given by ``window=center,width`` or else the instance's own, else its value range;
+  ``/thumbnail`` of an instance or a series (its middle instance) the same, at most 128 px.
 
 The route's UIDs must name the instance's own study and series (else 404).
 """
@@ -291,7 +292,7 @@ def _window(request: Request, ds, arr: np.ndarray) -> tuple[float, float]:  # no
     return (lo + hi) / 2, max(hi - lo, 1.0)
 
 
-def render_frame(request: Request, ds, index: int) -> Response:  # noqa: ANN001
+def render_frame(request: Request, ds, index: int, max_size: int | None = None) -> Response:  # noqa: ANN001
     from PIL import Image
     from pydicom.pixels import apply_rescale, pixel_array
 
@@ -318,6 +319,8 @@ def render_frame(request: Request, ds, index: int) -> Response:  # noqa: ANN001
         image = Image.fromarray(grey, mode="L")
     else:
         image = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8), mode="RGB")
+    if max_size is not None:
+        image.thumbnail((max_size, max_size), Image.Resampling.BILINEAR)
     buf = io.BytesIO()
     if want == "image/jpeg":
         quality = request.query_params.get("quality", "90")
@@ -345,6 +348,29 @@ def rendered_frame(study: str, series: str, instance: str, frame: str, request: 
     if len(numbers) != 1:
         raise DicomWebError(400, "one frame at a time is rendered")
     return render_frame(request, ds, numbers[0] - 1)
+
+
+THUMBNAIL_PX = 128
+
+
+@router.get("/studies/{study}/series/{series}/instances/{instance}/thumbnail",
+            summary="WADO-RS: a small rendered image of an instance (at most 128 px)")
+def thumbnail_instance(study: str, series: str, instance: str, request: Request, s: DB, user: Reader):
+    row = _instance(s, study, series, instance)
+    s.commit()
+    return render_frame(request, _read_full(request.app.state.node, row), 0, THUMBNAIL_PX)
+
+
+@router.get("/studies/{study}/series/{series}/thumbnail",
+            summary="WADO-RS: a small rendered image of a series (its middle instance)")
+def thumbnail_series(study: str, series: str, request: Request, s: DB, user: Reader):
+    se = _series(s, study, series)
+    rows = s.scalars(select(Instance).where(Instance.series_id == se.id)
+                     .order_by(Instance.instance_number, Instance.id)).all()
+    s.commit()
+    if not rows:
+        raise DicomWebError(404, "the series has no instances")
+    return render_frame(request, _read_full(request.app.state.node, rows[len(rows) // 2]), 0, THUMBNAIL_PX)
 
 
 # --- WADO-URI ------------------------------------------------------------------------------------
