@@ -116,6 +116,8 @@ def test_stow_stored_every_instance_durably_and_indexed_once(served):
         assert ct.instance_count == 133 and not ct.is_result
         paths = s.scalars(select(Instance.path).where(Instance.series_id == ct.id)).all()
         assert len(paths) == 133
+    with urllib.request.urlopen(f"{served['base']}/metrics", timeout=30) as r:
+        assert "dicom_node_instances_received_total 133.0" in r.read().decode()  # not the SR and SEG
     original = {pydicom.dcmread(f, stop_before_pixels=True).SOPInstanceUID: f.read_bytes() for f in served["files"][:3]}
     for p in paths:
         data = node.store.path(p).read_bytes()
