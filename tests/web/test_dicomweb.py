@@ -250,6 +250,23 @@ def test_radiologist_may_read_but_not_store_and_anonymous_gets_401(served, rad):
     assert admin.search_for_studies(search_filters={"PatientID": LIDC_PATIENT})
 
 
+def test_a_sender_account_has_no_pages_and_no_api(served):
+    import requests
+
+    from webtools import csrf_of
+
+    base = served["base"]
+    token = _token(base, SENDER)
+    assert requests.get(f"{base}/api/studies", headers={"Authorization": f"Bearer {token}"}).status_code == 403
+    with requests.Session() as browser:
+        csrf = csrf_of(browser.get(f"{base}/login").text)
+        browser.post(f"{base}/login", data={"username": SENDER[0], "password": SENDER[1], "csrf_token": csrf,
+                                            "next": "/worklist"}, allow_redirects=False)
+        page = browser.get(f"{base}/worklist", allow_redirects=False)
+        assert page.status_code == 403 and "STOW-RS" in page.text
+        assert LIDC_PATIENT not in page.text
+
+
 def test_stow_refusals_are_listed_with_their_reasons(served):
     token = _token(served["base"], SENDER)
     good = served["files"][0].read_bytes()
