@@ -327,13 +327,18 @@ def test_results_indexed_as_instances_are_backed_up_once_and_removed_by_retentio
 
 def test_qido_bounds_and_bad_values_are_400(served):
     token = _token(served["base"], RAD)
-    for query in ("limit=100000", "offset=-1", "limit=abc", "StudyDate=2000", "NotAKeyword=1"):
+    for query in ("limit=100000", "offset=-1", "limit=abc", "StudyDate=2000", "NotAKeyword=1", "StudyDate=2000-01-01"):
         req = urllib.request.Request(f"{served['base']}/dicom-web/studies?{query}",
                                      headers={"Authorization": f"Bearer {token}"})
         with pytest.raises(urllib.error.HTTPError) as bad:
             urllib.request.urlopen(req, timeout=30)
         assert bad.value.code == 400, query
         assert "detail" in json.loads(bad.value.read())
+    req = urllib.request.Request(f"{served['base']}/dicom-web/series?SeriesNumber=one",
+                                 headers={"Authorization": f"Bearer {token}"})
+    with pytest.raises(urllib.error.HTTPError) as bad:
+        urllib.request.urlopen(req, timeout=30)
+    assert bad.value.code == 400 and "SeriesNumber" in json.loads(bad.value.read())["detail"]
 
 
 @pytest.mark.slow

@@ -132,7 +132,7 @@ def _like(value: str) -> str:
     return escaped.replace("*", "%").replace("?", "_")
 
 
-def _match(key: Key, values: list[str]):
+def _match(tag: str, key: Key, values: list[str]):
     col = key.column
     if key.kind == "uid":
         return col.in_(values)
@@ -142,7 +142,7 @@ def _match(key: Key, values: list[str]):
         try:
             return col.in_([int(v) for v in values])
         except ValueError:
-            raise DicomWebError(400, f"{dicomjson.keyword(str(col.key))} must be a number") from None
+            raise DicomWebError(400, f"{dicomjson.keyword(tag)} must be a number") from None
     if key.kind == "date":
         conds = []
         for v in values:
@@ -232,7 +232,7 @@ def _respond(items: list[dict], q: Query, more: bool) -> DicomJSONResponse:
 
 def _where(stmt, q: Query, keys: dict[str, Key]):
     for key, values in q.filters:
-        stmt = stmt.where(_match(keys[key], values))
+        stmt = stmt.where(_match(key, keys[key], values))
     return stmt
 
 
