@@ -42,6 +42,7 @@ from storage.models import (
     Job,
     JobState,
     ResultObject,
+    RoutingDecision,
     Series,
     Study,
     Transfer,
@@ -217,7 +218,10 @@ def delete_study(s: Session, study_id: int, reason: str, actor: str = ACTOR) -> 
     count, size = len(paths), int(s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))
                                            .where(Instance.series_id.in_(series_ids))) or 0)
     paths += list(s.scalars(select(ResultObject.path).where(ResultObject.job_id.in_(job_ids))))
+    paths = list(dict.fromkeys(paths))  # a result is indexed as an instance too: one path, once
     s.execute(delete(Transfer).where(or_(Transfer.job_id.in_(job_ids), Transfer.series_id.in_(series_ids)))
+              .execution_options(synchronize_session=False))  # results, and forwarded originals
+    s.execute(delete(RoutingDecision).where(RoutingDecision.series_id.in_(series_ids))
               .execution_options(synchronize_session=False))
     s.execute(delete(FindingRow).where(or_(FindingRow.study_id == study_id, FindingRow.job_id.in_(job_ids)))
               .execution_options(synchronize_session=False))
