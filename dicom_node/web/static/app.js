@@ -63,7 +63,8 @@
       if (v.busy) return;
       v.busy = true;
       var target = v.wanted, key = state.finding + ":" + target + ":" + state.window + ":" + state.zoom;
-      fetch(url(v, target), { credentials: "same-origin" }).then(function (r) {
+      var asked = url(v, target);
+      fetch(asked, { credentials: "same-origin" }).then(function (r) {
         if (!r.ok) throw new Error("image " + r.status);
         var idx = parseInt(r.headers.get("X-Slice-Index"), 10), count = parseInt(r.headers.get("X-Slice-Count"), 10);
         var centre = parseInt(r.headers.get("X-Centre-Index"), 10);
@@ -83,7 +84,8 @@
         });
       }).catch(function () { /* keep the image shown */ }).then(function () {
         v.busy = false;
-        if (v.wanted !== target) { load(v, v.wanted); } else { v.wanted = null; }
+        // Asked for something else meanwhile (another slice, nodule, window or zoom): show that.
+        if (v.wanted !== null && url(v, v.wanted) !== asked) { load(v, v.wanted); } else { v.wanted = null; }
       });
     };
     var step = function (v, d) {
