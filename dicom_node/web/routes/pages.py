@@ -211,10 +211,19 @@ CONFIRM = {
 }
 
 
-@router.get("/studies/{study_uid}/{action}")
-def study_confirm(request: Request, s: DB, user: PageUser, study_uid: str, action: str):
+@router.get("/studies/{study_uid}/rerun")
+def study_rerun_confirm(request: Request, s: DB, user: PageUser, study_uid: str):
+    return _confirm_page(request, s, user, study_uid, "rerun")
+
+
+@router.get("/studies/{study_uid}/resend")
+def study_resend_confirm(request: Request, s: DB, user: PageUser, study_uid: str):
+    return _confirm_page(request, s, user, study_uid, "resend")
+
+
+def _confirm_page(request: Request, s, user, study_uid: str, action: str):
     """The confirmation step of re-run and re-send (a page: works without JavaScript)."""
-    if action not in CONFIRM or not _exists(s, study_uid):
+    if not _exists(s, study_uid):
         return _not_found_page(request, user, study_uid)
     study = services.get_study(s, study_uid)
     allowed = _actions(s, study)
