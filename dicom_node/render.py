@@ -191,6 +191,15 @@ def render_view(volume, mask: np.ndarray | None, centre_mm, diameter_mm: float, 
                 outline="seg" if mask is not None else "circle", window=window, zoom=zoom, orientation=labels)
 
 
+def window_to_grey(img: np.ndarray, level: float, width: float) -> np.ndarray:
+    """8-bit grey of ``img`` (values in the window's units, e.g. HU) through a linear window
+    (PS3.3 C.11.2.1.2 without the half-pixel shifts): ``level - width/2`` is black,
+    ``level + width/2`` white."""
+    width = max(float(width), 1.0)
+    lo = float(level) - width / 2
+    return np.clip((img.astype(np.float32) - lo) * (255.0 / width), 0, 255).astype(np.uint8)
+
+
 def _font(size: int):
     from PIL import ImageFont
 
@@ -205,9 +214,7 @@ def _draw(img: np.ndarray, m2: np.ndarray | None, flip: bool, px_h: float, px_w:
           rgb_outline: tuple[int, int, int], labels: dict) -> bytes:
     from PIL import Image, ImageDraw
 
-    level, width = window
-    lo = level - width / 2
-    grey = np.clip((img.astype(np.float32) - lo) * (255.0 / width), 0, 255).astype(np.uint8)
+    grey = window_to_grey(img, *window)
     rows, cols = grey.shape
     if flip:
         grey = grey[::-1]

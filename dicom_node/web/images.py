@@ -58,6 +58,7 @@ def load_volume(paths: list[Path]):
 
 
 seg_mask = renderer.seg_mask
+window_to_grey = renderer.window_to_grey  # used by DICOMweb's rendered resources
 
 
 class KeyImages:

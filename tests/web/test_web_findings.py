@@ -283,3 +283,14 @@ def test_the_worker_prerenders_the_study_page_images(node, client, rad_h, monkey
     monkeypatch.undo()
     r = client.get(f"/api/findings/{fid}/image", params={"plane": "axial", "offset": 1}, headers=rad_h)
     assert r.status_code == 200 and r.headers["x-prerendered"] == "0"
+    # Retention deletes the pre-rendered images with the study (they show the patient's CT).
+    from dicom_node import retention
+    from storage.models import FindingRow
+
+    render_dir = node.store.path(f"results/{job_id}/render")
+    with node.sessions.begin() as s:
+        study_id = s.scalar(select(FindingRow.study_id).where(FindingRow.job_id == job_id))
+        paths, why = retention.delete_study(s, study_id, "test")
+    assert why is None
+    retention.remove_files(node.store.root, paths)
+    assert not render_dir.exists()
