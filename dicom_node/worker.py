@@ -269,11 +269,11 @@ def _prerender(node: Node, job_id: int, volume, written, findings, results) -> N
     from dicom_node import render
 
     t0 = time.monotonic()
-    seg_rel = next((rel for kind, _ds, rel in written if kind == "seg"), None)
-    nodules = [render.Nodule(number=results.numbers[i], segment_number=results.segment_numbers[i],
-                             center_mm=tuple(float(v) for v in f.center_mm), diameter_mm=float(f.diameter_mm))
-               for i, f in enumerate(findings)]
-    try:
+    try:  # never fails the job: it is committed already
+        seg_rel = next((w[2] for w in written if w[0] == "seg"), None)
+        nodules = [render.Nodule(number=results.numbers[i], segment_number=results.segment_numbers[i],
+                                 center_mm=tuple(float(v) for v in f.center_mm), diameter_mm=float(f.diameter_mm))
+                   for i, f in enumerate(findings)]
         count = render.prerender(node.store, job_id, volume, node.store.path(seg_rel) if seg_rel else None, nodules)
     except Exception as exc:  # noqa: BLE001 - the web renders on request instead
         log.warning("job %d: pre-rendering the key images failed: %s", job_id, exc)

@@ -285,12 +285,35 @@ def test_the_worker_prerenders_the_study_page_images(node, client, rad_h, monkey
     assert r.status_code == 200 and r.headers["x-prerendered"] == "0"
     # Retention deletes the pre-rendered images with the study (they show the patient's CT).
     from dicom_node import retention
-    from storage.models import FindingRow
+    from storage.models import FindingRow, Series
 
     render_dir = node.store.path(f"results/{job_id}/render")
     with node.sessions.begin() as s:
         study_id = s.scalar(select(FindingRow.study_id).where(FindingRow.job_id == job_id))
+        for se in s.scalars(select(Series).where(Series.study_id == study_id)):
+            se.dirty = False  # as the scheduler leaves them once evaluated
         paths, why = retention.delete_study(s, study_id, "test")
     assert why is None
     retention.remove_files(node.store.root, paths)
     assert not render_dir.exists()
+
+
+def test_a_failed_prerender_leaves_the_job_done(node, monkeypatch):
+    """The pre-render runs after the commit: its failure is logged, the job stays done."""
+    from dicom_node import render
+    from dicom_node.worker import work_once
+    from storage.models import Series
+
+    ph = store_phantom(node, accession="ACCPREFAIL")
+    with node.sessions.begin() as s:
+        series = s.scalar(select(Series).where(Series.series_instance_uid == ph.series_uid))
+        s.add(Job(series_id=series.id, kind="infer", idempotency_key="prerender-fails", state=JobState.PENDING))
+
+    def broken(*_args, **_kw):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(render, "prerender", broken)
+    assert work_once(node, "w", lambda *a: [], "test-v1")
+    with node.sessions() as s:
+        job = s.scalar(select(Job).where(Job.idempotency_key == "prerender-fails"))
+        assert job.state is JobState.DONE and job.error is None and job.attempts == 1
