@@ -3,11 +3,11 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 # Real peers used by the tests (Debian package names).
-DEBS    := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver
+DEBS    := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver npm
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
-.PHONY: install debs run test bench clean
+.PHONY: install debs viewer run test bench clean
 
 install: $(VENV)/.installed
 
@@ -26,10 +26,15 @@ debs:
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q --no-install-recommends $$missing; \
 	fi
 
-run: install
+# The OHIF viewer served under /viewer/ (@ohif/app, pinned, sha512-checked; needs npm). Without npm
+# it prints why and the node answers 503 on /viewer; the viewer tests skip.
+viewer: install
+	-$(PY) -m dicom_node.web.viewer_install
+
+run: install viewer
 	$(VENV)/bin/dicom-node serve --config config.toml
 
-test: install debs
+test: install debs viewer
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 bench: install debs
@@ -37,4 +42,4 @@ bench: install debs
 	$(PY) benchmarks/bench_predict.py
 
 clean:
-	rm -rf $(VENV) var .pytest_cache
+	rm -rf $(VENV) var .pytest_cache dicom_node/web/viewer_dist
