@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import time
 from pathlib import Path
 
@@ -149,5 +150,68 @@ def wait_for_ct(page) -> np.ndarray:
 def test_worklist_link_opens_the_study_in_ohif_and_the_ct_renders(page, site):
     open_from_worklist(page, site)
     img = wait_for_ct(page)
+    skip_tour(page)
+    page.wait_for_timeout(1000)
     shot(page, "viewer-ct")
     assert img.shape[0] > 300 and img.shape[1] > 300
+
+
+def skip_tour(page) -> None:
+    skip = page.get_by_text("Skip all")
+    if skip.count():
+        skip.first.click()
+
+
+def open_series(page, modality: str) -> None:
+    """Double-click the study browser's entry of the SR or SEG series (OHIF loads it into the
+    active viewport)."""
+    entry = page.locator("[data-cy='study-browser-thumbnail-no-image'], [data-cy='study-browser-thumbnail']").filter(
+        has_text=modality)
+    assert entry.count() >= 1, f"no {modality} series in OHIF's study browser"
+    entry.first.dblclick()
+
+
+def coloured(img: np.ndarray, hex_colour: str, tol: int = 60) -> int:
+    """How many pixels are near ``hex_colour`` (the SEG's recommended display colour, blended)."""
+    rgb = np.array([int(hex_colour[i:i + 2], 16) for i in (1, 3, 5)])
+    return int((np.abs(img - rgb).sum(axis=2) < tol).sum())
+
+
+def test_seg_segment_is_listed_and_drawn(page, site):
+    from dicom_node.results.common import segment_colour
+
+    colour = segment_colour(1)[1]
+    open_from_worklist(page, site)
+    wait_for_ct(page)
+    skip_tour(page)
+    open_series(page, "SEG")
+    page.get_by_role("button", name="Yes").first.click()  # "Do you want to open this Segmentation?"
+    page.wait_for_timeout(3000)
+    page.mouse.click(1348, 100)  # the right side panel: segmentation
+    page.get_by_text("Nodule 1").first.wait_for()  # the segment in OHIF's segmentation panel
+    page.wait_for_timeout(2000)
+    img = pixels(page, "[data-cy='viewport-pane'], .viewport-wrapper, canvas")
+    shot(page, "viewer-seg")
+    assert coloured(img, colour) > 30, f"the segment ({colour}) is not drawn on the viewport"
+
+
+def test_sr_measurement_is_listed(page, site):
+    """OHIF's SR viewport draws the key-slice ellipse (SCOORD ELLIPSE, axis-aligned) and lists
+    the nodule's measurements beside it. (They are not *tracked* measurements: the SR's tracking
+    identifiers are "Nodule <n>", not OHIF's "Cornerstone3DTools@^0.1.0:<tool>" convention, so
+    OHIF marks the series as not hydratable; docs/viewing/viewer.md.)"""
+    open_from_worklist(page, site)
+    wait_for_ct(page)
+    skip_tour(page)
+    open_series(page, "SR")
+    page.get_by_text("Diameter:").first.wait_for()
+    page.wait_for_timeout(1500)
+    text = page.locator("body").inner_text()
+    assert re.search(r"Diameter: 14(\.0+)? mm", text), text[-800:]
+    assert "Volume:" in text and "Probability of cancer: 0.8" in text and "Long axis:" in text
+    img = pixels(page, "[data-cy='viewport-pane'], .viewport-wrapper, canvas")
+    assert coloured(img, "#00FF00", tol=120) > 30, "the SR's ellipse is not drawn"
+    assert not [m for m in page.console_log if "NOT YET SUPPORTED" in m]
+    page.mouse.click(1348, 133)  # the measurements panel beside it, for the screenshot
+    page.wait_for_timeout(1000)
+    shot(page, "viewer-sr")
