@@ -17,6 +17,7 @@ this keeps the rule simple). Without an install, every path answers 503 with the
 from __future__ import annotations
 
 import json
+import logging
 import mimetypes
 from urllib.parse import urlencode
 
@@ -27,6 +28,7 @@ from dicom_node.web import viewer_install
 from dicom_node.web.deps import DB, LoginRequired, PageForbidden, api_user, session_user
 from storage.models import Role
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 READERS = (Role.ADMIN, Role.RADIOLOGIST)
 mimetypes.add_type("application/wasm", ".wasm")
@@ -147,6 +149,8 @@ def install_csp(app) -> None:  # noqa: ANN001
     index = viewer_install.viewer_dir() / "index.html"
     if index.is_file():
         hashes = inline_script_hashes(index.read_text())
+    if viewer_install.installed() is None:
+        log.warning("%s /viewer answers 503 until then", viewer_install.missing_message())
     app.state.csp.relax(viewer_install.PUBLIC_PATH.rstrip("/"),
                         script_src=["'unsafe-eval'", "'wasm-unsafe-eval'", "blob:", *hashes],
                         worker_src=["'self'", "blob:"],
