@@ -1,7 +1,7 @@
 """routing: rules, decisions, return_to, priorities, forwarded originals
 
 Revision ID: 0007
-Revises: 0002
+Revises: 0009
 
 ``routing_rules``: the rules (``dicom_node.routing``), in ``position`` order.
 ``routing_decisions``: what routing decided for each series, and why.
@@ -15,7 +15,7 @@ import sqlalchemy as sa
 
 
 revision = '0007'
-down_revision = '0002'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 
