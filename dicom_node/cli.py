@@ -15,6 +15,7 @@ import sys
 COMMANDS = ["stages", "web", "network", "admin", "user", "predict", "train", "evaluate"]
 COMMANDS += ["backup", "retention"]  # operations (issue 11)
 COMMANDS += ["viewer"]  # the OHIF viewer (issue 10)
+COMMANDS += ["rules"]  # routing rules (issue 9)
 
 
 def configure_logging(verbose: int = 0) -> None:

@@ -14,6 +14,8 @@ from typing import Literal
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
+from dicom_node.routing.rules import Rule
+
 OUTPUTS = ("sr", "seg", "sc")
 
 
@@ -164,8 +166,15 @@ class SourceEntry(BaseModel):
     ae_title: str
     host: str | None = None
     description: str | None = None
+    #: The destination(s) "sender" means for this source (routing); a string or a list of names.
+    return_to: list[str] = []
 
     _ae = field_validator("ae_title")(check_ae_title)
+
+    @field_validator("return_to", mode="before")
+    @classmethod
+    def _one_or_many(cls, value):
+        return [value] if isinstance(value, str) else value
 
 
 class DestinationEntry(BaseModel):
@@ -231,12 +240,27 @@ class Settings(BaseSettings):
     retention: RetentionSection = RetentionSection()
     sources: list[SourceEntry] = []
     destinations: list[DestinationEntry] = []
+    #: Routing rules (``dicom_node.routing.rules.Rule``): seed the database while it holds none.
+    rules: list[Rule] = []
 
     @model_validator(mode="after")
     def _unique(self) -> Settings:
         names = [d.name for d in self.destinations]
         if len(names) != len(set(names)):
             raise ValueError(f"destination names must be unique, got {names}")
+        rules = [r.name for r in self.rules]
+        if len(rules) != len(set(rules)):
+            raise ValueError(f"rule names must be unique, got {rules}")
+        known = set(names) | {"sender"}
+        for src in self.sources:
+            unknown = [n for n in src.return_to if n not in names]
+            if unknown:
+                raise ValueError(f"source {src.ae_title}: return_to names unknown destination(s) {unknown}")
+        for rule in self.rules:
+            unknown = [n for n in rule.destinations if n not in known]
+            if unknown:
+                raise ValueError(f"rule {rule.name}: unknown destination(s) {unknown}; "
+                                 f"[[destinations]] names {names} or \"sender\"")
         return self
 
     @classmethod

@@ -1,6 +1,7 @@
 """dispatch: send results to destinations with C-STORE.
 
-Contract: claims due transfers (one job's objects to one destination) with a lease, sends the
+Contract: claims due transfers (one job's objects, or one series' forwarded originals, to one
+destination), urgent ones first (``Transfer.priority``), with a lease, sends the
 objects not yet acknowledged on one association, and records each SOP Instance UID the peer
 acknowledged with Success or a Warning. A transfer is SENT only when every object was
 acknowledged. Transient failures (connection refused, timeout, abort, rejected-transient) are
@@ -23,7 +24,7 @@ from sqlalchemy import select
 from dicom_node import scu
 from dicom_node.node import Node
 from storage import repo
-from storage.models import AssociationResult, Destination, ResultObject, Transfer, TransferState, utcnow
+from storage.models import AssociationResult, Destination, Instance, ResultObject, Transfer, TransferState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,15 @@ def dispatch_once(node: Node, worker_id: str) -> bool:
             return False
         dest: Destination = t.destination
         dest_info = (dest.name, dest.ae_title, dest.host, dest.port)
-        objects = s.scalars(select(ResultObject).where(ResultObject.id.in_(t.result_object_ids))).all()
-        paths = [node.store.path(o.path) for o in objects]
+        if t.kind == "originals":  # forwarded received instances, as stored
+            rels = s.scalars(select(Instance.path).where(Instance.id.in_(t.instance_ids or []))
+                             .order_by(Instance.instance_number, Instance.id)).all()
+            if len(rels) < len(t.instance_ids or []):
+                log.warning("transfer %d: %d of its instance(s) are no longer stored", t.id,
+                            len(t.instance_ids or []) - len(rels))
+        else:
+            rels = s.scalars(select(ResultObject.path).where(ResultObject.id.in_(t.result_object_ids))).all()
+        paths = [node.store.path(r) for r in rels]
         skip = set(t.sent_sop_instance_uids or [])
         transfer_id, attempt = t.id, t.attempts
         calling_ae = node.effective("node.ae_title", s)

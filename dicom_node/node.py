@@ -53,14 +53,19 @@ class Node:
 
 
 def open_node(settings: Settings, *, seed: bool = True) -> Node:
-    """Create the data folder, open (and migrate) the database, seed sources and destinations."""
+    """Create the data folder, open (and migrate) the database, seed sources, destinations and
+    (while none is stored) routing rules."""
     settings.node.data_dir.mkdir(parents=True, exist_ok=True)
     sessions = open_database(settings.database_url)
     node = Node(settings=settings, sessions=sessions, store=FileStore(settings.node.data_dir))
     if seed:
         with sessions.begin() as s:
             for src in settings.sources:
-                repo.ensure_source(s, src.ae_title, src.host, src.description)
+                repo.ensure_source(s, src.ae_title, src.host, src.description, src.return_to)
             for dst in settings.destinations:
                 repo.ensure_destination(s, dst.name, dst.ae_title, dst.host, dst.port, dst.outputs, dst.tls)
+            from dicom_node.routing.store import seed_rules
+
+            if seed_rules(s, settings.rules):  # only while no rule is stored (see routing.store)
+                log.info("routing: %d rule(s) seeded from the configuration", len(settings.rules))
     return node

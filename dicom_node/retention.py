@@ -42,6 +42,7 @@ from storage.models import (
     Job,
     JobState,
     ResultObject,
+    RoutingDecision,
     Series,
     Study,
     Transfer,
@@ -219,7 +220,10 @@ def delete_study(s: Session, study_id: int, reason: str, actor: str = ACTOR) -> 
     paths += list(s.scalars(select(ResultObject.path).where(ResultObject.job_id.in_(job_ids))))
     paths += _prerendered(s, job_ids)
     paths = list(dict.fromkeys(paths))  # a result is indexed as an instance too: one path, once
-    s.execute(delete(Transfer).where(Transfer.job_id.in_(job_ids)).execution_options(synchronize_session=False))
+    s.execute(delete(Transfer).where(or_(Transfer.job_id.in_(job_ids), Transfer.series_id.in_(series_ids)))
+              .execution_options(synchronize_session=False))  # results, and forwarded originals
+    s.execute(delete(RoutingDecision).where(RoutingDecision.series_id.in_(series_ids))
+              .execution_options(synchronize_session=False))
     s.execute(delete(FindingRow).where(or_(FindingRow.study_id == study_id, FindingRow.job_id.in_(job_ids)))
               .execution_options(synchronize_session=False))
     s.execute(delete(ResultObject).where(ResultObject.job_id.in_(job_ids)).execution_options(synchronize_session=False))

@@ -3,7 +3,7 @@
 Contract: claims one job at a time with a lease that a heartbeat thread renews; loads the series
 into a volume in HU with its patient geometry; calls the Predictor; builds the TID 1500 SR and the
 SEG (and key images where a destination wants them); writes them to the file store; then, in one
-transaction, records findings and result objects, queues one transfer per enabled destination,
+transaction, records findings and result objects, queues one transfer per destination routing chose (``Job.routing``),
 and marks the job done. A worker killed mid-job leaves the lease to expire and the job is claimed
 again (by this or another worker); nothing of a half-finished attempt is visible in the database.
 A series that cannot be read as a volume fails at once (retrying cannot help); other errors are
@@ -33,10 +33,11 @@ from sqlalchemy import select
 
 from dicom_node import ingest
 from dicom_node.node import Node
+from dicom_node.routing.apply import result_targets
 from dicom_node.scheduler import refresh_study_status
 from dicom_node.volume import VolumeError, load_series
 from storage import repo
-from storage.models import Destination, FindingRow, Job, JobState, ResultObject, Transfer, TransferState, utcnow
+from storage.models import FindingRow, Job, JobState, ResultObject, Transfer, TransferState, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -205,8 +206,7 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
     findings = predictor(volume.array, volume.spacing, volume.origin, volume.direction)
     t2 = time.monotonic()
     with node.sessions() as s:
-        destinations = s.scalars(select(Destination).where(Destination.enabled.is_(True))).all()
-        want_sc = any("sc" in d.outputs for d in destinations)
+        want_sc = any("sc" in outputs for _, outputs in result_targets(s, s.get(Job, job_id)))
     results = build_results(volume, findings, algorithm_name=ALGORITHM_NAME, algorithm_version=weights_version,
                             want_key_images=want_sc, uid_seed=uid_seed)
     objects = [("sr", results.sr)] + ([("seg", results.seg)] if results.seg is not None else [])
@@ -246,11 +246,12 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
             # Indexed like a received instance (its own result series of the study, never
             # analysed), so DICOMweb (QIDO-RS, WADO-RS) and the viewer find the results.
             repo.index_instance(s, meta, rel, size, sha, None, None)
-        for dest in s.scalars(select(Destination).where(Destination.enabled.is_(True))).all():
-            ids = [r.id for k in dest.outputs for r in rows.get(k, [])]
+        for dest_id, outputs in result_targets(s, job):  # routed destinations (all enabled for older jobs)
+            ids = [r.id for k in outputs for r in rows.get(k, [])]
             if ids:
-                s.add(Transfer(job=job, destination_id=dest.id, result_object_ids=ids, sent_sop_instance_uids=[],
-                               state=TransferState.PENDING, next_attempt_at=utcnow()))
+                s.add(Transfer(job=job, destination_id=dest_id, result_object_ids=ids, sent_sop_instance_uids=[],
+                               state=TransferState.PENDING, next_attempt_at=utcnow(), priority=job.priority or 0,
+                               series_id=job.series_id))
         job.state = JobState.DONE
         job.error = None
         job.finished_at = utcnow()

@@ -65,6 +65,8 @@ class StudyStatus(str, enum.Enum):
     PROCESSING = "processing"
     DONE = "done"
     NOT_ELIGIBLE = "not_eligible"
+    #: Routing decided no analysis (forwarded only, discarded, or no rule matched): see status_reason.
+    NOT_ANALYSED = "not_analysed"
     FAILED = "failed"
 
 
@@ -137,6 +139,12 @@ class Series(Base):
     eligibility_reason: Mapped[str | None] = mapped_column(Text)
     # Our own results (SR/SEG we produced and may be sent back) are never analysed.
     is_result: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: The latest routing decision (``dicom_node.routing``): whether analysis was decided (None:
+    #: not decided yet, or decided before routing existed), and its one-line summary with reasons.
+    route_analyse: Mapped[bool | None] = mapped_column(Boolean)
+    route_summary: Mapped[str | None] = mapped_column(Text)
+    #: Discard decided while other actions still need the instances: deleted once they are done.
+    discard_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
@@ -175,6 +183,11 @@ class Job(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
     kind: Mapped[str] = mapped_column(String(32), default="infer")
+    #: Higher first (``dicom_node.routing.PRIORITIES``: urgent 10, routine 0); claims order by it.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0", index=True)
+    #: Where the results go, decided by routing: ``{"destinations": {"<destination id>": [outputs]},
+    #: "rules": [names]}``; None (jobs from before routing): every enabled destination, its outputs.
+    routing: Mapped[dict | None] = mapped_column(JSON)
     idempotency_key: Mapped[str] = mapped_column(String(128), unique=True)
     state: Mapped[JobState] = mapped_column(_enum(JobState), default=JobState.PENDING, index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -258,7 +271,8 @@ class ResultObject(Base):
 
 
 class Transfer(Base):
-    """The results of one job to one destination.
+    """The results of one job to one destination, or (``kind`` "originals") received instances of
+    one series forwarded to one destination (``instance_ids``, no job).
 
     ``sent_sop_instance_uids`` lists the objects the peer acknowledged with Success (or a
     warning); a retry sends only the rest. ``state`` is SENT only when all were acknowledged.
@@ -269,6 +283,12 @@ class Transfer(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), index=True)
     destination_id: Mapped[int] = mapped_column(ForeignKey("destinations.id", ondelete="CASCADE"), index=True)
+    kind: Mapped[str] = mapped_column(String(16), default="results", server_default="results")
+    series_id: Mapped[int | None] = mapped_column(
+        ForeignKey("series.id", ondelete="CASCADE", name="fk_transfers_series_id_series"), index=True)
+    instance_ids: Mapped[list | None] = mapped_column(JSON)  # kind "originals": Instance ids
+    #: Higher first, like ``Job.priority``.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0", index=True)
     result_object_ids: Mapped[list] = mapped_column(JSON, default=list)
     sent_sop_instance_uids: Mapped[list] = mapped_column(JSON, default=list)
     state: Mapped[TransferState] = mapped_column(_enum(TransferState), default=TransferState.PENDING, index=True)
@@ -282,6 +302,7 @@ class Transfer(Base):
 
     destination: Mapped[Destination] = relationship()
     job: Mapped[Job | None] = relationship()
+    series: Mapped[Series | None] = relationship()
 
 
 class Source(Base):
@@ -294,6 +315,8 @@ class Source(Base):
     host: Mapped[str | None] = mapped_column(String(255))
     description: Mapped[str | None] = mapped_column(String(255))
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    #: Destination names that "sender" means for this source (routing); empty: every destination.
+    return_to: Mapped[list | None] = mapped_column(JSON, default=list)
 
 
 class Destination(Base):
@@ -362,6 +385,38 @@ class AuditEvent(Base):
     target: Mapped[str | None] = mapped_column(String(255))
     detail: Mapped[dict | None] = mapped_column(JSON)
 
+
+class RoutingRule(Base):
+    """One routing rule (``dicom_node.routing.rules.Rule``), evaluated in ``position`` order.
+
+    ``definition`` holds the rule's fields except name, position and enabled, as the API
+    writes them (match, actions, destinations, outputs, level, quiet_seconds, priority, ...).
+    """
+
+    __tablename__ = "routing_rules"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    position: Mapped[int] = mapped_column(Integer, index=True)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    definition: Mapped[dict] = mapped_column(JSON)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, onupdate=utcnow)
+
+
+class RoutingDecision(Base):
+    """What routing decided for a series, and why (every rule's result), when."""
+
+    __tablename__ = "routing_decisions"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    series_id: Mapped[int] = mapped_column(ForeignKey("series.id", ondelete="CASCADE"), index=True)
+    decided_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    matched: Mapped[list] = mapped_column(JSON, default=list)  # rule names
+    actions: Mapped[list] = mapped_column(JSON, default=list)
+    destinations: Mapped[list] = mapped_column(JSON, default=list)  # destination names
+    summary: Mapped[str] = mapped_column(Text)
+    detail: Mapped[dict] = mapped_column(JSON)  # per rule: matched, failed conditions
 
 
 class WebSession(Base):

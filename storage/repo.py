@@ -65,10 +65,12 @@ def source_allows(s: Session, calling_ae: str, peer_host: str | None) -> str | N
     return None
 
 
-def ensure_source(s: Session, ae_title: str, host: str | None = None, description: str | None = None) -> Source:
+def ensure_source(s: Session, ae_title: str, host: str | None = None, description: str | None = None,
+                  return_to: list[str] | None = None) -> Source:
     row = s.scalar(select(Source).where(Source.ae_title == ae_title))
     if row is None:
-        row = Source(ae_title=ae_title, host=host, description=description, enabled=True)
+        row = Source(ae_title=ae_title, host=host, description=description, enabled=True,
+                     return_to=list(return_to or []))
         s.add(row)
     return row
 
@@ -277,7 +279,7 @@ def audit(s: Session, actor: str, action: str, target: str | None = None, detail
 
 def _claim(s: Session, model, ready, worker_id: str, lease_seconds: float, extra_values: dict):
     now = utcnow()
-    sub = select(model.id).where(ready(now)).order_by(model.id).limit(1)
+    sub = select(model.id).where(ready(now)).order_by(model.priority.desc(), model.id).limit(1)
     if s.bind.dialect.name == "postgresql":
         sub = sub.with_for_update(skip_locked=True)
     stmt = (
@@ -304,7 +306,8 @@ def _transfer_ready(now: datetime):
 
 
 def claim_job(s: Session, worker_id: str, lease_seconds: float) -> Job | None:
-    """Claim the oldest pending job, or a running one whose lease expired (its worker died).
+    """Claim the most urgent (``Job.priority``), then oldest, pending job, or a running one whose
+    lease expired (its worker died).
 
     Attempts are charged only for the job's own failures: claiming a pending job starts a new
     attempt (``attempts + 1``); reclaiming a running job whose lease expired does not (the
@@ -332,7 +335,8 @@ def release_job(s: Session, job_id: int, worker_id: str, reason: str) -> bool:
 
 
 def claim_transfer(s: Session, worker_id: str, lease_seconds: float) -> Transfer | None:
-    """Claim a due transfer whose destination is enabled, or one whose sender died."""
+    """Claim a due transfer whose destination is enabled (most urgent, then oldest), or one whose
+    sender died."""
     return _claim(s, Transfer, _transfer_ready, worker_id, lease_seconds,
                   {"state": TransferState.SENDING, "attempts": Transfer.attempts + 1})
 

@@ -17,6 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     a.add_argument("ae_title")
     a.add_argument("--host", help="only from this host (IP address as seen by the node)")
     a.add_argument("--description")
+    a.add_argument("--return-to", default="", metavar="NAMES",
+                   help='comma-separated destination names that "sender" means for this source (routing)')
     r = ss.add_parser("remove", help="remove a source")
     r.add_argument("ae_title")
     ss.add_parser("list", help="list sources")
@@ -68,7 +70,7 @@ def run_source(args) -> int:
 
     from dicom_node.config import check_ae_title
     from storage import repo
-    from storage.models import Source
+    from storage.models import Destination, Source
 
     node = _node(args)
     with node.sessions.begin() as s:
@@ -78,9 +80,15 @@ def run_source(args) -> int:
             except ValueError as exc:
                 print(f"dicom-node: {exc}", file=sys.stderr)
                 return 2
+            return_to = [n.strip() for n in args.return_to.split(",") if n.strip()]
+            known = set(s.scalars(select(Destination.name)))
+            if [n for n in return_to if n not in known]:
+                print(f"dicom-node: --return-to names unknown destination(s) {[n for n in return_to if n not in known]}; "
+                      f"known: {sorted(known) or 'none'}", file=sys.stderr)
+                return 2
             row = repo.ensure_source(s, ae)
-            row.host, row.description, row.enabled = args.host, args.description, True
-            repo.audit(s, "cli", "source.add", ae, {"host": args.host})
+            row.host, row.description, row.enabled, row.return_to = args.host, args.description, True, return_to
+            repo.audit(s, "cli", "source.add", ae, {"host": args.host, "return_to": return_to})
             print(f"source {ae} added")
         elif args.action == "remove":
             row = s.scalar(select(Source).where(Source.ae_title == args.ae_title))
@@ -92,7 +100,9 @@ def run_source(args) -> int:
             print(f"source {args.ae_title} removed")
         else:
             for row in s.scalars(select(Source).order_by(Source.ae_title)):
-                print(f"{row.ae_title:16}  host={row.host or '*':15}  {'enabled' if row.enabled else 'disabled'}  {row.description or ''}")
+                back = ",".join(row.return_to or []) or "*"
+                print(f"{row.ae_title:16}  host={row.host or '*':15}  return_to={back:12}  "
+                      f"{'enabled' if row.enabled else 'disabled'}  {row.description or ''}")
     return 0
 
 

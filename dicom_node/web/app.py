@@ -131,6 +131,7 @@ def create_app(node: Node) -> FastAPI:
         jobs,
         ops,
         pages,
+        rules,
         settings,
         sources,
         studies,
@@ -138,7 +139,8 @@ def create_app(node: Node) -> FastAPI:
     )
     from dicom_node.web.routes import users as users_routes
 
-    for module in (auth, studies, sources, destinations, transfers, jobs, associations, users_routes, settings, ops):
+    for module in (auth, studies, sources, destinations, rules, transfers, jobs, associations, users_routes, settings,
+                   ops):
         app.include_router(module.router)
     app.include_router(pages.router, include_in_schema=False)
     app.include_router(admin_pages.router, include_in_schema=False)

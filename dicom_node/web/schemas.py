@@ -11,6 +11,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from dicom_node.config import check_ae_title, check_outputs
+from dicom_node.routing.rules import Rule
 
 
 def _blank_to_none(v):
@@ -66,6 +67,7 @@ class SeriesOut(BaseModel):
     eligible: bool | None
     eligibility_reason: str | None
     is_result: bool
+    route_summary: str | None = Field(None, description="the latest routing decision: what happens, and why")
 
 
 class ReviewCounts(BaseModel):
@@ -156,6 +158,8 @@ class TransferOut(BaseModel):
     id: int
     job_id: int | None
     destination: str
+    kind: str = Field("results", description='"results" (a job\'s SR/SEG/key images) or "originals" (forwarded)')
+    priority: int = Field(0, description="higher first (urgent 10, routine 0)")
     state: str
     attempts: int
     next_attempt_at: datetime | None
@@ -183,9 +187,18 @@ class SourceIn(BaseModel):
     host: str | None = Field(None, max_length=255, description="only accept this caller from this host")
     description: str | None = Field(None, max_length=255)
     enabled: bool = True
+    return_to: list[str] = Field([], description='destination names that "sender" means for this source; '
+                                                 "empty: every destination")
 
     _ae = field_validator("ae_title")(check_ae_title)
     _host = field_validator("host", "description", mode="before")(_blank_to_none)
+
+    @field_validator("return_to", mode="before")
+    @classmethod
+    def _names(cls, v):
+        if isinstance(v, str):
+            v = v.split(",")
+        return list(dict.fromkeys(x.strip() for x in (v or []) if isinstance(x, str) and x.strip()))
 
 
 class SourceOut(SourceIn):
@@ -312,3 +325,65 @@ class RuntimeSettings(BaseModel):
     def changes(self) -> dict:
         """Only the keys that were given, by their dotted name."""
         return {k: v for k, v in self.model_dump(by_alias=True, exclude_unset=True).items() if v is not None}
+
+
+# --- routing rules ------------------------------------------------------------------------------
+
+class RuleIn(Rule):
+    """A routing rule as the configuration contract has it (``[[rules]]``), for the API."""
+
+    position: int | None = Field(None, ge=1, description="1-based place in the evaluation order; default: last")
+
+
+class RuleOut(Rule):
+    id: int
+    position: int
+
+
+class RuleOrder(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    names: list[str] = Field(description="every rule's name, in the new evaluation order")
+
+
+class DryRunIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    study_instance_uid: str | None = Field(None, description="a stored study: decide each of its series")
+    attributes: dict | None = Field(None, description='pasted facts, e.g. {"Modality": "CT", "calling_ae": "CT_A"}')
+    rules: list[Rule] | None = Field(None, description="evaluate these instead of the stored rules (unsaved)")
+
+
+class RuleResultOut(BaseModel):
+    name: str
+    matched: bool
+    failed: list[str]
+    passed: list[str]
+    actions: list[str]
+    destinations: list[str]
+
+
+class DecisionOut(BaseModel):
+    series_instance_uid: str | None = None
+    modality: str | None = None
+    series_number: int | None = None
+    instance_count: int | None = None
+    matched: list[str]
+    default: bool
+    actions: list[str]
+    destinations: dict[str, list[str]] = Field(description="destination name -> outputs (sr, seg, sc, originals)")
+    priority: int
+    level: str
+    quiet_seconds: float | None
+    late_arrivals: str
+    notes: list[str]
+    summary: str
+    facts: dict
+    rules: list[RuleResultOut]
+
+
+class DryRunOut(BaseModel):
+    source: Literal["study", "attributes"]
+    study_instance_uid: str | None = None
+    rules: list[str] = Field(description="the rules evaluated, in order (\"default\" when none is stored)")
+    series: list[DecisionOut]

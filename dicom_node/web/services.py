@@ -16,6 +16,7 @@ from sqlalchemy.orm import Session, selectinload
 
 from dicom_node import presentation
 from dicom_node.node import RUNTIME_KEYS, Node
+from dicom_node.routing.apply import result_targets
 from dicom_node.web import schemas
 from storage import repo, users
 from storage.models import (
@@ -49,6 +50,7 @@ STATUS_LABELS = {
     "processing": "Processing",
     "done": "Done",
     "not_eligible": "Not eligible",
+    "not_analysed": "Not analysed",
     "failed": "Failed",
 }
 
@@ -189,7 +191,8 @@ def job_out(job: Job, series: Series | None = None, study_uid: str | None = None
 def transfer_out(t: Transfer, destination_name: str) -> schemas.TransferOut:
     return schemas.TransferOut(
         id=t.id, job_id=t.job_id, destination=destination_name, state=t.state.value, attempts=t.attempts or 0,
-        next_attempt_at=t.next_attempt_at, error=t.error, objects=len(t.result_object_ids or []),
+        next_attempt_at=t.next_attempt_at, error=t.error, kind=t.kind or "results", priority=t.priority or 0,
+        objects=len((t.instance_ids if t.kind == "originals" else t.result_object_ids) or []),
         sent_objects=len(t.sent_sop_instance_uids or []), created_at=t.created_at, sent_at=t.sent_at)
 
 
@@ -338,8 +341,9 @@ def study_detail(s: Session, uid: str) -> schemas.StudyDetail:
     job_ids = [j.id for j in jobs]
     results = list(s.scalars(select(ResultObject).where(ResultObject.job_id.in_(job_ids))
                              .order_by(ResultObject.job_id.desc(), ResultObject.kind))) if job_ids else []
+    mine = or_(Transfer.job_id.in_(job_ids), Transfer.series_id.in_(series_ids))  # results, forwarded originals
     transfers = list(s.execute(select(Transfer, Destination.name).join(Destination, Destination.id == Transfer.destination_id)
-                               .where(Transfer.job_id.in_(job_ids)).order_by(Transfer.id.desc()))) if job_ids else []
+                               .where(mine).order_by(Transfer.id.desc()))) if series_ids else []
     findings = [finding_out(f, se) for f, se in study_findings(s, study)]
     summary.reviews = review_counts(s, [study.id]).get(study.id)
     return schemas.StudyDetail(
@@ -347,7 +351,8 @@ def study_detail(s: Session, uid: str) -> schemas.StudyDetail:
         series=[schemas.SeriesOut(
             series_instance_uid=x.series_instance_uid, modality=x.modality, series_number=x.series_number,
             series_description=x.series_description, instance_count=x.instance_count or 0,
-            eligible=x.eligible, eligibility_reason=x.eligibility_reason, is_result=bool(x.is_result)) for x in series],
+            eligible=x.eligible, eligibility_reason=x.eligibility_reason, is_result=bool(x.is_result),
+            route_summary=x.route_summary) for x in series],
         findings=findings,
         results=[schemas.ResultOut(id=r.id, job_id=r.job_id, kind=r.kind, sop_instance_uid=r.sop_instance_uid,
                                    series_instance_uid=r.series_instance_uid,
@@ -361,7 +366,7 @@ def study_detail(s: Session, uid: str) -> schemas.StudyDetail:
 
 def source_out(row: Source) -> schemas.SourceOut:
     return schemas.SourceOut(id=row.id, ae_title=row.ae_title, host=row.host, description=row.description,
-                             enabled=bool(row.enabled))
+                             enabled=bool(row.enabled), return_to=list(row.return_to or []))
 
 
 def list_sources(s: Session) -> list[Source]:
@@ -375,9 +380,17 @@ def _source(s: Session, ae_title: str) -> Source:
     return row
 
 
+def _check_return_to(s: Session, data: schemas.SourceIn) -> None:
+    known = set(s.scalars(select(Destination.name)))
+    unknown = [n for n in data.return_to if n not in known]
+    if unknown:
+        raise ServiceError(422, f"return_to names unknown destination(s) {unknown}; known: {sorted(known) or 'none'}")
+
+
 def add_source(s: Session, actor: str, data: schemas.SourceIn) -> Source:
     if s.scalar(select(Source).where(Source.ae_title == data.ae_title)) is not None:
         raise ServiceError(409, f"source {data.ae_title!r} already exists")
+    _check_return_to(s, data)
     row = Source(**data.model_dump())
     s.add(row)
     s.flush()
@@ -389,6 +402,7 @@ def update_source(s: Session, actor: str, ae_title: str, data: schemas.SourceIn)
     row = _source(s, ae_title)
     if data.ae_title != ae_title and s.scalar(select(Source).where(Source.ae_title == data.ae_title)) is not None:
         raise ServiceError(409, f"source {data.ae_title!r} already exists")
+    _check_return_to(s, data)
     before = source_out(row).model_dump(exclude={"id"})
     for k, v in data.model_dump().items():
         setattr(row, k, v)
@@ -548,7 +562,8 @@ def rerun_job(s: Session, actor: str, job_id: int) -> Job:
     while s.scalar(select(Job.id).where(Job.idempotency_key == f"{base}:rerun:{n}")) is not None:
         n += 1
     job = Job(series_id=old.series_id, kind=old.kind, idempotency_key=f"{base}:rerun:{n}", state=JobState.PENDING,
-              attempts=0, max_attempts=old.max_attempts or 3)
+              attempts=0, max_attempts=old.max_attempts or 3, priority=old.priority or 0,
+              routing=old.routing)  # the same destinations as routing chose for the original
     s.add(job)
     series = s.get(Series, old.series_id)
     if series is not None:
@@ -568,25 +583,26 @@ def resend_job(s: Session, actor: str, job_id: int, destination_names: list[str]
     if not results:
         raise ServiceError(409, f"job {job_id} has no result objects to send")
     if destination_names:
-        dests = [get_destination(s, n) for n in destination_names]
-    else:
-        dests = list(s.scalars(select(Destination).where(Destination.enabled.is_(True)).order_by(Destination.name)))
+        dests = [(d, list(d.outputs or [])) for d in (get_destination(s, n) for n in destination_names)]
+    else:  # where routing sent the job's results (every enabled destination for jobs from before routing)
+        dests = [(s.get(Destination, dest_id), outputs) for dest_id, outputs in result_targets(s, job)]
     if not dests:
         raise ServiceError(409, "no enabled destination to send to")
     created = []
-    for d in dests:
-        ids = [r.id for r in results if r.kind in (d.outputs or [])]
+    for d, outputs in dests:
+        ids = [r.id for r in results if r.kind in outputs]
         if not ids:
             continue
         t = Transfer(job_id=job.id, destination_id=d.id, result_object_ids=ids, sent_sop_instance_uids=[],
-                     state=TransferState.PENDING, attempts=0, next_attempt_at=utcnow())
+                     state=TransferState.PENDING, attempts=0, next_attempt_at=utcnow(), priority=job.priority or 0,
+                     series_id=job.series_id)
         s.add(t)
         created.append(t)
     if not created:
         raise ServiceError(409, f"none of the destinations takes the outputs of job {job_id}")
     s.flush()
     repo.audit(s, actor, "job.resend", str(job_id), {"transfer_ids": [t.id for t in created],
-                                                      "destinations": [d.name for d in dests]})
+                                                      "destinations": [d.name for d, _ in dests]})
     return created
 
 

@@ -62,6 +62,13 @@ ROLES = {
     ("GET", "/api/settings"): ADM,
     ("PATCH", "/api/settings"): ADM,
     ("GET", "/api/storage"): ADM,
+    ("GET", "/api/rules"): ADM,
+    ("POST", "/api/rules"): ADM,
+    ("POST", "/api/rules/reorder"): ADM,
+    ("POST", "/api/rules/dry-run"): ADM,
+    ("GET", "/api/rules/{name}"): ADM,
+    ("PUT", "/api/rules/{name}"): ADM,
+    ("DELETE", "/api/rules/{name}"): ADM,
 }
 PUBLIC = {("POST", "/api/token")}
 #: Routes that end the caller's own token: called with a fresh one, not the session's.

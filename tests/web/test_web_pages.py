@@ -12,7 +12,7 @@ from storage import repo
 from storage.models import AuditEvent, Source, StudyStatus
 from webtools import ADMIN, RAD, build_node, csrf_of, page_login
 
-ADMIN_PAGES = ["/admin/node", "/admin/sources", "/admin/destinations", "/admin/queues", "/admin/associations",
+ADMIN_PAGES = ["/admin/node", "/admin/sources", "/admin/destinations", "/admin/rules", "/admin/queues", "/admin/associations",
                "/admin/users", "/admin/audit"]
 
 

@@ -6,6 +6,7 @@ same schemas as the API, committed together with its audit event, and the page r
 """
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable
 from typing import Annotated
@@ -15,6 +16,9 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
+from dicom_node.routing import store as rule_store
+from dicom_node.routing.dryrun import dry_run
+from dicom_node.routing.rules import Rule
 from dicom_node.web import schemas, services
 from dicom_node.web.deps import CSRF, DB, NodeDep, PageAdmin, PageNumber, RowId
 from dicom_node.web.services import ServiceError
@@ -102,16 +106,18 @@ def sources_page(request: Request, s: DB, user: PageAdmin, edit: str | None = No
                                                   "sources": [services.source_out(r) for r in rows], "edit": edit})
 
 
-def _source_form(ae_title: str, host: str, description: str, enabled: str | None) -> schemas.SourceIn:
-    return schemas.SourceIn(ae_title=ae_title, host=host, description=description, enabled=bool(enabled))
+def _source_form(ae_title: str, host: str, description: str, enabled: str | None,
+                 return_to: str = "") -> schemas.SourceIn:
+    return schemas.SourceIn(ae_title=ae_title, host=host, description=description, enabled=bool(enabled),
+                            return_to=return_to)
 
 
 @router.post("/sources", dependencies=[CSRF])
 def source_add(request: Request, s: DB, user: PageAdmin, ae_title: Annotated[str, Form()] = "",
                host: Annotated[str, Form()] = "", description: Annotated[str, Form()] = "",
-               enabled: Annotated[str | None, Form()] = None):
+               enabled: Annotated[str | None, Form()] = None, return_to: Annotated[str, Form()] = ""):
     def action() -> str:
-        data = _source_form(ae_title, host, description, enabled)
+        data = _source_form(ae_title, host, description, enabled, return_to)
         services.add_source(s, user.username, data)
         return f"Source {data.ae_title} added; the listener accepts it from now on."
     return _apply(request, s, "/admin/sources", action)
@@ -120,9 +126,9 @@ def source_add(request: Request, s: DB, user: PageAdmin, ae_title: Annotated[str
 @router.post("/sources/{current}/update", dependencies=[CSRF])
 def source_update(request: Request, s: DB, user: PageAdmin, current: str, ae_title: Annotated[str, Form()] = "",
                   host: Annotated[str, Form()] = "", description: Annotated[str, Form()] = "",
-                  enabled: Annotated[str | None, Form()] = None):
+                  enabled: Annotated[str | None, Form()] = None, return_to: Annotated[str, Form()] = ""):
     def action() -> str:
-        data = _source_form(ae_title, host, description, enabled)
+        data = _source_form(ae_title, host, description, enabled, return_to)
         services.update_source(s, user.username, current, data)
         return f"Source {data.ae_title} saved."
     return _apply(request, s, "/admin/sources", action)
@@ -306,3 +312,102 @@ def user_remove(request: Request, s: DB, user: PageAdmin, username: str):
         services.delete_user(s, user.username, username)
         return f"User {username} removed."
     return _apply(request, s, "/admin/users", action)
+
+
+# --- routing rules ----------------------------------------------------------------------------------
+
+RULE_EXAMPLE = ('{"name": "chest-ct", "match": {"Modality": "CT", "BodyPartExamined": "/CHEST|LUNG/"},\n'
+                ' "actions": ["analyse"], "destinations": ["sender"]}')
+
+
+def _rule_from_json(text: str):
+    """A rule from the page's JSON text area (same fields as ``[[rules]]`` and the API)."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ServiceError(422, f"the rule is not valid JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
+    if not isinstance(data, dict):
+        raise ServiceError(422, "the rule must be a JSON object, e.g. " + RULE_EXAMPLE)
+    return Rule.model_validate(data)
+
+
+def _routing(call, *args):
+    try:
+        return call(*args)
+    except rule_store.RoutingError as exc:
+        raise ServiceError(exc.status_code, exc.message) from None
+
+
+def _rules_context(s, user, **extra) -> dict:
+    rows = rule_store.list_rows(s)
+    rules = [(r, rule_store.rule_of(r)) for r in rows]
+    return {"user": user, "nav": "rules", "title": "Routing rules", "example": RULE_EXAMPLE,
+            "rules": [{"row": r, "rule": rule, "json": json.dumps(rule.model_dump(exclude_defaults=True, exclude={"name"})
+                                                                  | {"name": rule.name}, indent=1),
+                       "match": ", ".join(f"{k} = {json.dumps(v)}" for k, v in rule.match.items()) or "every series"}
+                      for r, rule in rules], **extra}
+
+
+@router.get("/rules")
+def rules_page(request: Request, s: DB, user: PageAdmin, edit: str | None = None):
+    return render(request, "admin/rules.html", _rules_context(s, user, edit=edit))
+
+
+@router.post("/rules", dependencies=[CSRF])
+def rule_add(request: Request, s: DB, user: PageAdmin, rule: Annotated[str, Form()] = "",
+             position: Annotated[str, Form()] = ""):
+    def action() -> str:
+        data = _rule_from_json(rule)
+        row = _routing(rule_store.add_rule, s, user.username, data, int(position) if position.strip().isdigit() else None)
+        return f"Rule {data.name} added at position {row.position}; it applies to the next series decided."
+    return _apply(request, s, "/admin/rules", action)
+
+
+@router.post("/rules/{current}/update", dependencies=[CSRF])
+def rule_update(request: Request, s: DB, user: PageAdmin, current: str, rule: Annotated[str, Form()] = ""):
+    def action() -> str:
+        data = _rule_from_json(rule)
+        _routing(rule_store.update_rule, s, user.username, current, data)
+        return f"Rule {data.name} saved; it applies to the next series decided."
+    return _apply(request, s, "/admin/rules", action)
+
+
+@router.post("/rules/{name}/move", dependencies=[CSRF])
+def rule_move(request: Request, s: DB, user: PageAdmin, name: str, position: Annotated[str, Form()] = ""):
+    def action() -> str:
+        if not position.strip().isdigit():
+            raise ServiceError(422, f"position must be a whole number, got {position!r}")
+        _routing(rule_store.move, s, user.username, name, int(position))
+        return f"Rule {name} moved to position {int(position)}."
+    return _apply(request, s, "/admin/rules", action)
+
+
+@router.post("/rules/{name}/remove", dependencies=[CSRF])
+def rule_remove(request: Request, s: DB, user: PageAdmin, name: str):
+    def action() -> str:
+        _routing(rule_store.remove_rule, s, user.username, name)
+        return f"Rule {name} removed."
+    return _apply(request, s, "/admin/rules", action)
+
+
+@router.post("/rules/dry-run", dependencies=[CSRF])
+def rule_dry_run(request: Request, s: DB, node: NodeDep, user: PageAdmin,
+                 study_instance_uid: Annotated[str, Form()] = "", attributes: Annotated[str, Form()] = ""):
+    """Renders the page with the result (nothing changes, so no redirect)."""
+    error, result = None, None
+    try:
+        if study_instance_uid.strip():
+            result = _routing(lambda: dry_run(node, s, study_instance_uid=study_instance_uid.strip()))
+        else:
+            try:
+                attrs = json.loads(attributes or "")
+            except json.JSONDecodeError as exc:
+                raise ServiceError(422, f"the attributes are not valid JSON: {exc.msg}") from None
+            if not isinstance(attrs, dict):
+                raise ServiceError(422, 'the attributes must be a JSON object, e.g. {"Modality": "CT"}')
+            result = _routing(lambda: dry_run(node, s, attributes=attrs))
+    except ServiceError as exc:
+        error = exc.message
+    return render(request, "admin/rules.html", _rules_context(
+        s, user, dry_run=result, dry_run_error=error, dry_study=study_instance_uid, dry_attributes=attributes),
+        status_code=200 if error is None else 422)

@@ -19,7 +19,7 @@ router = APIRouter(prefix="/api", tags=["studies"])
             summary="Worklist: studies with AI status and findings, most suspicious first")
 def list_studies(
     s: DB, user: AnyUser,
-    status: Annotated[str | None, Query(description="received, waiting, processing, done, not_eligible, failed")] = None,
+    status: Annotated[str | None, Query(description="received, waiting, processing, done, not_eligible, not_analysed, failed")] = None,
     date_from: Annotated[date | None, Query(description="study date from (YYYY-MM-DD)")] = None,
     date_to: Annotated[date | None, Query(description="study date to (YYYY-MM-DD), inclusive")] = None,
     modality: Annotated[str | None, Query(description="e.g. CT")] = None,
