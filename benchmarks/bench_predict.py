@@ -240,7 +240,7 @@ def child_monai_retinanet(threads: int, roi: list[int]) -> dict:
 
 
 def child_stages(reference: bool, threads: str) -> dict:
-    """One in-process ``predict_image`` (after one warm-up call): per-stage wall and CPU
+    """One in-process ``predict_image``: per-stage wall and CPU
     seconds and the candidate counts of the refinement pass."""
     sys.path.insert(0, str(ROOT))
     from model.data import read_image
@@ -248,7 +248,6 @@ def child_stages(reference: bool, threads: str) -> dict:
 
     image = read_image(LIDC)
     p = Predictor(threads=threads, optimise=not reference)
-    p.predict_image(image)
     p.predict_image(image)
     return {"mode": "reference" if reference else "optimised", "runtime": p.runtime, "threads": p.threads,
             "detect_bf16": getattr(p, "detect_bf16", False),

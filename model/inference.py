@@ -113,7 +113,7 @@ class Predictor:
     max_candidates = 30
     tta = True  # flip averaging in the refinement pass (score, malignancy, size, mask)
     # no flip averaging for a candidate whose unflipped score is below threshold - skip_margin
-    # (measured: flip averaging moves a score by at most 0.049; None: never skip)
+    # (flip averaging moved a candidate's score by at most SKIP_MARGIN_MEASURED; None: never skip)
     skip_margin = 0.1
 
     def __init__(self, weights: str | Path | None = None, *, threshold: float | None = None, device: str = "cpu",
@@ -204,7 +204,7 @@ class Predictor:
         """Convenience wrapper for a ``SimpleITK.Image`` (any pixel type, HU values)."""
         import SimpleITK as sitk
 
-        arr = sitk.GetArrayFromImage(image)
+        arr = sitk.GetArrayViewFromImage(image)  # no copy (peak memory); valid while ``image`` lives
         return self(arr, tuple(image.GetSpacing()[::-1]), tuple(image.GetOrigin()), np.array(image.GetDirection()).reshape(3, 3))
 
     def describe(self, volume: np.ndarray, center_voxel, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0),

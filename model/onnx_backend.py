@@ -124,6 +124,9 @@ def open_runtime(net, weights_path: Path, threads: int) -> OnnxNet | None:
         so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         so.log_severity_level = 3
+        # no busy-waiting between operators: on a host shared with other work (or other
+        # workers) spinning threads burn the cores the others need
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         sessions = {m: ort.InferenceSession(export(net, weights_path, m), so, providers=["CPUExecutionProvider"])
                     for m in (True, False)}
     except Exception as exc:  # noqa: BLE001 - any exporter/runtime failure means: keep torch

@@ -94,6 +94,7 @@ def run(args) -> int:
             _emit({"input": raw, "error": str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)})
             status = 1
             continue
+        image = _as_int16(image)
         findings = predictor.predict_image(image)
         seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
         if args.masks:
@@ -102,6 +103,17 @@ def run(args) -> int:
                "cpu_seconds": round(cpu_seconds, 2)})
     bar.close()
     return status
+
+
+def _as_int16(image):
+    """A wider integer image (GDCM gives 32-bit after rescaling DICOM to HU) as int16, values
+    clamped to its range: half the memory, and the resampling works in int16 anyway."""
+    import SimpleITK as sitk
+
+    if image.GetPixelID() not in (sitk.sitkInt32, sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64, sitk.sitkUInt16):
+        return image
+    return sitk.Cast(sitk.Clamp(image, sitk.sitkInt32 if image.GetPixelID() != sitk.sitkInt64 else sitk.sitkInt64,
+                                -32768, 32767), sitk.sitkInt16)
 
 
 def _emit(obj: dict) -> None:

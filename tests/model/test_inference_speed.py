@@ -143,7 +143,7 @@ def test_skip_margin_covers_the_flip_averaging_shift(predictor, phantom):
     p = Predictor(threads=2)
     p.skip_margin, p.threshold, p.record_scores = None, 0.0, []
     p(phantom.hu, (1.0, 1.0, 1.0))
-    assert len(p.record_scores) >= 10
+    assert len(p.record_scores) >= 5
     shift = max(m - u for u, m in p.record_scores)
     assert shift < Predictor.skip_margin
 
