@@ -256,6 +256,49 @@ def child_stages(reference: bool, threads: str) -> dict:
             "peak_rss_mb": round(_peak_mb(), 1)}
 
 
+def skip_margin_study(n_cubes: int = 55, phantoms: int = 3) -> dict:
+    """Every candidate flip-averaged (no skip) on LIDC-IDRI-0001 as is and mirrored in x,
+    ``phantoms`` phantoms and ``n_cubes`` validation cubes: how far flip averaging moves a
+    candidate's score (flip-averaged minus unflipped, at the refined centre), and whether the
+    findings with the skip equal those without (centre, score, malignancy to 1e-6)."""
+    import numpy as np
+    import SimpleITK as sitk
+
+    sys.path.insert(0, str(ROOT))
+    from model import data as D
+    from model.inference import Predictor
+    from model.phantom import make_phantom
+
+    p = Predictor(threads=1)
+    margin = p.skip_margin
+    img = D.read_image(D.LIDC_0001)
+    arr, sp = sitk.GetArrayFromImage(img), tuple(img.GetSpacing()[::-1])
+    inputs = [("lidc", arr, sp), ("lidc-mirror-x", np.ascontiguousarray(arr[:, :, ::-1]), sp)]
+    inputs += [(f"phantom{s}", make_phantom(seed=s, n_nodules=6).hu, (1.0, 1.0, 1.0)) for s in range(phantoms)]
+    cubes = D.load_cubes()
+    val = D.split_by_series([c.seriesuid for c in cubes])
+    inputs += [(f"cube {c.seriesuid[-8:]}", c.image, (1.0, 1.0, 1.0)) for c in cubes if c.seriesuid in val][:n_cubes]
+    pairs, mismatch, n_findings = [], [], 0
+    t = time.perf_counter()
+    for name, vol, spacing in inputs:
+        p.skip_margin, p.record_scores = None, []
+        full = p(vol, spacing)
+        pairs += p.record_scores
+        p.skip_margin, p.record_scores = margin, None
+        fast = p(vol, spacing)
+        n_findings += len(full)
+        same = len(full) == len(fast) and all(
+            np.linalg.norm(np.subtract(a.center_mm, b.center_mm)) <= 1e-6 and abs(a.score - b.score) <= 1e-6
+            and abs(a.malignancy - b.malignancy) <= 1e-6 for a, b in zip(full, fast))
+        if not same:
+            mismatch.append(name)
+    d = np.array([m - u for u, m in pairs])
+    return {"skip_margin": margin, "threshold": p.threshold, "inputs": len(inputs), "candidates": int(d.size),
+            "findings": n_findings, "max_increase": round(float(d.max()), 4), "max_abs_change": round(float(np.abs(d).max()), 4),
+            "p99_abs_change": round(float(np.quantile(np.abs(d), 0.99)), 4), "inputs_with_other_findings": mismatch,
+            "seconds": round(time.perf_counter() - t, 1)}
+
+
 def _spawn_child(args: list[str], timeout: float) -> dict:
     m = measure([sys.executable, __file__, *args], timeout=timeout)
     if m["rc"] != 0:
@@ -308,11 +351,14 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=2, help="timed runs of before and of after (alternating)")
     ap.add_argument("--threads", default="2", help="--threads for predict (default: %(default)s; 'auto' allowed)")
     ap.add_argument("--before-rev", default=None, help="git revision whose predict is 'before' (default: --reference of this tree)")
+    ap.add_argument("--peer", dest="peer", action="store_true", default=True, help="run the MONAI RetinaNet peer (default)")
     ap.add_argument("--no-peer", dest="peer", action="store_false", help="skip the MONAI RetinaNet peer")
     ap.add_argument("--no-stages", dest="stages", action="store_false", help="skip the per-stage breakdown")
     ap.add_argument("--peer-roi", type=int, nargs=3, default=[192, 192, 96])
     ap.add_argument("--peer-timeout", type=float, default=900)
     ap.add_argument("--json", default=str(DEFAULT_JSON), help="write the results here (default: %(default)s)")
+    ap.add_argument("--skip-margin-study", action="store_true",
+                    help="only measure how far flip averaging moves candidate scores (minutes; 1 thread) and print it")
     ap.add_argument("--child", choices=["monai", "stages"], help=argparse.SUPPRESS)
     ap.add_argument("--reference", action="store_true", help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
@@ -321,6 +367,9 @@ def main(argv=None) -> int:
         return 0
     if a.child == "stages":
         print(json.dumps(child_stages(a.reference, a.threads)))
+        return 0
+    if a.skip_margin_study:
+        print(json.dumps(skip_margin_study(), indent=2))
         return 0
     if not LIDC.is_dir():
         print(f"bench_predict: LIDC-IDRI-0001 not found at {LIDC} (shared data absent); nothing to measure", file=sys.stderr)
