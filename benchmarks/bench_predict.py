@@ -56,13 +56,13 @@ def _load() -> list[float]:
     return [round(v, 2) for v in os.getloadavg()]
 
 
-def measure(cmd: list[str], env: dict | None = None, timeout: float = 1800) -> dict:
+def measure(cmd: list[str], env: dict | None = None, timeout: float = 1800, cwd: Path = ROOT) -> dict:
     """Run ``cmd``; its wall seconds, CPU seconds (user + system of the child and everything it
     waited for) and peak RSS (MB) from ``os.wait4``, its stdout, the load average around it."""
     load0 = _load()
     t = time.perf_counter()
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=ROOT, env=env, text=True)
+        p = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, env=env, text=True)
         deadline = time.monotonic() + timeout
         while True:
             pid, status, ru = os.wait4(p.pid, os.WNOHANG)
@@ -87,8 +87,8 @@ def _predict_cmd(threads: str, extra: list[str]) -> list[str]:
     return [sys.executable, "-m", "dicom_node.cli", "predict", str(LIDC), "--json", "--threads", str(threads), *extra]
 
 
-def _predict_run(cmd, env) -> dict:
-    m = measure(cmd, env)
+def _predict_run(cmd, env, cwd: Path = ROOT) -> dict:
+    m = measure(cmd, env, cwd=cwd)
     lines = [json.loads(x) for x in m.pop("stdout").splitlines() if x.startswith("{")]
     m["result"] = lines[-1] if lines else None
     return m
@@ -392,7 +392,8 @@ def main(argv=None) -> int:
         res["first_run"] = {k: first[k] for k in ("rc", "wall_s", "cpu_s", "peak_rss_mb")}
         before, after = [], []
         for i in range(a.repeat):
-            before.append(_predict_run(cmd_before, env_before))
+            # ``python -m`` puts the working folder first on sys.path: run "before" from its tree
+            before.append(_predict_run(cmd_before, env_before, cwd=before_tree or ROOT))
             print(f"before {i + 1}/{a.repeat}: {before[-1]['wall_s']} s, {before[-1]['cpu_s']} CPU s, load {_load()}", file=sys.stderr)
             after.append(_predict_run(cmd_after, env_after))
             print(f"after {i + 1}/{a.repeat}: {after[-1]['wall_s']} s, {after[-1]['cpu_s']} CPU s, load {_load()}", file=sys.stderr)
