@@ -31,6 +31,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from dicom_node import ingest
 from dicom_node.node import Node
 from dicom_node.scheduler import refresh_study_status
 from dicom_node.volume import VolumeError, load_series
@@ -214,8 +215,9 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
     written = []
     for kind, ds in objects:
         rel = node.store.result_relpath(job_id, kind, ds.SOPInstanceUID)
-        node.store.write_atomic(rel, _encode(ds))
-        written.append((kind, ds, rel))
+        data = _encode(ds)
+        size, sha = node.store.write_atomic(rel, data)
+        written.append((kind, ds, rel, ingest.read_meta(data, None, None), size, sha))
     t3 = time.monotonic()
     if beat.lost:
         raise RuntimeError("lease lost while processing; another worker owns the job now")
@@ -226,19 +228,24 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
         study = job.series.study
         for n, f in enumerate(findings, start=1):
             s.add(FindingRow(job=job, study_id=study.id, number=results.numbers[n - 1], tracking_uid=results.tracking_uids[n - 1],
+                             segment_number=results.segment_numbers[n - 1],
                              center_x_mm=float(f.center_mm[0]), center_y_mm=float(f.center_mm[1]),
                              center_z_mm=float(f.center_mm[2]), center_voxel=[float(v) for v in f.center_voxel],
                              diameter_mm=float(f.diameter_mm), volume_mm3=float(f.volume_mm3),
                              malignancy=float(f.malignancy), score=float(f.score),
                              location=side_of(f.center_mm)))
         rows = {}
-        for kind, ds, rel in written:
+        for kind, ds, rel, _meta, _size, _sha in written:
             row = ResultObject(job=job, kind=kind, sop_class_uid=str(ds.SOPClassUID),
                                sop_instance_uid=str(ds.SOPInstanceUID),
                                series_instance_uid=str(ds.SeriesInstanceUID), path=rel)
             s.add(row)
             rows[kind] = rows.get(kind, []) + [row]
         s.flush()
+        for _kind, _ds, rel, meta, size, sha in written:
+            # Indexed like a received instance (its own result series of the study, never
+            # analysed), so DICOMweb (QIDO-RS, WADO-RS) and the viewer find the results.
+            repo.index_instance(s, meta, rel, size, sha, None, None)
         for dest in s.scalars(select(Destination).where(Destination.enabled.is_(True))).all():
             ids = [r.id for k in dest.outputs for r in rows.get(k, [])]
             if ids:
@@ -253,6 +260,25 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
         refresh_study_status(s, study)
     log.info("job %d done: %d finding(s); load %.1f s, model %.1f s, results %.1f s",
              job_id, len(findings), t1 - t0, t2 - t1, t3 - t2)
+    _prerender(node, job_id, volume, written, findings, results)
+
+
+def _prerender(node: Node, job_id: int, volume, written, findings, results) -> None:
+    """Render the study page's centre views now, while the volume is in memory (after the commit:
+    the results are not held back by it, and a failure here only costs the web a slower first page)."""
+    from dicom_node import render
+
+    t0 = time.monotonic()
+    try:  # never fails the job: it is committed already
+        seg_rel = next((w[2] for w in written if w[0] == "seg"), None)
+        nodules = [render.Nodule(number=results.numbers[i], segment_number=results.segment_numbers[i],
+                                 center_mm=tuple(float(v) for v in f.center_mm), diameter_mm=float(f.diameter_mm))
+                   for i, f in enumerate(findings)]
+        count = render.prerender(node.store, job_id, volume, node.store.path(seg_rel) if seg_rel else None, nodules)
+    except Exception as exc:  # noqa: BLE001 - the web renders on request instead
+        log.warning("job %d: pre-rendering the key images failed: %s", job_id, exc)
+        return
+    log.info("job %d: %d key image(s) pre-rendered in %.1f s", job_id, count, time.monotonic() - t0)
 
 
 def side_of(center_mm) -> str:

@@ -36,6 +36,8 @@ ROLES = {
     ("GET", "/api/studies/{study_uid}"): ANY,
     ("GET", "/api/findings/{finding_id}/image"): ANY,
     ("GET", "/api/results/{result_id}/file"): ANY,
+    ("POST", "/api/studies/{study_uid}/findings/{number}/review"): ANY,
+    ("GET", "/api/findings/export"): ANY,
     ("POST", "/api/jobs/{job_id}/rerun"): ANY,
     ("POST", "/api/jobs/{job_id}/resend"): ANY,
     ("GET", "/api/jobs"): ADM,
