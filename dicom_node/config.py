@@ -211,6 +211,18 @@ class ModelSection(BaseModel):
     weights: Path | None = None  # None: the weights that ship with the package
     threshold: float | None = None  # None: the validated operating point
     device: str = "cpu"
+    #: CPU threads of one inference worker: "auto" (the cores this process may use: CPU
+    #: affinity and cgroup quota) or a number; 1 when several workers share a host.
+    threads: Literal["auto"] | int = Field("auto", union_mode="left_to_right")
+    #: Network runtime: "auto" (ONNX Runtime when installed and matching torch), "torch", "onnx".
+    runtime: Literal["auto", "torch", "onnx"] = "auto"
+
+    @field_validator("threads")
+    @classmethod
+    def _threads_positive(cls, v):
+        if isinstance(v, int) and v < 1:
+            raise ValueError("threads must be 'auto' or a positive integer")
+        return v
 
 
 class RetentionSection(BaseModel):

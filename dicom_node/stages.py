@@ -260,7 +260,8 @@ def make_predictor(settings: Settings):
     """Load the Predictor once (imports torch)."""
     from model.inference import Predictor
 
-    return Predictor(settings.model.weights, threshold=settings.model.threshold, device=settings.model.device)
+    m = settings.model
+    return Predictor(m.weights, threshold=m.threshold, device=m.device, threads=m.threads, runtime=m.runtime)
 
 
 def run_stage(name: str, settings: Settings, stop: threading.Event) -> None:

@@ -2,8 +2,9 @@
 
 Prints one JSON object per input on its own line (DESIGN.md):
 ``{"input": ..., "findings": [{"center_mm": [x, y, z], "diameter_mm": ..., "volume_mm3": ...,
-"malignancy": p, "score": s}, ...], "seconds": ...}`` with coordinates in DICOM patient (LPS)
-millimetres; an input that cannot be read gives ``{"input": ..., "error": "..."}`` and exit
+"malignancy": p, "score": s}, ...], "seconds": ..., "cpu_seconds": ...}`` with coordinates in DICOM
+patient (LPS) millimetres (``seconds``: wall time of reading and predicting the input;
+``cpu_seconds``: CPU time of this process over the same span, all threads); an input that cannot be read gives ``{"input": ..., "error": "..."}`` and exit
 status 1. With ``--masks DIR`` each input's nodule mask (label i = finding i, by score) is
 written as ``DIR/<name>_mask.nii.gz`` with the input's geometry.
 """
@@ -27,6 +28,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="minimum detection score (default: the validated operating point, ~1 false positive per scan)")
     p.add_argument("--weights", default=None, help="weights file (default: the shipped model/weights/resmtnet.pt)")
     p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    p.add_argument("--threads", default="auto",
+                   help="CPU threads (default: %(default)s = the cores this process may use; 1 when several "
+                        "workers share a host)")
+    p.add_argument("--runtime", choices=["auto", "torch", "onnx"], default="auto",
+                   help="network runtime (default: %(default)s = ONNX Runtime when installed and matching torch)")
+    p.add_argument("--reference", action="store_true",
+                   help="the reference path without the speed optimisations (for comparison; slower)")
     p.set_defaults(func=run)
 
 
@@ -57,16 +65,17 @@ def write_mask(image, findings, out: Path) -> None:
 
 
 def run(args) -> int:
-    import torch
-
     from model.data import read_image
     from model.inference import Predictor
 
-    torch.set_num_threads(max(1, min(torch.get_num_threads(), 4)))
     try:
-        predictor = Predictor(args.weights, threshold=args.threshold, device=args.device)
+        predictor = Predictor(args.weights, threshold=args.threshold, device=args.device, threads=args.threads,
+                              runtime=args.runtime, optimise=not args.reference)
     except FileNotFoundError as exc:
         print(f"dicom-node predict: {exc}", file=sys.stderr)
+        return 2
+    except (ValueError, RuntimeError) as exc:
+        print(f"dicom-node predict: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
         return 2
     from tqdm import tqdm
 
@@ -78,20 +87,33 @@ def run(args) -> int:
     for raw in bar:
         path = Path(raw)
         bar.set_postfix_str(path.name, refresh=True)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         try:
             image = read_image(path)
         except (ValueError, RuntimeError) as exc:
             _emit({"input": raw, "error": str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)})
             status = 1
             continue
+        image = _as_int16(image)
         findings = predictor.predict_image(image)
-        seconds = time.perf_counter() - t
+        seconds, cpu_seconds = time.perf_counter() - t, time.process_time() - c
         if args.masks:
             write_mask(image, findings, Path(args.masks) / f"{mask_name(path)}_mask.nii.gz")
-        _emit({"input": raw, "findings": [f.to_json() for f in findings], "seconds": round(seconds, 2)})
+        _emit({"input": raw, "findings": [f.to_json() for f in findings], "seconds": round(seconds, 2),
+               "cpu_seconds": round(cpu_seconds, 2)})
     bar.close()
     return status
+
+
+def _as_int16(image):
+    """A wider integer image (GDCM gives 32-bit after rescaling DICOM to HU) as int16, values
+    clamped to its range: half the memory, and the resampling works in int16 anyway."""
+    import SimpleITK as sitk
+
+    if image.GetPixelID() not in (sitk.sitkInt32, sitk.sitkUInt32, sitk.sitkInt64, sitk.sitkUInt64, sitk.sitkUInt16):
+        return image
+    return sitk.Cast(sitk.Clamp(image, sitk.sitkInt32 if image.GetPixelID() != sitk.sitkInt64 else sitk.sitkInt64,
+                                -32768, 32767), sitk.sitkInt16)
 
 
 def _emit(obj: dict) -> None:

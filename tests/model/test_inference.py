@@ -123,16 +123,21 @@ def test_predict_command_json_and_masks(predictor, luna_cubes, tmp_path, capsys)
     img.SetOrigin((-12.5, 30.0, -200.0))
     path = tmp_path / "nodule crop.nii.gz"
     sitk.WriteImage(img, str(path))
-    rc = _cli([str(path), str(tmp_path / "missing.mha"), "--json", "--masks", str(tmp_path / "masks"), "--threshold", "0.1"])
+    rc = _cli([str(path), str(tmp_path / "missing.mha"), "--json", "--masks", str(tmp_path / "masks"), "--threshold", "0.1",
+               "--threads", "1"])
+    import torch
+
+    assert torch.get_num_threads() == 1  # --threads applied
+    torch.set_num_threads(2)
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert rc == 1  # one input could not be read
     ok, bad = lines
-    assert ok["input"] == str(path) and ok["findings"] and ok["seconds"] >= 0
+    assert ok["input"] == str(path) and ok["findings"] and ok["seconds"] >= 0 and ok["cpu_seconds"] >= 0
     assert set(ok["findings"][0]) == {"center_mm", "diameter_mm", "volume_mm3", "malignancy", "score"}
     assert "error" in bad and bad["input"].endswith("missing.mha")
     mask = sitk.ReadImage(str(tmp_path / "masks" / "nodule_crop_mask.nii.gz"))
     assert mask.GetSize() == img.GetSize() and mask.GetOrigin() == img.GetOrigin()
     assert sitk.GetArrayFromImage(mask)[tuple(np.round(cube.center).astype(int))] == 1
     # a threshold above every score gives no findings
-    _cli([str(path), "--json", "--threshold", "1.01"])
+    _cli([str(path), "--json", "--threshold", "1.01", "--threads", "2"])
     assert json.loads(capsys.readouterr().out)["findings"] == []

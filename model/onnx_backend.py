@@ -1,0 +1,149 @@
+"""ONNX Runtime execution of Res-MTNet (optional; torch is the fallback).
+
+The ONNX graphs are not shipped: they are exported from the loaded (BatchNorm-folded) torch
+network, so they always match the committed weights. Two graphs: with and without the mask
+head (the detection pass needs no mask), each with dynamic batch and spatial axes (every extent
+a multiple of :data:`model.network.INPUT_MULTIPLE`), opset 17, the TorchScript exporter
+(deterministic for one torch version). An export is cached in
+``$DICOM_NODE_CACHE`` (default ``$XDG_CACHE_HOME/dicom-node`` or ``~/.cache/dicom-node``)
+as ``resmtnet-<sha256 of the weights file, 16 hex>-torch<version>-<mask|nomask>.onnx``; where
+that folder cannot be written the export stays in memory.
+
+:func:`open_runtime` returns None (the caller keeps torch) when onnxruntime or onnx is not
+installed, when the export fails, or when the two runtimes disagree on a check input by more
+than :data:`CHECK_ATOL` (logits). Importing this module imports neither.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+OPSET = 17
+CHECK_ATOL = 1e-3  # largest |torch - onnxruntime| accepted on the check input (logit units)
+OUTPUTS = ("heatmap", "offset", "size", "malignancy", "mask")
+
+
+def cache_dir() -> Path:
+    env = os.environ.get("DICOM_NODE_CACHE")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "dicom-node"
+
+
+def available() -> bool:
+    """True when onnxruntime and onnx (needed by torch's exporter) are importable."""
+    import importlib.util
+
+    return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
+
+
+def _export_bytes(net, with_mask: bool) -> bytes:
+    import torch
+
+    class _Heads(torch.nn.Module):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            out = self.net(x, with_mask=with_mask)
+            return tuple(out[k] for k in OUTPUTS if k in out)
+
+    names = [k for k in OUTPUTS if with_mask or k != "mask"]
+    x = torch.zeros(2, 1, 32, 32, 32)
+    buf = io.BytesIO()
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about the extent check (a constant here)
+        torch.onnx.export(_Heads(net).eval(), (x,), buf, input_names=["x"], output_names=names, opset_version=OPSET,
+                          dynamic_axes={"x": {0: "b", 2: "d", 3: "h", 4: "w"}}, dynamo=False)
+    return buf.getvalue()
+
+
+def export(net, weights_path: Path, with_mask: bool) -> bytes | str:
+    """The ONNX model for ``net`` (loaded from ``weights_path``): a cached file's path, or the
+    bytes when the cache folder is not writable."""
+    import torch
+
+    digest = hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()[:16]
+    name = f"resmtnet-{digest}-torch{torch.__version__.split('+')[0]}-{'mask' if with_mask else 'nomask'}.onnx"
+    path = cache_dir() / name
+    if path.is_file():
+        return str(path)
+    data = _export_bytes(net, with_mask)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+        return str(path)
+    except OSError as exc:
+        log.info("onnx cache %s not writable (%s); export kept in memory", path.parent, type(exc).__name__)
+        return data
+
+
+class OnnxNet:
+    """Callable like ``ResMTNet.forward`` on a numpy input: ``net(x, with_mask)`` -> dict of
+    float32 numpy arrays (same keys and shapes as the torch network's outputs)."""
+
+    def __init__(self, sessions: dict[bool, object]):
+        self.sessions = sessions
+
+    def __call__(self, x: np.ndarray, with_mask: bool) -> dict[str, np.ndarray]:
+        sess = self.sessions[bool(with_mask)]
+        outs = sess.run(None, {"x": np.ascontiguousarray(x, np.float32)})
+        return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
+
+    @property
+    def threads(self) -> int:
+        return int(self.sessions[True].get_session_options().intra_op_num_threads)
+
+
+def open_runtime(net, weights_path: Path, threads: int) -> OnnxNet | None:
+    """ONNX Runtime sessions for ``net`` with ``threads`` intra-op threads, checked against
+    torch; None when unavailable or not matching (the reason is logged)."""
+    if not available():
+        log.info("onnxruntime or onnx not installed: torch runtime")
+        return None
+    import onnxruntime as ort
+    import torch
+
+    try:
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = int(threads)
+        so.inter_op_num_threads = 1
+        so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        so.log_severity_level = 3
+        # no busy-waiting between operators: on a host shared with other work (or other
+        # workers) spinning threads burn the cores the others need
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        sessions = {m: ort.InferenceSession(export(net, weights_path, m), so, providers=["CPUExecutionProvider"])
+                    for m in (True, False)}
+    except Exception as exc:  # noqa: BLE001 - any exporter/runtime failure means: keep torch
+        log.warning("onnx runtime unavailable (%s: %s): torch runtime", type(exc).__name__, str(exc)[:200])
+        return None
+    onnx_net = OnnxNet(sessions)
+    # the check: a fixed pseudo-random input, both graphs, every output
+    x = np.random.default_rng(0).normal(0, 1, (2, 1, 40, 32, 48)).astype(np.float32)
+    with torch.inference_mode():
+        for m in (True, False):
+            ref = {k: v.numpy() for k, v in net(torch.from_numpy(x), with_mask=m).items()}
+            got = onnx_net(x, m)
+            if set(ref) != set(got):
+                log.warning("onnx outputs %s differ from torch's %s: torch runtime", sorted(got), sorted(ref))
+                return None
+            err = max(float(np.abs(ref[k] - got[k]).max()) for k in ref)
+            if not err <= CHECK_ATOL:
+                log.warning("onnx runtime differs from torch by %.2g (> %.0e): torch runtime", err, CHECK_ATOL)
+                return None
+    return onnx_net
