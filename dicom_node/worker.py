@@ -31,11 +31,13 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from dicom_node.destinations.queue import queue_results
 from dicom_node.node import Node
+from dicom_node.results.sr_comprehensive import add_predecessor
 from dicom_node.scheduler import refresh_study_status
 from dicom_node.volume import VolumeError, load_series
 from storage import repo
-from storage.models import Destination, FindingRow, Job, JobState, ResultObject, Transfer, TransferState, utcnow
+from storage.models import Destination, FindingRow, Job, JobState, ResultObject, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -206,8 +208,11 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
     with node.sessions() as s:
         destinations = s.scalars(select(Destination).where(Destination.enabled.is_(True))).all()
         want_sc = any("sc" in d.outputs for d in destinations)
+        predecessor = _predecessor_sr(s, job_id)
     results = build_results(volume, findings, algorithm_name=ALGORITHM_NAME, algorithm_version=weights_version,
                             want_key_images=want_sc, uid_seed=uid_seed)
+    if predecessor is not None:  # a re-run after late arrivals: name the SR this one replaces
+        add_predecessor(results.sr, str(results.sr.StudyInstanceUID), *predecessor)
     objects = [("sr", results.sr)] + ([("seg", results.seg)] if results.seg is not None else [])
     objects += [("sc", ds) for ds in results.key_images]
     shutil.rmtree(node.store.path(f"results/{job_id}"), ignore_errors=True)  # leftovers of a killed attempt
@@ -240,10 +245,7 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
             rows[kind] = rows.get(kind, []) + [row]
         s.flush()
         for dest in s.scalars(select(Destination).where(Destination.enabled.is_(True))).all():
-            ids = [r.id for k in dest.outputs for r in rows.get(k, [])]
-            if ids:
-                s.add(Transfer(job=job, destination_id=dest.id, result_object_ids=ids, sent_sop_instance_uids=[],
-                               state=TransferState.PENDING, next_attempt_at=utcnow()))
+            queue_results(s, job, dest, rows)
         job.state = JobState.DONE
         job.error = None
         job.finished_at = utcnow()
@@ -253,6 +255,17 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
         refresh_study_status(s, study)
     log.info("job %d done: %d finding(s); load %.1f s, model %.1f s, results %.1f s",
              job_id, len(findings), t1 - t0, t2 - t1, t3 - t2)
+
+
+def _predecessor_sr(s, job_id: int) -> tuple[str, str, str] | None:
+    """(Series Instance UID, SOP Class UID, SOP Instance UID) of the SR of the job that job
+    ``job_id`` replaces (``jobs.replaces_job_id``), or None."""
+    job = s.get(Job, job_id)
+    if job is None or job.replaces_job_id is None:
+        return None
+    sr = s.scalar(select(ResultObject).where(ResultObject.job_id == job.replaces_job_id, ResultObject.kind == "sr")
+                  .limit(1))
+    return None if sr is None else (sr.series_instance_uid, sr.sop_class_uid, sr.sop_instance_uid)
 
 
 def side_of(center_mm) -> str:

@@ -326,16 +326,17 @@ def remove_destination(s: Session, actor: str, name: str) -> None:
 
 
 def echo_destination(node: Node, name: str, actor: str) -> schemas.EchoResult:
-    """C-ECHO a destination with the node's current AE title; the session is not held meanwhile."""
-    from dicom_node import scu
+    """Test a destination through its kind (C-ECHO for "dicom", a QIDO-RS probe for "dicomweb")
+    with the node's current AE title; the session is not held meanwhile."""
+    from dicom_node import destinations
 
     with node.sessions() as s:
-        row = get_destination(s, name)
-        ae_title, host, port, use_tls = row.ae_title, row.host, row.port, bool(row.tls)
+        target = destinations.Target.of(get_destination(s, name))
         calling = node.effective("node.ae_title", s)
-    outcome = scu.echo(ae_title, host, port, calling_ae=calling, timeout=5.0,
-                       tls=node.settings.tls if use_tls else None)
-    log.info("C-ECHO to destination %s (%s@%s:%s) by %s: %s", name, ae_title, host, port, actor, outcome.message)
+    ctx = destinations.Context(calling_ae=calling, timeout=5.0, tls=node.settings.tls)
+    outcome = destinations.kind_of(target).echo(target, ctx)
+    log.info("echo of destination %s (%s, %s) by %s: %s", name, target.kind, target.describe(), actor,
+             outcome.message)
     with node.sessions.begin() as s:
         repo.audit(s, actor, "destination.echo", name, {"ok": outcome.ok, "message": outcome.message})
     return schemas.EchoResult(ok=outcome.ok, kind=outcome.kind.value, message=outcome.message)
