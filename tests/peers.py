@@ -85,9 +85,13 @@ class StoreSCP:
 class Orthanc:
     """A real Orthanc PACS with its REST API, DICOM server and one modality (the node)."""
 
+    #: The Debian package orthanc-dicomweb's plugin (DICOMweb under /dicom-web/).
+    DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
     def __init__(self, folder: Path, node_ae: str, node_port: int, ae_title: str = "ORTHANC",
-                 dicom_port: int | None = None):
+                 dicom_port: int | None = None, dicomweb: bool = False):
         self.folder = Path(folder)
+        self.dicomweb = dicomweb
         self.ae_title = ae_title
         self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
         self.node_ae, self.node_port = node_ae, node_port
@@ -105,6 +109,11 @@ class Orthanc:
             "DicomModalities": {"node": [self.node_ae, "127.0.0.1", self.node_port]},
             "Plugins": [], "DicomScpTimeout": 30, "StableAge": 2, "LogExportedResources": False,
         }
+        if self.dicomweb:
+            if not self.DICOMWEB_PLUGIN.exists():
+                pytest.skip(f"{self.DICOMWEB_PLUGIN} not found (Debian package orthanc-dicomweb)")
+            cfg["Plugins"] = [str(self.DICOMWEB_PLUGIN)]
+            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         (self.folder / "orthanc.json").write_text(json.dumps(cfg))
         self.log = open(self.folder / "orthanc.log", "w")
         self.proc = subprocess.Popen([binary, str(self.folder / "orthanc.json")], stdout=self.log, stderr=self.log)
@@ -117,6 +126,10 @@ class Orthanc:
             self.proc.terminate()
             self.proc.wait(20)
         self.log.close()
+
+    @property
+    def dicomweb_url(self) -> str:
+        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def rest(self, method: str, path: str, body: bytes | dict | list | None = None):
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()
