@@ -26,8 +26,8 @@ from dicom_node.scp import Listener
 from dicom_node.stages import StageHeartbeat
 from dicom_node.worker import work_once
 from model.finding import Finding
-from storage.models import Job, JobState, ResultObject, Series, Study, Transfer, TransferState, utcnow
-from tests.peers import Orthanc, free_port, need, need_lidc
+from storage.models import AssociationLog, Job, JobState, ResultObject, Series, Study, Transfer, TransferState, utcnow
+from tests.peers import Orthanc, free_port, need, need_lidc, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -102,6 +102,16 @@ class Harness:
         r = subprocess.run([need("storescu"), *options, "-aet", "STORESCU", "-aec", "DICOM_NODE", "127.0.0.1",
                             str(self.scp.port), *map(str, paths)], capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-2000:]
+        self.wait_released()
+
+    def wait_released(self):
+        """Until the listener has recorded the end of every association (it does so just after
+        the sender's release, in its own thread)."""
+        def released():
+            with self.node.sessions() as s:
+                return s.scalar(select(AssociationLog.id).where(AssociationLog.direction == "in",
+                                                                AssociationLog.ended_at.is_(None))) is None
+        wait_for(released, timeout=30, interval=0.1, what="the association's end recorded")
 
 
 def send_all(assoc, paths):
@@ -151,6 +161,7 @@ def test_paused_association_gives_one_job_and_the_pacs_one_sr_and_one_seg(make_n
             assert s.scalar(select(Study)).status.value == "received"
         send_all(assoc, files[20:])
         assoc.release()
+        h.wait_released()
         assert h.run() == 1
         [job] = h.jobs()
         assert job.state is JobState.DONE
