@@ -74,13 +74,13 @@ def _fit_syntax(ds, accepted: set[str]):
     plain = [t for t in _UNCOMPRESSED if t in accepted]
     if plain:
         if UID(ts).is_compressed:
-            ds.decompress()  # to Explicit VR Little Endian (pylibjpeg decoders)
+            ds.decompress(generate_instance_uid=False)  # to Explicit VR Little Endian (pylibjpeg decoders)
         return _reencoded(ds, plain[0])
     for target in _LOSSLESS:
         if target in accepted and "PixelData" in ds:
             if UID(ts).is_compressed:
-                ds.decompress()
-            ds.compress(target)  # pylibjpeg-openjpeg (JPEG 2000) or pydicom's own RLE encoder
+                ds.decompress(generate_instance_uid=False)
+            ds.compress(target, generate_instance_uid=False)  # pylibjpeg-openjpeg (JPEG 2000) or pydicom's own RLE encoder
             return _reencoded(ds, target)
     return f"accepts none of its transfer syntaxes (has {ts}; peer takes {sorted(accepted)})"
 
