@@ -365,3 +365,53 @@ def test_dicomweb_stow_rs_into_orthanc_with_its_echo(make_node, tmp_path, orthan
         assert sorted(t.sent_sop_instance_uids) == sorted(pacs_objects(orthanc, "SR") + pacs_objects(orthanc, "SEG"))
     finally:
         h.stop()
+
+
+def test_forwarded_originals_are_transcoded_for_a_peer_that_takes_other_syntaxes(make_node, tmp_path):
+    """Originals stored in JPEG 2000 lossless go to a peer that takes only Explicit VR Little
+    Endian, decoded, with their SOP Instance UIDs and pixel values unchanged."""
+    from dicom_node.destinations.queue import queue_forward
+    from storage.models import Destination
+
+    port = free_port()
+    ae = AE(ae_title="PLAINONLY")
+    for cx in AllStoragePresentationContexts:
+        ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian])
+    received = []
+
+    def on_store(event):
+        ds = event.dataset
+        ds.file_meta = event.file_meta
+        received.append(ds)
+        return 0x0000
+
+    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    dest = {"name": "plain", "ae_title": "PLAINONLY", "host": "127.0.0.1", "port": port}
+    h = Harness(make_node, f"sqlite:///{tmp_path / 'n.sqlite3'}", [dest])
+    try:
+        j2k = tmp_path / "j2k"
+        j2k.mkdir()
+        originals = {}
+        for p in lidc_files()[:3]:
+            ds = dcmread(p)
+            originals[str(ds.SOPInstanceUID)] = ds.pixel_array.copy()
+            ds.compress(JPEG2000Lossless, generate_instance_uid=False)
+            ds.save_as(j2k / p.name, enforce_file_format=True)
+        assoc = h.associate([JPEG2000Lossless])
+        send_all(assoc, sorted(j2k.iterdir()))
+        assoc.release()
+        h.wait_released()
+        with h.node.sessions.begin() as s:
+            queue_forward(s, s.scalar(select(Series)), s.scalar(select(Destination)))
+        while dispatch_once(h.node, "d1"):
+            pass
+        [t] = h.transfers()
+        assert t.state is TransferState.SENT, t.error
+        assert {v["kind"] for v in t.object_status.values()} == {"original"}
+        assert {str(ds.SOPInstanceUID) for ds in received} == set(originals)
+        for ds in received:
+            assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+            assert np.array_equal(ds.pixel_array, originals[str(ds.SOPInstanceUID)])
+    finally:
+        h.stop()
+        server.shutdown()
