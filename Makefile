@@ -3,7 +3,7 @@ VENV    ?= .venv
 PYTHON  ?= python3
 PY      := $(VENV)/bin/python
 # Real peers used by the tests (Debian package names).
-DEBS    := dcmtk orthanc dicom3tools chromium chromium-driver
+DEBS    := dcmtk orthanc orthanc-dicomweb dicom3tools chromium chromium-driver
 SUDO    := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 PYTEST_ARGS ?=
 
