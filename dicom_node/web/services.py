@@ -179,8 +179,12 @@ def job_out(job: Job, series: Series | None = None, study_uid: str | None = None
 def transfer_out(t: Transfer, destination_name: str) -> schemas.TransferOut:
     return schemas.TransferOut(
         id=t.id, job_id=t.job_id, destination=destination_name, state=t.state.value, attempts=t.attempts or 0,
-        next_attempt_at=t.next_attempt_at, error=t.error, objects=len(t.result_object_ids or []),
-        sent_objects=len(t.sent_sop_instance_uids or []), created_at=t.created_at, sent_at=t.sent_at)
+        next_attempt_at=t.next_attempt_at, error=t.error,
+        objects=len(t.result_object_ids or []) + len(t.instance_ids or []),
+        sent_objects=len(t.sent_sop_instance_uids or []), created_at=t.created_at, sent_at=t.sent_at,
+        object_status=[schemas.TransferObjectOut(sop_instance_uid=uid, kind=v.get("kind"), state=v.get("state", "pending"),
+                                                 reason=v.get("reason"), sent_as=v.get("sent_as"))
+                       for uid, v in (t.object_status or {}).items()])
 
 
 def study_findings(s: Session, study: Study) -> list[tuple[FindingRow, Series]]:
