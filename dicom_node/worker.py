@@ -2,9 +2,10 @@
 
 Contract: claims one job at a time with a lease that a heartbeat thread renews; loads the series
 into a volume in HU with its patient geometry; calls the Predictor; builds the TID 1500 SR and the
-SEG (and key images where a destination wants them); writes them to the file store; then, in one
-transaction, records findings and result objects, queues one transfer per enabled destination,
-and marks the job done. A worker killed mid-job leaves the lease to expire and the job is claimed
+SEG (and key images where a destination wants them; a re-run's SR names the SR of the job it
+replaces in its Predecessor Documents Sequence); writes them to the file store; then, in one
+transaction, records findings and result objects, queues one transfer per enabled destination
+(``destinations.queue.queue_results``), and marks the job done. A worker killed mid-job leaves the lease to expire and the job is claimed
 again (by this or another worker); nothing of a half-finished attempt is visible in the database.
 A series that cannot be read as a volume fails at once (retrying cannot help); other errors are
 retried up to the job's ``max_attempts``.
