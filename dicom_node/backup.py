@@ -380,8 +380,9 @@ def backup(database_url: str, data_dir: Path, dest: Path, *,
         report = BackupReport(dest=dest, database=kind)
         own_db = sqlite_path(database_url).resolve() if kind == "sqlite" else None
         extras = _top_level_files(data_dir, own_db)
+        indexed = {p for _, p, _, _ in instances}  # results are indexed as instances too: copied once
         todo = ([("instance", uid, p, size, sha) for uid, p, size, sha in instances]
-                + [("result", uid, p, None, None) for uid, p in results]
+                + [("result", uid, p, None, None) for uid, p in results if p not in indexed]
                 + [("other", None, name, None, None) for name in extras])
         entries, last_touch = [], time.monotonic()
         for n, (what, uid, relpath, db_size, db_sha) in enumerate(todo, start=1):

@@ -217,6 +217,7 @@ def delete_study(s: Session, study_id: int, reason: str, actor: str = ACTOR) -> 
     count, size = len(paths), int(s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))
                                            .where(Instance.series_id.in_(series_ids))) or 0)
     paths += list(s.scalars(select(ResultObject.path).where(ResultObject.job_id.in_(job_ids))))
+    paths = list(dict.fromkeys(paths))  # a result is indexed as an instance too: one path, once
     s.execute(delete(Transfer).where(Transfer.job_id.in_(job_ids)).execution_options(synchronize_session=False))
     s.execute(delete(FindingRow).where(or_(FindingRow.study_id == study_id, FindingRow.job_id.in_(job_ids)))
               .execution_options(synchronize_session=False))

@@ -15,7 +15,6 @@ bytes replace the stored instance (the newest wins) and mark its series for re-e
 """
 from __future__ import annotations
 
-import io
 import logging
 import ssl
 import threading
@@ -24,31 +23,27 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
-from pydicom import Dataset, dcmread
-from pydicom.errors import InvalidDicomError
-from pydicom.multival import MultiValue
+from pydicom import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
-from sqlalchemy.exc import DataError, IntegrityError
 
-from dicom_node import scp_reasons, tls
+from dicom_node import ingest, scp_reasons, tls
 from dicom_node.node import Node
 from dicom_node.scp_limits import LimitedAE, ListenerLimits, dataset_refusal
 from dicom_node.stages import process_identity
-from storage import limits, redact, repo
-from storage.filestore import StoreError
+from storage import repo
 from storage.models import AssociationLog, AssociationResult, utcnow
 
 log = logging.getLogger(__name__)
 
-# C-STORE response statuses (PS3.4 Annex B.2.3), named.
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
+# C-STORE response statuses (PS3.4 Annex B.2.3), named in ``dicom_node.ingest``.
+SUCCESS = ingest.SUCCESS
+OUT_OF_RESOURCES = ingest.OUT_OF_RESOURCES
+DATASET_DOES_NOT_MATCH_SOP_CLASS = ingest.DATASET_DOES_NOT_MATCH_SOP_CLASS
+CANNOT_UNDERSTAND = ingest.CANNOT_UNDERSTAND
 #: An instance over ``max_dataset_bytes``: "Error: cannot understand" class, a permanent failure,
 #: with the reason in ErrorComment (resending the same instance cannot succeed).
-DATASET_TOO_LARGE = CANNOT_UNDERSTAND
+DATASET_TOO_LARGE = ingest.DATASET_TOO_LARGE
 
 # A-ASSOCIATE-RJ (PS3.8 9.3.4): result, source, reason.
 REJECTED_PERMANENT = 0x01
@@ -60,20 +55,7 @@ REASON_CALLED_AE_NOT_RECOGNISED = 0x07
 SOURCE_PROVIDER_PRESENTATION = 0x03
 REASON_LOCAL_LIMIT_EXCEEDED = 0x02
 
-#: Our own results (SR, SEG, key images) are stored when sent back to us but never analysed.
-RESULT_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.88.34",  # Comprehensive 3D SR
-    "1.2.840.10008.5.1.4.1.1.88.33",  # Comprehensive SR
-    "1.2.840.10008.5.1.4.1.1.88.22",  # Enhanced SR
-    "1.2.840.10008.5.1.4.1.1.66.4",  # Segmentation
-    "1.2.840.10008.5.1.4.1.1.11.1",  # GSPS
-}
-
-_HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-    "InstanceNumber", "SeriesNumber", "SeriesDescription", "PatientName", "PatientID",
-    "AccessionNumber", "StudyDate", "StudyDescription",
-]
+RESULT_SOP_CLASSES = ingest.RESULT_SOP_CLASSES
 
 
 @dataclass
@@ -92,19 +74,7 @@ class _AssocState:
     refused: int = 0
 
 
-def _text(value) -> str | None:
-    if value is None:
-        return None
-    if isinstance(value, MultiValue):  # a multi-valued text attribute, as DICOM writes it
-        value = "\\".join(str(v) for v in value)
-    return limits.clean_text(str(value))
-
-
-def _int(value) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
+_text = ingest.text
 
 
 class Listener:
@@ -352,74 +322,14 @@ class Listener:
                       type(exc).__name__)
             return CANNOT_UNDERSTAND
         try:
-            header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=_HEADER_TAGS)
-            meta = repo.InstanceMeta(
-                study_instance_uid=_uid(header.StudyInstanceUID),
-                series_instance_uid=_uid(header.SeriesInstanceUID),
-                sop_instance_uid=_uid(header.SOPInstanceUID),
-                sop_class_uid=_uid(header.SOPClassUID),
-                transfer_syntax_uid=str(event.context.transfer_syntax),
-                modality=_text(header.get("Modality")),
-                instance_number=_int(header.get("InstanceNumber")),
-                series_number=_int(header.get("SeriesNumber")),
-                series_description=_text(header.get("SeriesDescription")),
-                patient_name=_text(header.get("PatientName")),
-                patient_id=_text(header.get("PatientID")),
-                accession_number=_text(header.get("AccessionNumber")),
-                study_date=_text(header.get("StudyDate")),
-                study_description=_text(header.get("StudyDescription")),
-                is_result=_uid(header.SOPClassUID) in RESULT_SOP_CLASSES,
-            )
-        except (InvalidDicomError, AttributeError, ValueError, EOFError, OSError, KeyError) as exc:
-            # The exception text may quote a value (a patient name): log its kind only.
-            log.error("instance %s from %s cannot be understood: %s", _uid_for_log(sop_uid_cmd), st.calling_ae,
-                      type(exc).__name__)
-            return CANNOT_UNDERSTAND
-        try:
-            limits.check(meta)
-        except limits.ValueRefused as exc:
-            st.refused_reason, st.refused = str(exc), st.refused + 1  # in the association audit
-            log.error("instance %s from %s refused: %s", _uid_for_log(meta.sop_instance_uid), st.calling_ae, exc)
-            return DATASET_DOES_NOT_MATCH_SOP_CLASS
-        if meta.sop_instance_uid != sop_uid_cmd:
-            log.error("SOP Instance UID %s in the dataset differs from %s in the command",
-                      _uid_for_log(meta.sop_instance_uid), _uid_for_log(sop_uid_cmd))
-            return DATASET_DOES_NOT_MATCH_SOP_CLASS
-        store = self.node.store
-        relpath = store.instance_relpath(meta.study_instance_uid, meta.series_instance_uid, meta.sop_instance_uid)
-        try:
-            pending = store.begin_write(relpath, data)
-            pending.commit()  # durable before the index transaction: no lock held across the fsync
-        except StoreError as exc:
-            log.error("cannot store %s: %s", meta.sop_instance_uid, exc)
-            return OUT_OF_RESOURCES
-        cache = self._index_cache(event)
-        for attempt in (1, 2):
-            try:
-                with self.node.sessions.begin() as s:
-                    outcome = repo.index_instance(s, meta, relpath, pending.size, pending.sha256, st.calling_ae,
-                                                  st.log_id, cache)
-                break
-            except IntegrityError as exc:
-                known = bool(cache.studies or cache.series)
-                cache.clear()  # rows cached in a rolled-back transaction, or removed meanwhile
-                if attempt == 1 and known:
-                    continue  # look the study and series up again
-                log.error("cannot index %s: %s", meta.sop_instance_uid, _db_error(exc))
-                return OUT_OF_RESOURCES
-            except DataError as exc:
-                cache.clear()
-                # The database refuses a value as such (it would refuse it on every retry).
-                log.error("instance %s from %s refused by the database: %s", meta.sop_instance_uid, st.calling_ae,
-                          _db_error(exc))
-                return DATASET_DOES_NOT_MATCH_SOP_CLASS
-            except Exception as exc:  # noqa: BLE001 - database down: the sender must retry
-                cache.clear()
-                # The sender retries; the retry rewrites the file and indexes it.
-                log.error("cannot index %s: %s", meta.sop_instance_uid, _db_error(exc))
-                return OUT_OF_RESOURCES
+            ingest.store_instance(self.node, data, transfer_syntax=str(event.context.transfer_syntax),
+                                  source=st.calling_ae, association_id=st.log_id, cache=self._index_cache(event),
+                                  expected_sop_instance_uid=sop_uid_cmd)
+        except ingest.Refused as exc:
+            if exc.limit:
+                st.refused_reason, st.refused = exc.reason, st.refused + 1  # in the association audit
+            return exc.status
         st.instances += 1
-        log.debug("stored %s (%s) from %s", meta.sop_instance_uid, outcome, st.calling_ae)
         return SUCCESS
 
     def _refuse_instance(self, st: _AssocState, sop_uid: str | None, reason: str) -> Dataset:
@@ -432,23 +342,7 @@ class Listener:
         return status
 
 
-def _uid(value) -> str:
-    """A UID attribute as indexed: padding removed (a missing one raises AttributeError upstream)."""
-    return limits.clean_text(str(value)) or ""
-
-
-def _uid_for_log(uid: str | None) -> str:
-    """A UID for a log line, cut to 64 characters plus its length when longer (garbage)."""
-    if uid is None:
-        return "(none)"
-    return uid if len(uid) <= 64 else f"{uid[:64]}... ({len(uid)} characters)"
-
-
-def _db_error(exc: BaseException) -> str:
-    """A database error for a log line: its class and the driver's first line, no parameters."""
-    orig = getattr(exc, "orig", None) or exc
-    first = str(orig).strip().splitlines()[0] if str(orig).strip() else ""
-    return redact.scrub(f"{type(orig).__name__}: {first}")
+_uid_for_log = ingest.uid_for_log
 
 
 def run_listener(node: Node, stop: threading.Event, poll_seconds: float = 2.0) -> None:

@@ -32,6 +32,7 @@ from pathlib import Path
 
 from sqlalchemy import select
 
+from dicom_node import ingest
 from dicom_node.destinations.queue import queue_results
 from dicom_node.node import Node
 from dicom_node.results.sr_comprehensive import add_predecessor
@@ -220,8 +221,9 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
     written = []
     for kind, ds in objects:
         rel = node.store.result_relpath(job_id, kind, ds.SOPInstanceUID)
-        node.store.write_atomic(rel, _encode(ds))
-        written.append((kind, ds, rel))
+        data = _encode(ds)
+        size, sha = node.store.write_atomic(rel, data)
+        written.append((kind, ds, rel, ingest.read_meta(data, None, None), size, sha))
     t3 = time.monotonic()
     if beat.lost:
         raise RuntimeError("lease lost while processing; another worker owns the job now")
@@ -238,13 +240,17 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
                              malignancy=float(f.malignancy), score=float(f.score),
                              location=side_of(f.center_mm)))
         rows = {}
-        for kind, ds, rel in written:
+        for kind, ds, rel, _meta, _size, _sha in written:
             row = ResultObject(job=job, kind=kind, sop_class_uid=str(ds.SOPClassUID),
                                sop_instance_uid=str(ds.SOPInstanceUID),
                                series_instance_uid=str(ds.SeriesInstanceUID), path=rel)
             s.add(row)
             rows[kind] = rows.get(kind, []) + [row]
         s.flush()
+        for _kind, _ds, rel, meta, size, sha in written:
+            # Indexed like a received instance (its own result series of the study, never
+            # analysed), so DICOMweb (QIDO-RS, WADO-RS) and the viewer find the results.
+            repo.index_instance(s, meta, rel, size, sha, None, None)
         for dest in s.scalars(select(Destination).where(Destination.enabled.is_(True))).all():
             queue_results(s, job, dest, rows)
         job.state = JobState.DONE

@@ -91,8 +91,11 @@ class AssociationResult(str, enum.Enum):
 
 
 class Role(str, enum.Enum):
+    """A web account's role. ``sender`` may only store with STOW-RS (no pages, no reading)."""
+
     ADMIN = "admin"
     RADIOLOGIST = "radiologist"
+    SENDER = "sender"
 
 
 class Study(Base):

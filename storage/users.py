@@ -1,4 +1,4 @@
-"""User repository functions: web accounts with a role (admin or radiologist).
+"""User repository functions: web accounts with a role (admin, radiologist or sender).
 
 Like ``storage.repo``, these take a ``Session`` and never commit: the caller owns the
 transaction. Passwords arrive here already hashed (hashing lives with the web stage, in

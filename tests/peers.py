@@ -82,16 +82,20 @@ class StoreSCP:
         return sorted(p for p in self.folder.iterdir() if p.is_file())
 
 
+#: The Debian package orthanc-dicomweb's plugin (DICOMweb under /dicom-web/ once loaded).
+DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+
 class Orthanc:
     """A real Orthanc PACS with its REST API, DICOM server and one modality (the node)."""
 
-    #: The Debian package orthanc-dicomweb's plugin (DICOMweb under /dicom-web/).
-    DICOMWEB_PLUGIN = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
-
     def __init__(self, folder: Path, node_ae: str, node_port: int, ae_title: str = "ORTHANC",
-                 dicom_port: int | None = None, dicomweb: bool = False):
+                 dicom_port: int | None = None, plugins: list[str] = (), config: dict | None = None,
+                 env: dict | None = None):
+        """``plugins``: shared libraries to load (e.g. the Debian orthanc-dicomweb plugin,
+        ``DICOMWEB_PLUGIN``); ``config``: more configuration keys; ``env``: more environment."""
+        self.plugins, self.extra_config, self.env = list(plugins), dict(config or {}), dict(env or {})
         self.folder = Path(folder)
-        self.dicomweb = dicomweb
         self.ae_title = ae_title
         self.http_port, self.dicom_port = free_port(), dicom_port or free_port()
         self.node_ae, self.node_port = node_ae, node_port
@@ -107,16 +111,13 @@ class Orthanc:
             "HttpPort": self.http_port, "DicomPort": self.dicom_port, "DicomAet": self.ae_title,
             "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
             "DicomModalities": {"node": [self.node_ae, "127.0.0.1", self.node_port]},
-            "Plugins": [], "DicomScpTimeout": 30, "StableAge": 2, "LogExportedResources": False,
+            "Plugins": self.plugins, "DicomScpTimeout": 30, "StableAge": 2, "LogExportedResources": False,
+            **self.extra_config,
         }
-        if self.dicomweb:
-            if not self.DICOMWEB_PLUGIN.exists():
-                pytest.skip(f"{self.DICOMWEB_PLUGIN} not found (Debian package orthanc-dicomweb)")
-            cfg["Plugins"] = [str(self.DICOMWEB_PLUGIN)]
-            cfg["DicomWeb"] = {"Enable": True, "Root": "/dicom-web/"}
         (self.folder / "orthanc.json").write_text(json.dumps(cfg))
         self.log = open(self.folder / "orthanc.log", "w")
-        self.proc = subprocess.Popen([binary, str(self.folder / "orthanc.json")], stdout=self.log, stderr=self.log)
+        self.proc = subprocess.Popen([binary, str(self.folder / "orthanc.json")], stdout=self.log, stderr=self.log,
+                                     env={**os.environ, **self.env})
         wait_port(self.http_port, proc=self.proc)
         wait_port(self.dicom_port, proc=self.proc)
         return self
@@ -126,10 +127,6 @@ class Orthanc:
             self.proc.terminate()
             self.proc.wait(20)
         self.log.close()
-
-    @property
-    def dicomweb_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}/dicom-web"
 
     def rest(self, method: str, path: str, body: bytes | dict | list | None = None):
         data = body if isinstance(body, (bytes, type(None))) else json.dumps(body).encode()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import subprocess
 from datetime import timedelta
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -27,7 +28,7 @@ from dicom_node.stages import StageHeartbeat
 from dicom_node.worker import work_once
 from model.finding import Finding
 from storage.models import AssociationLog, Job, JobState, ResultObject, Series, Study, Transfer, TransferState, utcnow
-from tests.peers import Orthanc, free_port, need, need_lidc, wait_for
+from tests.peers import DICOMWEB_PLUGIN, Orthanc, free_port, need, need_lidc, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -122,9 +123,16 @@ def send_all(assoc, paths):
 
 @pytest.fixture
 def orthanc(tmp_path):
-    pacs = Orthanc(tmp_path / "orthanc", node_ae="DICOM_NODE", node_port=free_port(), dicomweb=True).start()
+    if not Path(DICOMWEB_PLUGIN).exists():
+        pytest.skip(f"{DICOMWEB_PLUGIN} not found (Debian package orthanc-dicomweb)")
+    pacs = Orthanc(tmp_path / "orthanc", node_ae="DICOM_NODE", node_port=free_port(), plugins=[DICOMWEB_PLUGIN],
+                   config={"DicomWeb": {"Enable": True, "Root": "/dicom-web/"}}).start()
     yield pacs
     pacs.stop()
+
+
+def dicomweb_url(pacs) -> str:
+    return f"http://127.0.0.1:{pacs.http_port}/dicom-web"
 
 
 def pacs_objects(pacs, modality: str) -> list[str]:
@@ -347,9 +355,9 @@ def test_dicomweb_stow_rs_into_orthanc_with_its_echo(make_node, tmp_path, orthan
     from dicom_node import destinations
     from storage.models import Destination
 
-    dest = {"name": "web", "kind": "dicomweb", "url": orthanc.dicomweb_url}
+    dest = {"name": "web", "kind": "dicomweb", "url": dicomweb_url(orthanc)}
     h = Harness(make_node, f"sqlite:///{tmp_path / 'n.sqlite3'}",
-                [dest, {"name": "wrong", "kind": "dicomweb", "url": orthanc.dicomweb_url + "/nothing-here"}])
+                [dest, {"name": "wrong", "kind": "dicomweb", "url": dicomweb_url(orthanc) + "/nothing-here"}])
     try:
         ctx = destinations.Context(calling_ae="DICOM_NODE", timeout=10)
         with h.node.sessions.begin() as s:

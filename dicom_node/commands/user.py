@@ -16,13 +16,15 @@ from dicom_node.cli import add_config_argument, settings_from_args
 
 
 def register(subparsers) -> None:  # noqa: ANN001
-    p = subparsers.add_parser("user", help="manage web users (admin, radiologist)",
+    p = subparsers.add_parser("user", help="manage web users (admin, radiologist, sender)",
                               description="Manage the accounts that log in to the web pages and the API.")
     sub = p.add_subparsers(dest="user_command", metavar="ACTION", required=True)
 
     add = sub.add_parser("add", help="create a user")
     add.add_argument("name")
-    add.add_argument("--role", required=True, choices=["admin", "radiologist"])
+    add.add_argument("--role", required=True, choices=["admin", "radiologist", "sender"],
+                     help="admin: everything; radiologist: worklist, studies, DICOMweb reads; "
+                          "sender: DICOMweb STOW-RS only")
     add.add_argument("--password-stdin", action="store_true", help="read the password from standard input")
     add_config_argument(add)
 

@@ -81,7 +81,8 @@ def create_app(node: Node) -> FastAPI:
     @app.middleware("http")
     async def no_store(request: Request, call_next):
         response = await call_next(request)
-        if response.headers.get("content-type", "").startswith(("text/html", "application/json")):
+        if response.headers.get("content-type", "").startswith(("text/html", "application/json")) or \
+                request.url.path.startswith("/dicom-web"):
             response.headers.setdefault("Cache-Control", "no-store")  # patient data stays out of caches
         return response
 
@@ -100,13 +101,16 @@ def create_app(node: Node) -> FastAPI:
     async def page_forbidden(request: Request, exc: PageForbidden):
         with node.sessions() as s:
             user = session_user(request, s)  # to keep the navigation on the error page
-        return render(request, "error.html", {"user": user, "title": "Not allowed", "code": 403,
-                                             "message": "This page is for administrators. Your account is a radiologist account."},
+        role = user.role.value if user is not None else "radiologist"
+        message = ("This account may only store studies with DICOMweb STOW-RS; it has no pages." if role == "sender"
+                   else f"This page is for administrators. Your account is a {role} account.")
+        return render(request, "error.html", {"user": user if role != "sender" else None, "title": "Not allowed",
+                                             "code": 403, "message": message},
                       status_code=403)
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, exc: RequestValidationError):
-        if request.url.path.startswith("/api") or request.url.path in ("/metrics", "/healthz", "/openapi.json"):
+        if _json_errors(request.url.path):
             return await request_validation_exception_handler(request, exc)
         message = "; ".join(f"{'.'.join(str(p) for p in e['loc'][1:]) or 'value'}: {e['msg']}" for e in exc.errors())
         return render(request, "error.html", {"title": "Invalid request", "code": 422, "message": message},
@@ -114,7 +118,7 @@ def create_app(node: Node) -> FastAPI:
 
     @app.exception_handler(FastAPIHTTPException)
     async def http_error(request: Request, exc: FastAPIHTTPException):
-        if request.url.path.startswith("/api") or request.url.path in ("/metrics", "/healthz", "/openapi.json"):
+        if _json_errors(request.url.path):
             return JSONResponse({"detail": exc.detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
         return render(request, "error.html", {"title": "Error", "code": exc.status_code, "message": str(exc.detail)},
                       status_code=exc.status_code)
@@ -140,9 +144,17 @@ def create_app(node: Node) -> FastAPI:
     app.include_router(admin_pages.router, include_in_schema=False)
     from dicom_node.web.routes import storage as storage_routes  # storage usage and retention (operations)
     app.include_router(storage_routes.router)
+    from dicom_node.web import dicomweb
+
+    dicomweb.install(app, node)  # QIDO-RS, WADO-RS, STOW-RS under /dicom-web
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _allow_docs_script(app, ops.router)
     return app
+
+
+def _json_errors(path: str) -> bool:
+    """Routes that answer errors as JSON (API clients, DICOMweb clients), not as an HTML page."""
+    return path.startswith(("/api", "/dicom-web")) or path in ("/metrics", "/healthz", "/openapi.json")
 
 
 def _allow_docs_script(app: FastAPI, router) -> None:  # noqa: ANN001

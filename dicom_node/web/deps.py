@@ -122,9 +122,12 @@ class PageForbidden(Exception):
 
 
 def page_user(request: Request, s: DB) -> User:
+    """The signed-in user of a page; a ``sender`` account (STOW-RS only) sees no page."""
     user = session_user(request, s)
     if user is None:
         raise LoginRequired()
+    if user.role is Role.SENDER:
+        raise PageForbidden()
     return user
 
 

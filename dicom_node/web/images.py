@@ -55,6 +55,15 @@ class FindingGeometry:
     diameter_mm: float
 
 
+def window_to_grey(img: np.ndarray, level: float, width: float) -> np.ndarray:
+    """8-bit grey of ``img`` (values in the window's units, e.g. HU) through a linear window
+    (PS3.3 C.11.2.1.2 without the half-pixel shifts): ``level - width/2`` is black,
+    ``level + width/2`` white."""
+    width = max(float(width), 1.0)
+    lo = float(level) - width / 2
+    return np.clip((img.astype(np.float32) - lo) * (255.0 / width), 0, 255).astype(np.uint8)
+
+
 def load_volume(paths: list[Path]):
     """The series as a ``dicom_node.volume.Volume`` (one place to switch the loader)."""
     from dicom_node.volume import load_series
@@ -238,9 +247,7 @@ class KeyImages:
               c_row: float, c_col: float, diameter_mm: float, dist_mm: float, zoom: int = 1) -> bytes:
         from PIL import Image, ImageDraw
 
-        level, width = LUNG_WINDOW
-        lo = level - width / 2
-        grey = np.clip((img.astype(np.float32) - lo) * (255.0 / width), 0, 255).astype(np.uint8)
+        grey = window_to_grey(img, *LUNG_WINDOW)
         rows, cols = grey.shape
         if flip:
             grey = grey[::-1]

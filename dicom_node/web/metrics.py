@@ -43,7 +43,9 @@ class DatabaseCollector(Collector):
 
     def collect(self):
         with self.sessions() as s:
-            instances = s.scalar(select(func.count()).select_from(Instance)) or 0
+            # Received (C-STORE, STOW-RS), not the node's own results indexed for DICOMweb.
+            instances = s.scalar(select(func.count()).select_from(Instance)
+                                 .where(~Instance.path.startswith("results/"))) or 0
             assoc = s.execute(select(AssociationLog.direction, AssociationLog.result, func.count())
                               .group_by(AssociationLog.direction, AssociationLog.result)).all()
             jobs = dict(s.execute(select(Job.state, func.count()).group_by(Job.state)).all())

@@ -246,14 +246,14 @@ class UserIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     username: str
-    role: Literal["admin", "radiologist"]
+    role: Literal["admin", "radiologist", "sender"]
     password: str = Field(min_length=8)
 
 
 class UserUpdate(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    role: Literal["admin", "radiologist"] | None = None
+    role: Literal["admin", "radiologist", "sender"] | None = None
     password: str | None = Field(None, min_length=8)
 
 
