@@ -14,6 +14,7 @@ import sys
 
 COMMANDS = ["stages", "web", "network", "admin", "user", "predict", "train", "evaluate"]
 COMMANDS += ["backup", "retention"]  # operations (issue 11)
+COMMANDS += ["viewer"]  # the OHIF viewer (issue 10)
 
 
 def configure_logging(verbose: int = 0) -> None:

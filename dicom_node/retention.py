@@ -217,6 +217,7 @@ def delete_study(s: Session, study_id: int, reason: str, actor: str = ACTOR) -> 
     count, size = len(paths), int(s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))
                                            .where(Instance.series_id.in_(series_ids))) or 0)
     paths += list(s.scalars(select(ResultObject.path).where(ResultObject.job_id.in_(job_ids))))
+    paths += _prerendered(s, job_ids)
     paths = list(dict.fromkeys(paths))  # a result is indexed as an instance too: one path, once
     s.execute(delete(Transfer).where(Transfer.job_id.in_(job_ids)).execution_options(synchronize_session=False))
     s.execute(delete(FindingRow).where(or_(FindingRow.study_id == study_id, FindingRow.job_id.in_(job_ids)))
@@ -229,6 +230,18 @@ def delete_study(s: Session, study_id: int, reason: str, actor: str = ACTOR) -> 
     repo.audit(s, actor, "study.delete", target=uid,
                detail={"reason": reason, "instances": count, "bytes": size, "files": len(paths)})
     return paths, None
+
+
+def _prerendered(s: Session, job_ids) -> list[str]:
+    """The key images the worker pre-rendered for the jobs' findings (``dicom_node.render``)."""
+    from dicom_node import render
+
+    out = []
+    for job_id, number in s.execute(select(FindingRow.job_id, FindingRow.number).where(FindingRow.job_id.in_(job_ids))):
+        for plane, window, zoom in render.PRERENDER:
+            rel = render.cache_relpath(job_id, number, plane, window, zoom)
+            out += [rel, render.info_relpath(rel)]
+    return out
 
 
 def remove_files(data_dir: Path, paths: list[str]) -> int:

@@ -234,6 +234,7 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
         study = job.series.study
         for n, f in enumerate(findings, start=1):
             s.add(FindingRow(job=job, study_id=study.id, number=results.numbers[n - 1], tracking_uid=results.tracking_uids[n - 1],
+                             segment_number=results.segment_numbers[n - 1],
                              center_x_mm=float(f.center_mm[0]), center_y_mm=float(f.center_mm[1]),
                              center_z_mm=float(f.center_mm[2]), center_voxel=[float(v) for v in f.center_voxel],
                              diameter_mm=float(f.diameter_mm), volume_mm3=float(f.volume_mm3),
@@ -262,6 +263,25 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
         refresh_study_status(s, study)
     log.info("job %d done: %d finding(s); load %.1f s, model %.1f s, results %.1f s",
              job_id, len(findings), t1 - t0, t2 - t1, t3 - t2)
+    _prerender(node, job_id, volume, written, findings, results)
+
+
+def _prerender(node: Node, job_id: int, volume, written, findings, results) -> None:
+    """Render the study page's centre views now, while the volume is in memory (after the commit:
+    the results are not held back by it, and a failure here only costs the web a slower first page)."""
+    from dicom_node import render
+
+    t0 = time.monotonic()
+    try:  # never fails the job: it is committed already
+        seg_rel = next((w[2] for w in written if w[0] == "seg"), None)
+        nodules = [render.Nodule(number=results.numbers[i], segment_number=results.segment_numbers[i],
+                                 center_mm=tuple(float(v) for v in f.center_mm), diameter_mm=float(f.diameter_mm))
+                   for i, f in enumerate(findings)]
+        count = render.prerender(node.store, job_id, volume, node.store.path(seg_rel) if seg_rel else None, nodules)
+    except Exception as exc:  # noqa: BLE001 - the web renders on request instead
+        log.warning("job %d: pre-rendering the key images failed: %s", job_id, exc)
+        return
+    log.info("job %d: %d key image(s) pre-rendered in %.1f s", job_id, count, time.monotonic() - t0)
 
 
 def _predecessor_sr(s, job_id: int) -> tuple[str, str, str] | None:

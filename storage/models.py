@@ -212,7 +212,8 @@ class FindingRow(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[int] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id", ondelete="CASCADE"), index=True)
-    number: Mapped[int] = mapped_column(Integer)  # 1-based, equals the SEG segment number
+    number: Mapped[int] = mapped_column(Integer)  # 1-based nodule number: SR tracking id "Nodule <n>"
+    segment_number: Mapped[int | None] = mapped_column(Integer)  # its SEG segment (None: no mask, or older rows)
     tracking_uid: Mapped[str | None] = mapped_column(String(64))
     center_x_mm: Mapped[float] = mapped_column(Float)
     center_y_mm: Mapped[float] = mapped_column(Float)
@@ -225,6 +226,28 @@ class FindingRow(Base):
     location: Mapped[str | None] = mapped_column(String(64))  # side / lobe if known
 
     job: Mapped[Job] = relationship(back_populates="findings")
+    review: Mapped[FindingReview | None] = relationship(back_populates="finding", uselist=False,
+                                                         cascade="all, delete-orphan", passive_deletes=True)
+
+
+class ReviewDecision(str, enum.Enum):
+    ACCEPTED = "accepted"
+    REJECTED = "rejected"
+
+
+class FindingReview(Base):
+    """A reader's current decision on one finding (the audit trail keeps every change)."""
+
+    __tablename__ = "finding_reviews"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    finding_id: Mapped[int] = mapped_column(ForeignKey("findings.id", ondelete="CASCADE"), unique=True)
+    decision: Mapped[str] = mapped_column(String(16))  # ReviewDecision value
+    comment: Mapped[str | None] = mapped_column(Text)
+    reviewer: Mapped[str] = mapped_column(String(64))  # user name
+    reviewed_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    finding: Mapped[FindingRow] = relationship(back_populates="review")
 
 
 class ResultObject(Base):

@@ -42,6 +42,15 @@ from highdicom.color import CIELabColor
 from pydicom.sr.coding import Code
 from pydicom.uid import generate_uid
 
+from dicom_node.presentation import (  # noqa: F401 - re-exported for the result builders
+    HIGH_SUSPICION_FROM,
+    INTERMEDIATE_SUSPICION_FROM,
+    SEGMENT_PALETTE,
+    round_mm,
+    round_mm3,
+    round_probability,
+    suspicion_level,
+)
 from dicom_node.volume import Volume
 from model.finding import Finding
 
@@ -95,37 +104,9 @@ DISCLAIMER = (
 
 
 # -- how findings are presented ----------------------------------------------------------------
-# Suspicion of malignancy from the model's probability (the probability that readers would rate
-# the nodule malignant): "high" from HIGH_SUSPICION_FROM, "intermediate" from
-# INTERMEDIATE_SUSPICION_FROM, "low" below. The one place these cut-offs are defined.
-HIGH_SUSPICION_FROM = 0.7
-INTERMEDIATE_SUSPICION_FROM = 0.4
+# Cut-offs, rounding and the palette live in ``dicom_node.presentation`` (one place, shared with
+# the web pages and the export); the SR's codes for each level are here.
 SUSPICION_CODES = {"low": LOW, "intermediate": INTERMEDIATE, "high": HIGH}
-
-
-def suspicion_level(probability: float) -> str:
-    """``"low"``, ``"intermediate"`` or ``"high"`` for a malignancy probability in [0, 1]."""
-    p = float(probability)
-    if p >= HIGH_SUSPICION_FROM:
-        return "high"
-    if p >= INTERMEDIATE_SUSPICION_FROM:
-        return "intermediate"
-    return "low"
-
-
-def round_mm(value_mm: float) -> float:
-    """A length in mm rounded to what it can carry: 0.1 mm."""
-    return round(float(value_mm), 1)
-
-
-def round_mm3(value_mm3: float) -> int:
-    """A volume in mm^3 rounded to what it can carry: 1 mm^3."""
-    return int(round(float(value_mm3)))
-
-
-def round_probability(value: float) -> float:
-    """A probability or score in [0, 1], clipped to [0, 1] and rounded to two decimals."""
-    return round(min(max(float(value), 0.0), 1.0), 2)
 
 
 def laterality(center_mm: Sequence[float]) -> str:
@@ -158,10 +139,9 @@ def order_findings(findings: Sequence[Finding]) -> list[int]:
     )
 
 
-# Segment colours: the Okabe-Ito colour-blind-safe palette (sRGB), without black; nodule n gets
+# Segment colours: ``dicom_node.presentation.SEGMENT_PALETTE`` (sRGB); nodule n gets
 # SEGMENT_PALETTE[(n - 1) % len(SEGMENT_PALETTE)]. The SEG carries each as its
-# RecommendedDisplayCIELabValue; the key images outline in it; a web page can use the hex form.
-SEGMENT_PALETTE = ("#E69F00", "#56B4E9", "#009E73", "#F0E442", "#0072B2", "#D55E00", "#CC79A7")
+# RecommendedDisplayCIELabValue; the key images and the web page outline in it.
 
 
 def segment_colour(number: int) -> tuple[tuple[int, int, int], str]:

@@ -147,6 +147,10 @@ def create_app(node: Node) -> FastAPI:
     from dicom_node.web import dicomweb
 
     dicomweb.install(app, node)  # QIDO-RS, WADO-RS, STOW-RS under /dicom-web
+    from dicom_node.web.routes import viewer  # the OHIF viewer under /viewer (docs/viewing/viewer.md)
+
+    app.include_router(viewer.router, include_in_schema=False)
+    viewer.install_csp(app)
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     _allow_docs_script(app, ops.router)
     return app

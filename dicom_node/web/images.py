@@ -1,21 +1,15 @@
-"""Key images of a finding, rendered on the server from the stored series (PNG).
+"""Key images of a finding for the study page, rendered on request (``dicom_node.render``).
 
-Contract: ``KeyImages.render(finding_id, plane, offset)`` loads the series the finding was
-computed on (``dicom_node.volume.load_series``: (Z, Y, X) float32 HU with LPS geometry), takes
-the slice through the nodule centre in the requested plane, ``offset`` slices away from it
-(clamped to the volume), shows it in a lung window (W 1500, L -600) and outlines the nodule:
-with the boundary of its segment in the job's DICOM SEG (the result object of kind "seg", read
-with highdicom; segment number = finding number) where the SEG covers that slice, else with a
-circle of the finding's diameter around its centre (only on slices the sphere crosses).
-
-Axial images are shown as stored (patient right on the image left for the usual supine
-orientation); coronal and sagittal reformats are resampled to square millimetres with the
-head up. Loaded volumes and masks are cached (a few series) so scrolling is fast; the database
-session is never held while a series is read.
+Contract: ``KeyImages.render(finding_id, plane, offset, zoom, window)`` returns PNG bytes and
+facts about the slice shown. At the nodule centre (``offset`` 0) it serves the image the worker
+pre-rendered when the job finished (``dicom_node.render.prerender``), without reading the series;
+otherwise it loads the series the finding was computed on (``dicom_node.volume.load_series``),
+and outlines the nodule with its SEG segment (``findings.segment_number``; the nodule number for
+rows written before that column existed) or a circle. Loaded volumes and masks are cached (a few
+series) so scrolling is fast; the database session is never held while a series is read.
 """
 from __future__ import annotations
 
-import io
 import logging
 import threading
 from collections import OrderedDict
@@ -25,16 +19,15 @@ from pathlib import Path
 import numpy as np
 from sqlalchemy import select
 
+from dicom_node import render as renderer
 from dicom_node.node import Node
 from storage.models import FindingRow, Instance, Job, ResultObject, Series
 
 log = logging.getLogger(__name__)
 
-PLANES = ("axial", "coronal", "sagittal")
-ZOOMS = (1, 2, 4)
-LUNG_WINDOW = (-600.0, 1500.0)  # level, width (HU)
-OUTLINE_RGB = (255, 196, 0)
-DISPLAY_PX = 512
+PLANES = renderer.PLANES
+ZOOMS = renderer.ZOOMS
+WINDOWS = renderer.WINDOWS
 
 
 class ImageError(Exception):
@@ -50,18 +43,11 @@ class FindingGeometry:
     cache_key: tuple
     paths: tuple[Path, ...]
     seg_path: Path | None
+    job_id: int
     number: int
+    segment_number: int | None
     center_mm: tuple[float, float, float]
     diameter_mm: float
-
-
-def window_to_grey(img: np.ndarray, level: float, width: float) -> np.ndarray:
-    """8-bit grey of ``img`` (values in the window's units, e.g. HU) through a linear window
-    (PS3.3 C.11.2.1.2 without the half-pixel shifts): ``level - width/2`` is black,
-    ``level + width/2`` white."""
-    width = max(float(width), 1.0)
-    lo = float(level) - width / 2
-    return np.clip((img.astype(np.float32) - lo) * (255.0 / width), 0, 255).astype(np.uint8)
 
 
 def load_volume(paths: list[Path]):
@@ -71,60 +57,8 @@ def load_volume(paths: list[Path]):
     return load_series(paths)
 
 
-def seg_mask(seg_path: Path, volume, segment_number: int) -> np.ndarray | None:
-    """Boolean (Z, Y, X) mask of one SEG segment on ``volume``'s grid, or None if unusable.
-
-    Frames are placed by their source image reference (SOP Instance UID of the CT slice), else
-    by their Image Position (Patient); frames of other segments or other grids are ignored.
-    """
-    import highdicom as hd
-
-    try:
-        seg = hd.seg.segread(seg_path)
-        pixels = np.asarray(seg.pixel_array)
-    except Exception as exc:  # noqa: BLE001 - a bad SEG falls back to the circle
-        log.warning("cannot read SEG %s: %s", seg_path, exc)
-        return None
-    if pixels.ndim == 2:
-        pixels = pixels[None]
-    zdim, ydim, xdim = volume.array.shape
-    if pixels.shape[1:] != (ydim, xdim):
-        return None
-    by_uid = {str(ds.SOPInstanceUID): z for z, ds in enumerate(volume.datasets)}
-    mask = np.zeros(volume.array.shape, dtype=bool)
-    found = False
-    shared = None
-    try:  # with one segment, writers may put its identification in the shared groups
-        shared = int(seg.SharedFunctionalGroupsSequence[0].SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-    except (AttributeError, IndexError):
-        pass
-    for i, frame in enumerate(getattr(seg, "PerFrameFunctionalGroupsSequence", [])):
-        try:
-            number = int(frame.SegmentIdentificationSequence[0].ReferencedSegmentNumber)
-        except (AttributeError, IndexError):
-            number = shared
-        if number is None:
-            continue
-        if number != segment_number:
-            continue
-        z = None
-        try:
-            uid = str(frame.DerivationImageSequence[0].SourceImageSequence[0].ReferencedSOPInstanceUID)
-            z = by_uid.get(uid)
-        except (AttributeError, IndexError):
-            pass
-        if z is None:
-            try:
-                ipp = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
-                zf = float(volume.lps_to_voxel(ipp)[0])
-                z = int(round(zf)) if abs(zf - round(zf)) < 0.25 else None
-            except (AttributeError, IndexError, ValueError):
-                z = None
-        if z is None or not 0 <= z < zdim:
-            continue
-        mask[z] |= pixels[i] > 0
-        found = True
-    return mask if found else None
+seg_mask = renderer.seg_mask
+window_to_grey = renderer.window_to_grey  # used by DICOMweb's rendered resources
 
 
 class KeyImages:
@@ -156,7 +90,9 @@ class KeyImages:
                 cache_key=(series.series_instance_uid, len(rows), str(latest), seg or ""),
                 paths=tuple(self.node.store.path(r.path) for r in rows),
                 seg_path=self.node.store.path(seg) if seg else None,
+                job_id=job.id,
                 number=f.number,
+                segment_number=f.segment_number if f.segment_number is not None else f.number,
                 center_mm=(f.center_x_mm, f.center_y_mm, f.center_z_mm),
                 diameter_mm=float(f.diameter_mm or 0.0),
             )
@@ -189,97 +125,31 @@ class KeyImages:
             return entry
 
     def _mask(self, geo: FindingGeometry, volume, masks: dict) -> np.ndarray | None:
-        if geo.seg_path is None:
+        if geo.seg_path is None or geo.segment_number is None:
             return None
         with self._mask_lock:
-            if geo.number not in masks:
-                masks[geo.number] = seg_mask(geo.seg_path, volume, geo.number) if geo.seg_path.exists() else None
-            return masks[geo.number]
+            if geo.segment_number not in masks:
+                masks[geo.segment_number] = (renderer.seg_mask(geo.seg_path, volume, geo.segment_number)
+                                             if geo.seg_path.exists() else None)
+            return masks[geo.segment_number]
 
     # --- rendering --------------------------------------------------------------------------------
 
-    def render(self, finding_id: int, plane: str = "axial", offset: int = 0, zoom: int = 1) -> tuple[bytes, dict]:
-        """PNG bytes and facts about the slice shown (index, count, outline source).
-
-        ``zoom`` 1 shows the whole slice (longest side 512 px); 2 and 4 show a 512 px square
-        centred on the nodule, magnified.
-        """
-        if plane not in PLANES:
-            raise ImageError(422, f"plane {plane!r} is not one of {list(PLANES)}")
-        if zoom not in ZOOMS:
-            raise ImageError(422, f"zoom {zoom!r} is not one of {list(ZOOMS)}")
+    def render(self, finding_id: int, plane: str = "axial", offset: int = 0, zoom: int = 1,
+               window: str = renderer.DEFAULT_WINDOW) -> tuple[bytes, dict]:
+        """PNG bytes and facts about the slice shown (index, count, outline source, orientation)."""
+        try:
+            renderer.check_request(plane, window, zoom)
+        except ValueError as exc:
+            raise ImageError(422, str(exc)) from None
         geo = self.geometry(finding_id)
+        if offset == 0:
+            cached = renderer.read_cached(self.node.store, geo.job_id, geo.number, plane, window, zoom)
+            if cached is not None:
+                png, info = cached
+                return png, {**info, "cached": True}
         volume, masks = self._volume_and_masks(geo)
         mask = self._mask(geo, volume, masks)
-        arr = volume.array
-        centre = np.asarray(volume.lps_to_voxel(geo.center_mm), dtype=float)  # (z, y, x)
-        axis = {"axial": 0, "coronal": 1, "sagittal": 2}[plane]
-        count = arr.shape[axis]
-        base = int(np.clip(round(centre[axis]), 0, count - 1))
-        index = int(np.clip(base + int(offset), 0, count - 1))
-        sz, sy, sx = volume.spacing
-        if axis == 0:
-            img, m2 = arr[index], (mask[index] if mask is not None else None)
-            px_h, px_w = sy, sx
-            c_row, c_col = centre[1], centre[2]
-        elif axis == 1:
-            img, m2 = arr[:, index, :], (mask[:, index, :] if mask is not None else None)
-            px_h, px_w = sz, sx
-            c_row, c_col = centre[0], centre[2]
-        else:
-            img, m2 = arr[:, :, index], (mask[:, :, index] if mask is not None else None)
-            px_h, px_w = sz, sy
-            c_row, c_col = centre[0], centre[1]
-        flip = axis != 0 and self._z_goes_up(volume)
-        dist_mm = abs(index - centre[axis]) * (sz, sy, sx)[axis]
-        outline = "seg" if mask is not None else "circle"
-        png = self._draw(img, m2, flip, px_h, px_w, c_row, c_col, geo.diameter_mm, dist_mm, zoom)
-        return png, {"index": index, "count": count, "centre_index": base, "outline": outline, "plane": plane,
-                     "zoom": zoom}
-
-    @staticmethod
-    def _z_goes_up(volume) -> bool:
-        """Whether increasing slice index points to the patient's head (LPS +z)."""
-        return float(np.asarray(volume.direction)[2, 2]) >= 0
-
-    @staticmethod
-    def _draw(img: np.ndarray, m2: np.ndarray | None, flip: bool, px_h: float, px_w: float,
-              c_row: float, c_col: float, diameter_mm: float, dist_mm: float, zoom: int = 1) -> bytes:
-        from PIL import Image, ImageDraw
-
-        grey = window_to_grey(img, *LUNG_WINDOW)
-        rows, cols = grey.shape
-        if flip:
-            grey = grey[::-1]
-            m2 = None if m2 is None else m2[::-1]
-            c_row = rows - 1 - c_row
-        # Square millimetres, longest side DISPLAY_PX (times the zoom, cropped below).
-        h_mm, w_mm = rows * px_h, cols * px_w
-        scale = DISPLAY_PX * zoom / max(h_mm, w_mm)  # display pixels per mm
-        out_h, out_w = max(1, round(h_mm * scale)), max(1, round(w_mm * scale))
-        image = Image.fromarray(grey, mode="L").resize((out_w, out_h), Image.Resampling.BILINEAR).convert("RGB")
-        if m2 is not None and m2.any():
-            big = np.asarray(Image.fromarray(m2.astype(np.uint8) * 255, mode="L").resize((out_w, out_h), Image.Resampling.NEAREST)) > 0
-            inner = big.copy()
-            inner[1:-1, 1:-1] = big[1:-1, 1:-1] & big[:-2, 1:-1] & big[2:, 1:-1] & big[1:-1, :-2] & big[1:-1, 2:]
-            edge = big & ~inner
-            # Thicken the edge to 2 px so it reads at a glance.
-            edge[1:, :] |= edge[:-1, :]
-            edge[:, 1:] |= edge[:, :-1]
-            rgb = np.asarray(image).copy()
-            rgb[edge] = OUTLINE_RGB
-            image = Image.fromarray(rgb)
-        elif m2 is None and diameter_mm > 0 and dist_mm < diameter_mm / 2:
-            radius_mm = (max(diameter_mm / 2, 1.0) ** 2 - dist_mm ** 2) ** 0.5
-            cy = (c_row + 0.5) * px_h * scale
-            cx = (c_col + 0.5) * px_w * scale
-            r = max(radius_mm * scale, 4.0) + 2
-            ImageDraw.Draw(image).ellipse((cx - r, cy - r, cx + r, cy + r), outline=OUTLINE_RGB, width=2)
-        if zoom > 1:
-            cy = (c_row + 0.5) * px_h * scale
-            cx = (c_col + 0.5) * px_w * scale
-            left, top = round(cx - DISPLAY_PX / 2), round(cy - DISPLAY_PX / 2)
-            image = image.crop((left, top, left + DISPLAY_PX, top + DISPLAY_PX))  # outside: black
-        buf = io.BytesIO()
-        image.save(buf, format="PNG", compress_level=1)
-        return buf.getvalue()
+        view = renderer.render_view(volume, mask, geo.center_mm, geo.diameter_mm, geo.number, plane, offset,
+                                    window, zoom)
+        return view.png, {**view.info(), "cached": False}

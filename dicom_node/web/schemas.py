@@ -47,6 +47,7 @@ class StudySummary(BaseModel):
     max_malignancy: float | None = Field(None, ge=0, le=1)
     received_at: datetime | None = None
     updated_at: datetime | None = None
+    reviews: ReviewCounts | None = Field(None, description="readers' decisions on the findings of the latest results")
 
 
 class StudyPage(BaseModel):
@@ -67,18 +68,63 @@ class SeriesOut(BaseModel):
     is_result: bool
 
 
+class ReviewCounts(BaseModel):
+    findings: int
+    accepted: int
+    rejected: int
+    pending: int
+
+
+class ReviewIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    decision: Literal["accepted", "rejected"] = Field(description="the reader's decision on the finding")
+    comment: str | None = Field(None, max_length=2000, description="optional free text")
+
+
+class ReviewOut(BaseModel):
+    decision: str
+    comment: str | None = None
+    reviewer: str
+    reviewed_at: datetime
+
+
 class FindingOut(BaseModel):
     id: int
-    number: int
+    number: int = Field(description="nodule number: SR tracking identifier 'Nodule <n>', the table and the images")
+    segment_number: int | None = Field(None, description="its segment in the SEG (None: no mask)")
     job_id: int
     series_instance_uid: str
-    center_mm: list[float] = Field(description="LPS (x, y, z) millimetres")
+    center_mm: list[float] = Field(description="LPS (x, y, z) millimetres, rounded to 0.1 mm")
     location: str | None
+    diameter_mm: float = Field(description="mm, rounded to 0.1 mm")
+    volume_mm3: float = Field(description="mm3, rounded to 1 mm3")
+    malignancy: float = Field(description="probability in [0, 1], two decimals")
+    suspicion: str = Field(description="low, intermediate or high (cut-offs in dicom_node.presentation)")
+    score: float = Field(description="detection score in [0, 1], two decimals")
+    colour: str = Field(description="#rrggbb, the SEG segment's recommended display colour")
+    image_url: str
+    review: ReviewOut | None = None
+
+
+class FindingExportRow(BaseModel):
+    study_instance_uid: str
+    series_instance_uid: str
+    job_id: int
+    finding_number: int
+    center_x_mm: float
+    center_y_mm: float
+    center_z_mm: float
     diameter_mm: float
     volume_mm3: float
     malignancy: float
+    suspicion: str
     score: float
-    image_url: str
+    location: str | None
+    review: str = Field(description="accepted, rejected or pending")
+    review_comment: str | None
+    reviewer: str | None
+    reviewed_at: datetime | None
 
 
 class ResultOut(BaseModel):

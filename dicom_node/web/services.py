@@ -14,6 +14,7 @@ from datetime import date
 from sqlalchemy import and_, func, literal, or_, select
 from sqlalchemy.orm import Session, selectinload
 
+from dicom_node import presentation
 from dicom_node.node import RUNTIME_KEYS, Node
 from dicom_node.web import schemas
 from storage import repo, users
@@ -21,6 +22,7 @@ from storage.models import (
     AssociationLog,
     AuditEvent,
     Destination,
+    FindingReview,
     FindingRow,
     Job,
     JobState,
@@ -29,6 +31,8 @@ from storage.models import (
     Source,
     Study,
     StudyStatus,
+    ReviewDecision,
+    Role,
     Transfer,
     TransferState,
     User,
@@ -141,7 +145,12 @@ def patient_name(value: str | None) -> str | None:
     return f"{family}, {rest}" if rest and family else (family or rest)
 
 
-def study_summary(study: Study) -> schemas.StudySummary:
+def patient_label(name: str | None, patient_id: str | None) -> str:
+    """What the worklist and the study header both call the patient: the name, else the ID."""
+    return name or patient_id or "Anonymous patient"
+
+
+def study_summary(study: Study, reviews: schemas.ReviewCounts | None = None) -> schemas.StudySummary:
     return schemas.StudySummary(
         study_instance_uid=study.study_instance_uid,
         status=study.status.value,
@@ -157,6 +166,7 @@ def study_summary(study: Study) -> schemas.StudySummary:
         max_malignancy=study.max_malignancy,
         received_at=study.created_at,
         updated_at=study.updated_at,
+        reviews=reviews,
     )
 
 
@@ -188,16 +198,138 @@ def transfer_out(t: Transfer, destination_name: str) -> schemas.TransferOut:
 
 
 def study_findings(s: Session, study: Study) -> list[tuple[FindingRow, Series]]:
-    """Findings of the latest finished job of each analysed series, most malignant first."""
-    latest = (select(Job.series_id, func.max(Job.id).label("job_id"))
-              .join(Series, Series.id == Job.series_id)
-              .where(Series.study_id == study.id, Job.state == JobState.DONE)
-              .group_by(Job.series_id).subquery())
+    """Findings of the latest finished job of each analysed series, in nodule-number order
+    (which is most malignant first: ``dicom_node.results.common.order_findings``)."""
+    latest = _latest_done_jobs([study.id])
     rows = s.execute(select(FindingRow, Series)
                      .join(latest, latest.c.job_id == FindingRow.job_id)
                      .join(Series, Series.id == latest.c.series_id)
-                     .order_by(FindingRow.malignancy.desc(), FindingRow.number))
+                     .options(selectinload(FindingRow.review))
+                     .order_by(Series.id, FindingRow.number))
     return [(f, se) for f, se in rows]
+
+
+def _latest_done_jobs(study_ids: list[int]):
+    """Subquery (series_id, job_id, study_id): the latest finished job of each series of the studies."""
+    return (select(Job.series_id, func.max(Job.id).label("job_id"), Series.study_id.label("study_id"))
+            .join(Series, Series.id == Job.series_id)
+            .where(Series.study_id.in_(study_ids), Job.state == JobState.DONE)
+            .group_by(Job.series_id, Series.study_id).subquery())
+
+
+def review_counts(s: Session, study_ids: list[int]) -> dict[int, schemas.ReviewCounts]:
+    """Per study: findings of its latest results and how many readers accepted or rejected."""
+    if not study_ids:
+        return {}
+    latest = _latest_done_jobs(study_ids)
+    rows = s.execute(
+        select(latest.c.study_id, func.count(FindingRow.id),
+               func.count(FindingReview.id).filter(FindingReview.decision == ReviewDecision.ACCEPTED.value),
+               func.count(FindingReview.id).filter(FindingReview.decision == ReviewDecision.REJECTED.value))
+        .select_from(latest)
+        .join(FindingRow, FindingRow.job_id == latest.c.job_id)
+        .outerjoin(FindingReview, FindingReview.finding_id == FindingRow.id)
+        .group_by(latest.c.study_id))
+    return {sid: schemas.ReviewCounts(findings=n, accepted=a, rejected=r, pending=n - a - r) for sid, n, a, r in rows}
+
+
+def study_summaries(s: Session, studies: list[Study]) -> list[schemas.StudySummary]:
+    counts = review_counts(s, [st.id for st in studies])
+    return [study_summary(st, counts.get(st.id)) for st in studies]
+
+
+def review_out(r: FindingReview | None) -> schemas.ReviewOut | None:
+    if r is None:
+        return None
+    return schemas.ReviewOut(decision=r.decision, comment=r.comment, reviewer=r.reviewer, reviewed_at=r.reviewed_at)
+
+
+def finding_out(f: FindingRow, se: Series) -> schemas.FindingOut:
+    """A finding as readers see it: rounded (``dicom_node.presentation``), numbered, coloured."""
+    return schemas.FindingOut(
+        id=f.id, number=f.number, segment_number=f.segment_number, job_id=f.job_id,
+        series_instance_uid=se.series_instance_uid,
+        center_mm=[presentation.round_mm(v) for v in (f.center_x_mm, f.center_y_mm, f.center_z_mm)],
+        location=f.location, diameter_mm=presentation.round_mm(f.diameter_mm),
+        volume_mm3=presentation.round_mm3(f.volume_mm3),
+        malignancy=presentation.round_probability(f.malignancy),
+        suspicion=presentation.suspicion_level(f.malignancy),
+        score=presentation.round_probability(f.score), colour=presentation.nodule_colour(f.number),
+        image_url=f"/api/findings/{f.id}/image?plane=axial", review=review_out(f.review))
+
+
+def _study_finding(s: Session, study_uid: str, number: int) -> FindingRow:
+    study = get_study(s, study_uid)
+    for f, _se in study_findings(s, study):
+        if f.number == number:
+            return f
+    raise _not_found(f"finding {number} of study {study_uid}")
+
+
+def review_finding(s: Session, actor: str, study_uid: str, number: int, data: schemas.ReviewIn) -> FindingRow:
+    """Record (or change) a reader's decision on nodule ``number`` of the study's latest results,
+    with an audit event holding the previous decision."""
+    f = _study_finding(s, study_uid, number)
+    comment = (data.comment or "").strip() or None
+    before = review_out(f.review)
+    if f.review is None:
+        f.review = FindingReview(decision=data.decision, comment=comment, reviewer=actor, reviewed_at=utcnow())
+    else:
+        f.review.decision, f.review.comment, f.review.reviewer = data.decision, comment, actor
+        f.review.reviewed_at = utcnow()
+    s.flush()
+    repo.audit(s, actor, "finding.review", f"{study_uid}/{number}", {
+        "finding_id": f.id, "job_id": f.job_id, "decision": data.decision, "comment": comment,
+        "previous": before.decision if before else None})
+    return f
+
+
+def export_findings(s: Session) -> list[schemas.FindingExportRow]:
+    """Every finding of the latest results of every study, with its review (follow-up of the model)."""
+    latest = (select(Job.series_id, func.max(Job.id).label("job_id"))
+              .where(Job.state == JobState.DONE).group_by(Job.series_id).subquery())
+    rows = s.execute(select(FindingRow, Series.series_instance_uid, Study.study_instance_uid)
+                     .join(latest, latest.c.job_id == FindingRow.job_id)
+                     .join(Series, Series.id == latest.c.series_id)
+                     .join(Study, Study.id == Series.study_id)
+                     .options(selectinload(FindingRow.review))
+                     .order_by(Study.id, Series.id, FindingRow.number))
+    out = []
+    for f, series_uid, study_uid in rows:
+        r = f.review
+        out.append(schemas.FindingExportRow(
+            study_instance_uid=study_uid, series_instance_uid=series_uid, job_id=f.job_id, finding_number=f.number,
+            center_x_mm=presentation.round_mm(f.center_x_mm), center_y_mm=presentation.round_mm(f.center_y_mm),
+            center_z_mm=presentation.round_mm(f.center_z_mm), diameter_mm=presentation.round_mm(f.diameter_mm),
+            volume_mm3=presentation.round_mm3(f.volume_mm3), malignancy=presentation.round_probability(f.malignancy),
+            suspicion=presentation.suspicion_level(f.malignancy), score=presentation.round_probability(f.score),
+            location=f.location, review=r.decision if r else "pending", review_comment=r.comment if r else None,
+            reviewer=r.reviewer if r else None, reviewed_at=r.reviewed_at if r else None))
+    return out
+
+
+EXPORT_COLUMNS = list(schemas.FindingExportRow.model_fields)
+
+
+def export_csv(rows: list[schemas.FindingExportRow]) -> str:
+    import csv
+    import io
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=EXPORT_COLUMNS, lineterminator="\r\n")
+    w.writeheader()
+    for row in rows:
+        d = row.model_dump()
+        d["reviewed_at"] = row.reviewed_at.isoformat() if row.reviewed_at else ""
+        w.writerow({k: ("" if v is None else _csv_safe(v)) for k, v in d.items()})
+    return buf.getvalue()
+
+
+def _csv_safe(value):
+    """Free text that a spreadsheet would run as a formula is quoted with a leading apostrophe."""
+    if isinstance(value, str) and value[:1] in ("=", "+", "-", "@", "\t", "\r"):
+        return "'" + value
+    return value
 
 
 def study_detail(s: Session, uid: str) -> schemas.StudyDetail:
@@ -212,14 +344,8 @@ def study_detail(s: Session, uid: str) -> schemas.StudyDetail:
                              .order_by(ResultObject.job_id.desc(), ResultObject.kind))) if job_ids else []
     transfers = list(s.execute(select(Transfer, Destination.name).join(Destination, Destination.id == Transfer.destination_id)
                                .where(Transfer.job_id.in_(job_ids)).order_by(Transfer.id.desc()))) if job_ids else []
-    findings = [
-        schemas.FindingOut(
-            id=f.id, number=f.number, job_id=f.job_id, series_instance_uid=se.series_instance_uid,
-            center_mm=[f.center_x_mm, f.center_y_mm, f.center_z_mm], location=f.location,
-            diameter_mm=f.diameter_mm, volume_mm3=f.volume_mm3, malignancy=f.malignancy, score=f.score,
-            image_url=f"/api/findings/{f.id}/image?plane=axial")
-        for f, se in study_findings(s, study)
-    ]
+    findings = [finding_out(f, se) for f, se in study_findings(s, study)]
+    summary.reviews = review_counts(s, [study.id]).get(study.id)
     return schemas.StudyDetail(
         **summary.model_dump(),
         series=[schemas.SeriesOut(
@@ -593,11 +719,11 @@ def status_counts(s: Session) -> dict[str, int]:
 
 
 def suspicion_level(malignancy: float | None) -> str:
-    if malignancy is None:
-        return "none"
-    if malignancy >= 0.7:
-        return "high"
-    if malignancy >= 0.4:
-        return "medium"
-    return "low"
+    """``presentation.suspicion_level``, or ``"none"`` for a study without findings."""
+    return "none" if malignancy is None else presentation.suspicion_level(malignancy)
+
+
+def visible_transfer_error(role: Role, error: str | None) -> str | None:
+    """Delivery errors concern the administrator; a radiologist sees none (the state says enough)."""
+    return error if role is Role.ADMIN else None
 

@@ -9,7 +9,8 @@ from fastapi.templating import Jinja2Templates
 
 from dicom_node import __version__
 from dicom_node.web.security import new_csrf_token
-from dicom_node.web.services import STATUS_LABELS, suspicion_level
+from dicom_node import presentation
+from dicom_node.web.services import STATUS_LABELS, patient_label, suspicion_level
 
 
 def _dt(value: datetime | None) -> str:
@@ -24,6 +25,15 @@ def _pct(value: float | None) -> str:
     return "" if value is None else f"{value * 100:.0f}%"
 
 
+def _prob(value: float | None) -> str:
+    """A probability or score to two decimals (``presentation.round_probability``)."""
+    return "" if value is None else f"{presentation.round_probability(value):.2f}"
+
+
+def _mm3(value: float | None) -> str:
+    return "" if value is None else f"{presentation.round_mm3(value)} mm³"
+
+
 def _mm(value: float | None, digits: int = 1) -> str:
     return "" if value is None else f"{value:.{digits}f} mm"
 
@@ -34,6 +44,12 @@ def make_templates(directory: Path) -> Jinja2Templates:
     env.filters["dt"] = _dt
     env.filters["pct"] = _pct
     env.filters["mm"] = _mm
+    env.filters["mm3"] = _mm3
+    env.filters["prob"] = _prob
+    env.globals["patient_label"] = patient_label
+    env.globals["nodule_colour"] = presentation.nodule_colour
+    env.globals["BANDS"] = {"intermediate": presentation.INTERMEDIATE_SUSPICION_FROM,
+                            "high": presentation.HIGH_SUSPICION_FROM}
     env.globals["STATUS_LABELS"] = STATUS_LABELS
     env.globals["suspicion"] = suspicion_level
     env.globals["version"] = __version__

@@ -38,6 +38,8 @@ ROLES = {
     ("POST", "/api/studies/{study_uid}/series/{series_uid}/complete"): ADM,
     ("GET", "/api/findings/{finding_id}/image"): ANY,
     ("GET", "/api/results/{result_id}/file"): ANY,
+    ("POST", "/api/studies/{study_uid}/findings/{number}/review"): ANY,
+    ("GET", "/api/findings/export"): ANY,
     ("POST", "/api/jobs/{job_id}/rerun"): ANY,
     ("POST", "/api/jobs/{job_id}/resend"): ANY,
     ("GET", "/api/jobs"): ADM,

@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 from web_phantom import NODULE_DIAMETER_MM, NODULE_MM, add_done_job, add_study_row, lidc_files, nodule_mask, store_files, store_phantom
+from dicom_node.worker import side_of
 from storage.models import StudyStatus
 from webtools import (
     ADMIN,
@@ -73,16 +74,26 @@ def _lidc_study(node):
         study.study_description = "CT CHEST (LIDC-IDRI-0001)"
     add_done_job(node, series_uid, [
         {"center_mm": LIDC_NODULE_MM, "diameter_mm": round(diameter, 1), "volume_mm3": round(volume_mm3),
-         "malignancy": 0.93, "score": 0.97, "location": "right lung"},
+         "malignancy": 0.93, "score": 0.97, "location": side_of(LIDC_NODULE_MM)},  # x > 0: the patient's left
+        SECOND_FINDING(LIDC_NODULE_MM),
     ], seg_from=_Src, seg_mask=mask, inference_seconds=41.7)
     return study_uid
+
+
+def SECOND_FINDING(first_mm):
+    """A second, low-suspicion detection without a mask, 25 mm below the first one in the other
+    lung (the false positive a reader rejects in the review test)."""
+    centre = (-first_mm[0], first_mm[1], first_mm[2] - 25.0)
+    return {"center_mm": centre, "diameter_mm": 5.2, "volume_mm3": 74, "malignancy": 0.23, "score": 0.58,
+            "location": side_of(centre)}
 
 
 def _phantom_study(node):
     ph = store_phantom(node, patient=("PHANTOM^CHEST", "PH0001"), accession="ACC20410")
     mask = nodule_mask(ph.hu, (-142.5, -142.5, -100.0), (2.5, 3.0, 3.0), NODULE_MM, NODULE_DIAMETER_MM)
     add_done_job(node, ph.series_uid, [{"center_mm": NODULE_MM, "diameter_mm": NODULE_DIAMETER_MM, "volume_mm3": 1436,
-                                        "malignancy": 0.93, "location": "right lung"}], seg_from=ph, seg_mask=mask)
+                                        "malignancy": 0.93, "location": "right lung"},
+                                       SECOND_FINDING(NODULE_MM)], seg_from=ph, seg_mask=mask)
     return ph.study_uid
 
 
@@ -235,11 +246,11 @@ def test_login_worklist_and_study_with_nodule_image(page, site):
     page.wait_for_url("**/worklist")
     first = page.locator("table.worklist tbody tr").first
     assert "Done" in first.inner_text()
-    assert "93%" in first.inner_text()
+    assert first.locator(".risk .level").inner_text() == "High" and first.locator(".risk .prob").inner_text() == "0.93"
+    assert "%" not in first.inner_text()
     href = first.locator("a.rowlink").get_attribute("href")
     assert href == f"/studies/{site['study_uid']}"
     assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"], "worklist scrolls sideways at 1366 px"
-    shot(page, "02-worklist")
 
     # Auto-refresh: a study that arrives meanwhile shows without reloading the page.
     with site["node"].sessions.begin() as s:
@@ -260,25 +271,99 @@ def test_login_worklist_and_study_with_nodule_image(page, site):
     wait_until(page, "document.getElementById('axial-image').complete && "
                      "document.getElementById('axial-image').naturalWidth > 0")
     assert page.evaluate("document.getElementById('axial-image').naturalWidth") == 512
-    wait_until(page, "Array.from(document.querySelectorAll('.reformats img')).every(i => i.complete && i.naturalWidth > 0)")
-    assert "right lung" in page.locator("table.findings").inner_text()
+    wait_until(page, "Array.from(document.querySelectorAll('.views img')).every(i => i.complete && i.naturalWidth > 0)")
+    nodule_side = side_of(LIDC_NODULE_MM if LIDC_SERIES.is_dir() else NODULE_MM)
+    assert nodule_side in page.locator("table.findings tbody tr").first.inner_text()
     assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
-    shot(page, "03-study")
     shot(page, "03-study-full", full_page=True)
 
     # Scroll two slices with the keyboard on the focused image.
     img.focus()
     page.keyboard.press("ArrowDown")
-    wait_until(page, "document.getElementById('slice-label').textContent.includes('+1')")
+    wait_until(page, "document.getElementById('axial-label').textContent.includes('+1')")
     page.keyboard.press("ArrowDown")
-    wait_until(page, "document.getElementById('slice-label').textContent.includes('+2 slices')")
+    wait_until(page, "document.getElementById('axial-label').textContent.includes('+2 slices')")
     assert page.evaluate("document.getElementById('axial-image').src").startswith("blob:")
     # Zoom by keyboard: Z magnifies all three planes around the nodule.
     page.keyboard.press("z")
     wait_until(page, "document.querySelector('a.zoom[data-zoom=\"2\"]').getAttribute('aria-pressed') === 'true'")
-    wait_until(page, "Array.from(document.querySelectorAll('.reformats img')).every("
-                     "i => i.src.includes('zoom=2') && i.complete && i.naturalWidth > 0)")
+    wait_until(page, "Array.from(document.querySelectorAll('figure.view')).every("
+                     "f => (f.getAttribute('data-shown') || '').endsWith(':2'))")
     shot(page, "03-study-zoom")
+
+
+def _shown(plane: str) -> str:
+    return f"document.querySelector('figure.view-{plane}').getAttribute('data-shown') || ''"
+
+
+def test_choosing_a_nodule_moves_the_views_and_reviews_show_in_the_worklist(page, site):
+    """A radiologist picks nodule 2, scrolls, changes the window, accepts 1 and rejects 2: no page
+    load in between (a marker set on the page survives), the decisions are in the database and
+    in the worklist."""
+    from sqlalchemy import select
+
+    from storage.models import AuditEvent, FindingReview, FindingRow
+
+    login(page, RAD)
+    page.goto(f"/studies/{site['study_uid']}")
+    wait_until(page, "Array.from(document.querySelectorAll('.views img')).every(i => i.complete && i.naturalWidth > 0)")
+    page.evaluate("window.__samePage = 'yes'")
+    rows = page.locator("table.findings tbody tr")
+    assert rows.count() == 2
+    first_id, second_id = (rows.nth(i).get_attribute("data-finding-id") for i in (0, 1))
+    assert "nodule 1" in page.locator("#viewer-nodule").inner_text()
+
+    # Choose nodule 2: all three views jump to it, the row is marked, the address says so.
+    rows.nth(1).locator("a.nodule-link").click()
+    for plane in ("axial", "coronal", "sagittal"):
+        wait_until(page, f"({_shown(plane)}).startsWith('{second_id}:0:lung:')")
+    assert page.evaluate("window.__samePage") == "yes", "choosing a nodule reloaded the page"
+    assert "nodule 2" in page.locator("#viewer-nodule").inner_text()
+    assert "selected" in rows.nth(1).get_attribute("class") and "selected" not in (rows.nth(0).get_attribute("class") or "")
+    assert f"finding={second_id}" in page.url
+    centre_2 = page.locator("#axial-label").inner_text()
+    # Scroll the coronal view by keyboard and the sagittal one with the wheel; change the window.
+    page.locator("#coronal-image").focus()
+    page.keyboard.press("ArrowDown")
+    wait_until(page, f"({_shown('coronal')}).startsWith('{second_id}:1:')")
+    page.locator("#sagittal-image").hover()
+    page.mouse.wheel(0, -120)
+    wait_until(page, f"({_shown('sagittal')}).startsWith('{second_id}:-1:')")
+    page.click("a.window[data-window=mediastinum]")
+    for plane in ("axial", "coronal", "sagittal"):
+        wait_until(page, f"({_shown(plane)}).includes(':mediastinum:')")
+    assert page.locator("a.window[data-window=mediastinum]").get_attribute("aria-pressed") == "true"
+
+    # Review: accept nodule 1 with a comment, reject nodule 2.
+    rows.nth(0).locator("input[name=comment]").fill("solid, agrees with the CT report")
+    rows.nth(0).locator("button.accept").click()
+    wait_until(page, "document.getElementById('review-1').textContent.includes('Accepted')")
+    rows.nth(1).locator("button.reject").click()
+    wait_until(page, "document.getElementById('review-2').textContent.includes('Rejected')")
+    wait_until(page, "document.getElementById('review-summary').textContent.includes('1 accepted, 1 rejected')")
+    assert page.evaluate("window.__samePage") == "yes", "a review reloaded the page"
+    with site["node"].sessions() as s:
+        got = {(f.number, r.decision, r.comment, r.reviewer) for r, f in s.execute(
+            select(FindingReview, FindingRow).join(FindingRow, FindingRow.id == FindingReview.finding_id))}
+        audited = s.scalars(select(AuditEvent.target).where(AuditEvent.action == "finding.review")).all()
+    assert got == {(1, "accepted", "solid, agrees with the CT report", RAD[0]), (2, "rejected", None, RAD[0])}
+    assert sorted(audited) == [f"{site['study_uid']}/1", f"{site['study_uid']}/2"]
+
+    # Back to nodule 1 in the lung window for the picture of the page.
+    rows.nth(0).locator("a.nodule-link").click()
+    page.click("a.window[data-window=lung]")
+    for plane in ("axial", "coronal", "sagittal"):
+        wait_until(page, f"({_shown(plane)}).startsWith('{first_id}:0:lung:')")
+    assert page.locator("#axial-label").inner_text() != centre_2
+    page.evaluate("window.scrollTo(0, 0)")
+    assert page.evaluate("document.documentElement.scrollWidth") <= VIEWPORT["width"]
+    shot(page, "03-study")
+
+    # The worklist says what was reviewed (and survives a reload: it is stored).
+    page.goto("/worklist")
+    row = page.locator("table.worklist tbody tr", has_text="2 findings")
+    assert "2 findings, 1 accepted, 1 rejected" in row.inner_text()
+    shot(page, "02-worklist")
 
 
 def test_admin_adds_source_and_runs_c_echo(page, site):

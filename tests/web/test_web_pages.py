@@ -67,7 +67,8 @@ def test_worklist_page_filters_and_fragment(node, browser):
     page_login(browser, RAD)
     html = browser.get("/worklist").text
     assert html.index("ACCHIGH") < html.index("ACCLOW") < html.index("ACCNE")
-    assert "93%" in html and "24.0 mm" in html and "CR is not analysed by this version" in html
+    assert "High" in html and "0.93" in html and "93%" not in html
+    assert "24.0 mm" in html and "CR is not analysed by this version" in html
     assert 'data-refresh-url="/worklist?sort=suspicion&amp;page=1&amp;fragment=1"' in html
     filtered = browser.get("/worklist", params={"status": "not_eligible"}).text
     assert "ACCNE" in filtered and "ACCHIGH" not in filtered
@@ -87,13 +88,13 @@ def test_study_page_shows_nodules_images_and_actions(node, browser):
         repo.ensure_destination(s, "pacs", "PACS", "127.0.0.1", 104, ["sr", "seg"])
     page_login(browser, RAD)
     html = browser.get(f"/studies/{ph.study_uid}").text
-    assert "right upper lobe" in html and "14.0 mm" in html and "82%" in html
+    assert "right upper lobe" in html and "14.0 mm" in html and "0.82" in html and "82%" not in html
     assert "/api/findings/" in html and "plane=coronal" in html and "plane=sagittal" in html
     assert "Structured report (SR)" in html
     token = csrf_of(html)
-    r = browser.post(f"/studies/{ph.study_uid}/resend", data={"csrf_token": token})
+    r = browser.post(f"/studies/{ph.study_uid}/resend", data={"csrf_token": token, "confirmed": "yes"})
     assert "Re-send queued: 1 transfer(s)." in r.text
-    r = browser.post(f"/studies/{ph.study_uid}/rerun", data={"csrf_token": token})
+    r = browser.post(f"/studies/{ph.study_uid}/rerun", data={"csrf_token": token, "confirmed": "yes"})
     assert "Re-run queued" in r.text
     with node.sessions() as s:
         actions = [a for (a,) in s.execute(select(AuditEvent.action).order_by(AuditEvent.id))]

@@ -190,6 +190,7 @@ def add_done_job(node, series_uid: str, findings: list[dict], *, seg_from: Phant
         s.flush()
         for i, f in enumerate(findings, start=1):
             s.add(FindingRow(job_id=job.id, study_id=study.id, number=i, tracking_uid=generate_uid(),
+                             segment_number=1 if (i == 1 and seg_mask is not None) else None,
                              center_x_mm=f["center_mm"][0], center_y_mm=f["center_mm"][1], center_z_mm=f["center_mm"][2],
                              center_voxel=None, diameter_mm=f["diameter_mm"], volume_mm3=f.get("volume_mm3", 0.0),
                              malignancy=f["malignancy"], score=f.get("score", 0.9), location=f.get("location")))

@@ -6,10 +6,12 @@ from datetime import date
 from typing import Annotated
 from urllib.parse import urlencode
 
-from fastapi import APIRouter, Form, Query, Request
-from fastapi.responses import RedirectResponse
+from fastapi import APIRouter, Form, Path, Query, Request
+from fastapi.responses import JSONResponse, RedirectResponse
+from pydantic import ValidationError
 
-from dicom_node.web import services
+from dicom_node import presentation
+from dicom_node.web import schemas, services
 from dicom_node.web.deps import CSRF, DB, MAX_ROW_ID, PageAdmin, PageNumber, PageUser, client_host, get_auth, session_user
 from dicom_node.web.login import PAGE
 from dicom_node.web.security import new_csrf_token
@@ -97,7 +99,7 @@ def worklist(request: Request, s: DB, user: PageUser, status: str = "", date_fro
     pages = max(1, (total + query.page_size - 1) // query.page_size)
     ctx = {
         "user": user, "nav": "worklist", "title": "Worklist",
-        "studies": [services.study_summary(r) for r in rows], "total": total, "page": query.page, "pages": pages,
+        "studies": services.study_summaries(s, rows), "total": total, "page": query.page, "pages": pages,
         "filters": filters, "counts": services.status_counts(s), "refresh_seconds": REFRESH_SECONDS,
         "prev_url": f"/worklist?{urlencode({**base, 'page': query.page - 1})}" if query.page > 1 else None,
         "next_url": f"/worklist?{urlencode({**base, 'page': query.page + 1})}" if query.page < pages else None,
@@ -106,22 +108,56 @@ def worklist(request: Request, s: DB, user: PageUser, status: str = "", date_fro
     return render(request, "worklist_results.html" if fragment else "worklist.html", ctx)
 
 
+def _actions(s, study) -> dict:
+    """Which study actions make sense now: re-run needs a job; re-send a finished job with result
+    objects and an enabled destination that takes them."""
+    from sqlalchemy import select
+
+    from storage.models import Destination, ResultObject
+
+    rerun = bool(services.latest_job_ids(s, study))
+    done = services.latest_done_job_ids(s, study)
+    kinds = {k for (k,) in s.execute(select(ResultObject.kind).where(ResultObject.job_id.in_(done)))} if done else set()
+    outputs = {o for (outs,) in s.execute(select(Destination.outputs).where(Destination.enabled.is_(True)))
+               for o in (outs or [])}
+    return {"rerun": rerun, "resend": bool(kinds & outputs), "result_kinds": sorted(kinds)}
+
+
+def _not_found_page(request, user, study_uid: str):
+    return render(request, "error.html", {"user": user, "title": "Not found", "code": 404,
+                                         "message": f"No study with Study Instance UID {study_uid}."}, status_code=404)
+
+
 @router.get("/studies/{study_uid}")
 def study_page(request: Request, s: DB, user: PageUser, study_uid: str,
                finding: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
-               offset: Annotated[int, Query(ge=-2000, le=2000)] = 0, zoom: Annotated[int, Query(ge=1, le=4)] = 1):
+               offset: Annotated[int, Query(ge=-2000, le=2000)] = 0, zoom: Annotated[int, Query(ge=1, le=4)] = 1,
+               window: str = "lung"):
     detail = services.study_detail(s, study_uid) if _exists(s, study_uid) else None
     if detail is None:
-        return render(request, "error.html", {"user": user, "title": "Not found", "code": 404,
-                                             "message": f"No study with Study Instance UID {study_uid}."},
-                      status_code=404)
+        return _not_found_page(request, user, study_uid)
+    for t in detail.transfers:
+        t.error = services.visible_transfer_error(user.role, t.error)
     selected = next((f for f in detail.findings if f.id == finding), detail.findings[0] if detail.findings else None)
     return render(request, "study.html", {
         "user": user, "nav": "worklist", "title": f"Study {detail.accession_number or detail.study_instance_uid}",
         "study": detail, "selected": selected, "offset": max(-500, min(500, offset)),
-        "zoom": zoom if zoom in (1, 2, 4) else 1,
+        "zoom": zoom if zoom in (1, 2, 4) else 1, "window": window if window in WINDOW_PRESETS else "lung",
+        "windows": WINDOW_PRESETS, "bands": BANDS, "is_admin": user.role.value == "admin",
+        "patient": services.patient_label(detail.patient_name, detail.patient_id),
+        "actions": _actions(s, services.get_study(s, study_uid)),
         "analysed_series": [x for x in detail.series if not x.is_result],
     })
+
+
+def _window_presets() -> dict:
+    from dicom_node.render import WINDOWS
+
+    return {k: {"level": lv, "width": w} for k, (lv, w) in WINDOWS.items()}
+
+
+WINDOW_PRESETS = _window_presets()
+BANDS = {"intermediate": presentation.INTERMEDIATE_SUSPICION_FROM, "high": presentation.HIGH_SUSPICION_FROM}
 
 
 def _exists(s, study_uid: str) -> bool:
@@ -132,8 +168,90 @@ def _exists(s, study_uid: str) -> bool:
         return False
 
 
+FindingNumber = Annotated[int, Path(ge=1, le=100_000)]
+
+
+@router.post("/studies/{study_uid}/findings/{number}/review", dependencies=[CSRF])
+def study_review(request: Request, s: DB, user: PageUser, study_uid: str, number: FindingNumber,
+                 decision: Annotated[str, Form()] = "", comment: Annotated[str, Form()] = ""):
+    """A reader's accept/reject from the study page: a redirect back (no JS) or JSON (fetch)."""
+    wants_json = "application/json" in request.headers.get("accept", "")
+    try:
+        try:
+            body = schemas.ReviewIn(decision=decision, comment=comment or None)
+        except ValidationError:
+            raise ServiceError(422, f"decision {decision!r} is not one of ['accepted', 'rejected']") from None
+        f = services.review_finding(s, user.username, study_uid, number, body)
+        s.commit()
+        text = f"Nodule {number} {body.decision}."
+        if wants_json:
+            counts = services.review_counts(s, [f.study_id]).get(f.study_id)
+            return JSONResponse({"number": number, "finding_id": f.id, "decision": f.review.decision,
+                                 "comment": f.review.comment, "reviewer": f.review.reviewer,
+                                 "reviewed_at": f.review.reviewed_at.isoformat(), "message": text,
+                                 "reviews": counts.model_dump() if counts else None})
+        flash(request, "ok", text)
+        return _see_other(f"/studies/{study_uid}?finding={f.id}#nodules")
+    except ServiceError as exc:
+        s.rollback()
+        if wants_json:
+            return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+        flash(request, "error", exc.message)
+        return _see_other(f"/studies/{study_uid}#nodules")
+
+
+CONFIRM = {
+    "rerun": ("Re-run the analysis?",
+              "The model runs again on this study's series. New results replace the current ones on this page "
+              "and are sent to the destinations as new objects; readers' reviews of the current findings stay "
+              "with the old results.", "Re-run analysis"),
+    "resend": ("Re-send the results?",
+               "The current result objects ({kinds}) are queued again for every enabled destination that takes "
+               "them. A PACS that already has them receives them a second time.", "Re-send results"),
+}
+
+
+@router.get("/studies/{study_uid}/rerun")
+def study_rerun_confirm(request: Request, s: DB, user: PageUser, study_uid: str):
+    return _confirm_page(request, s, user, study_uid, "rerun")
+
+
+@router.get("/studies/{study_uid}/resend")
+def study_resend_confirm(request: Request, s: DB, user: PageUser, study_uid: str):
+    return _confirm_page(request, s, user, study_uid, "resend")
+
+
+def _confirm_page(request: Request, s, user, study_uid: str, action: str):
+    """The confirmation step of re-run and re-send (a page: works without JavaScript)."""
+    if not _exists(s, study_uid):
+        return _not_found_page(request, user, study_uid)
+    study = services.get_study(s, study_uid)
+    allowed = _actions(s, study)
+    title, text, button = CONFIRM[action]
+    return render(request, "confirm.html", {
+        "user": user, "nav": "worklist", "title": title, "study_uid": study_uid, "action": action,
+        "patient": services.patient_label(services.patient_name(study.patient_name), study.patient_id),
+        "accession": study.accession_number,
+        "text": text.format(kinds=", ".join(k.upper() for k in allowed["result_kinds"]) or "none"),
+        "button": button, "allowed": allowed[action],
+        "why_not": None if allowed[action] else (
+            "This study has no job to re-run yet." if action == "rerun" else
+            "There is nothing to re-send: no finished results, or no enabled destination takes them."),
+    })
+
+
+def _confirmed(request: Request, study_uid: str, action: str, confirmed: str):
+    if confirmed != "yes":
+        flash(request, "info", "Nothing was done: confirm on this page first.")
+        return _see_other(f"/studies/{study_uid}/{action}")
+    return None
+
+
 @router.post("/studies/{study_uid}/rerun", dependencies=[CSRF])
-def study_rerun(request: Request, s: DB, user: PageUser, study_uid: str):
+def study_rerun(request: Request, s: DB, user: PageUser, study_uid: str,
+                confirmed: Annotated[str, Form()] = ""):
+    if (back := _confirmed(request, study_uid, "rerun", confirmed)) is not None:
+        return back
     try:
         study = services.get_study(s, study_uid)
         job_ids = services.latest_job_ids(s, study)
@@ -163,7 +281,10 @@ def study_complete(request: Request, s: DB, user: PageAdmin, study_uid: str):
 
 
 @router.post("/studies/{study_uid}/resend", dependencies=[CSRF])
-def study_resend(request: Request, s: DB, user: PageUser, study_uid: str):
+def study_resend(request: Request, s: DB, user: PageUser, study_uid: str,
+                 confirmed: Annotated[str, Form()] = ""):
+    if (back := _confirmed(request, study_uid, "resend", confirmed)) is not None:
+        return back
     try:
         study = services.get_study(s, study_uid)
         job_ids = services.latest_done_job_ids(s, study)
@@ -176,4 +297,3 @@ def study_resend(request: Request, s: DB, user: PageUser, study_uid: str):
         s.rollback()
         flash(request, "error", exc.message)
     return _see_other(f"/studies/{study_uid}")
-

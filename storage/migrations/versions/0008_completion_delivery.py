@@ -1,7 +1,7 @@
 """completion, content idempotency and delivery
 
 Revision ID: 0008
-Revises: 0002
+Revises: 0009
 
 ``associations.listener``: the ``host:pid`` of the listener process that holds an inbound
 association (its heartbeat tells a live association from one of a crashed listener).
@@ -19,7 +19,7 @@ import sqlalchemy as sa
 
 
 revision = '0008'
-down_revision = '0002'
+down_revision = '0009'
 branch_labels = None
 depends_on = None
 
