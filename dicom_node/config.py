@@ -153,7 +153,16 @@ class TLSSection(BaseModel):
 
 
 class CompletionSection(BaseModel):
+    """When a series is complete (``dicom_node.completion``), and what late arrivals do."""
+
+    #: Seconds without a new instance before a series is complete (after its associations end).
     quiet_seconds: float = Field(10.0, gt=0)
+    #: An inbound association still open does not hold a series back longer than this (seconds
+    #: since the association began): a sender that never releases cannot block it for ever.
+    max_open_seconds: float = Field(1800.0, gt=0)
+    #: Instances that arrive after a series' results exist: "rerun" (a new job whose SR names the
+    #: SR it replaces) or "ignore" (the results stand). A rule or a source may say otherwise.
+    late: Literal["rerun", "ignore"] = "rerun"
 
 
 class EligibilitySection(BaseModel):
@@ -168,6 +177,8 @@ class SourceEntry(BaseModel):
     description: str | None = None
     #: The destination(s) "sender" means for this source (routing); a string or a list of names.
     return_to: list[str] = []
+    #: Late-arrival policy for studies from this source ("rerun" | "ignore"); [completion] late if unset.
+    late: Literal["rerun", "ignore"] | None = None
 
     _ae = field_validator("ae_title")(check_ae_title)
 
@@ -178,15 +189,48 @@ class SourceEntry(BaseModel):
 
 
 class DestinationEntry(BaseModel):
+    """``[[destinations]]``: ``kind = "dicom"`` (C-STORE to ae_title@host:port, the default) or
+    ``kind = "dicomweb"`` (STOW-RS to ``url``, the DICOMweb base URL, e.g.
+    ``http://pacs:8042/dicom-web``); see ``dicom_node.destinations``."""
+
     name: str = Field(min_length=1, max_length=64)
-    ae_title: str
-    host: str
-    port: int = Field(ge=1, le=65535)
+    kind: Literal["dicom", "dicomweb"] = "dicom"
+    ae_title: str = ""
+    host: str = ""
+    port: int = Field(0, ge=0, le=65535)
+    url: str | None = None
     outputs: list[str] = ["sr", "seg"]
     tls: bool = False  # DICOM TLS with the [tls] client identity and trust
+    #: DICOMweb: an Authorization header value, or the name of an environment variable holding it.
+    auth_header: str | None = None
+    auth_header_env: str | None = None
+    #: A peer that accepts no Comprehensive 3D SR: send a Comprehensive SR without SCOORD3D
+    #: ("comprehensive", the default) or fail that object with its reason ("fail").
+    sr_fallback: Literal["comprehensive", "fail"] = "comprehensive"
 
-    _ae = field_validator("ae_title")(check_ae_title)
     _outputs = field_validator("outputs")(check_outputs)
+
+    @model_validator(mode="after")
+    def _by_kind(self) -> DestinationEntry:
+        if self.kind == "dicom":
+            self.ae_title = check_ae_title(self.ae_title)
+            if not self.host or not self.port:
+                raise ValueError(f"destination {self.name!r}: kind dicom needs host and port (1-65535)")
+        else:
+            if not self.url or not self.url.startswith(("http://", "https://")):
+                raise ValueError(f"destination {self.name!r}: kind dicomweb needs url = \"http(s)://...\", "
+                                 f"got {self.url!r}")
+        return self
+
+    @property
+    def options(self) -> dict:
+        """The kind options stored in ``destinations.options``."""
+        out = {"sr_fallback": self.sr_fallback}
+        if self.auth_header:
+            out["auth_header"] = self.auth_header
+        if self.auth_header_env:
+            out["auth_header_env"] = self.auth_header_env
+        return out
 
 
 class WorkerSection(BaseModel):

@@ -1,40 +1,34 @@
-"""dispatch: send results to destinations with C-STORE.
+"""dispatch: send results (and forwarded originals) to destinations.
 
-Contract: claims due transfers (one job's objects, or one series' forwarded originals, to one
-destination), urgent ones first (``Transfer.priority``), with a lease, sends the
-objects not yet acknowledged on one association, and records each SOP Instance UID the peer
+Contract: claims due transfers (one job's objects, or one series' forwarded instances, to one
+destination), urgent ones first (``Transfer.priority``), with a lease, sends the objects not yet acknowledged through the destination's
+kind (``dicom_node.destinations``: C-STORE on one association, or DICOMweb STOW-RS), negotiated
+per object (SEG before SR; a Comprehensive SR where no 3D SR is accepted; transcoding), and
+records each object's status (``transfers.object_status``) and each SOP Instance UID the peer
 acknowledged with Success or a Warning. A transfer is SENT only when every object was
-acknowledged. Transient failures (connection refused, timeout, abort, rejected-transient) are
+acknowledged; an object refused for good fails alone (its reason recorded) while the others go,
+and the transfer then ends FAILED naming it. Transient failures (connection refused, timeout, abort, rejected-transient) are
 retried with exponential back-off (``[dispatch] backoff_base_seconds * 2**(attempt-1)``, capped at
 ``backoff_max_seconds``) up to ``max_attempts``; permanent failures (association
 rejected-permanent, a refused status, no accepted presentation context) are FAILED at once with
 the reason. Several sender threads run side by side, so a destination that is down (or slow to
-time out) never holds up the others. Destination types sit behind ``SENDERS`` so that a new kind
-(e.g. DICOMweb STOW-RS) does not touch this loop.
+time out) never holds up the others. Destination kinds sit behind ``destinations.KINDS`` so
+that a new kind does not touch this loop.
 """
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
 from datetime import timedelta
 
 from sqlalchemy import select
 
-from dicom_node import scu
+from dicom_node import destinations, scu
 from dicom_node.node import Node
 from storage import repo
-from storage.models import AssociationResult, Destination, Instance, ResultObject, Transfer, TransferState, utcnow
+from storage.models import AssociationResult, Instance, ResultObject, Transfer, TransferState, utcnow
 
 log = logging.getLogger(__name__)
-
-#: kind of destination -> sender(paths, destination, calling_ae, timeout, skip_uids, tls=[tls] settings)
-#: -> scu.Outcome; a destination with ``tls`` is sent over DICOM TLS.
-SENDERS: dict[str, Callable[..., scu.Outcome]] = {
-    "dicom": lambda paths, d, calling_ae, timeout, skip, tls=None: scu.store(
-        paths, d.ae_title, d.host, d.port, calling_ae=calling_ae, timeout=timeout, skip_uids=skip,
-        tls=tls if d.tls else None),
-}
 
 
 def backoff_seconds(attempt: int, base: float, cap: float) -> float:
@@ -52,28 +46,28 @@ def dispatch_once(node: Node, worker_id: str) -> bool:
         t = repo.claim_transfer(s, worker_id, lease_seconds=cfg.timeout_seconds * 4 + 60)
         if t is None:
             return False
-        dest: Destination = t.destination
-        dest_info = (dest.name, dest.ae_title, dest.host, dest.port)
-        if t.kind == "originals":  # forwarded received instances, as stored
-            rels = s.scalars(select(Instance.path).where(Instance.id.in_(t.instance_ids or []))
-                             .order_by(Instance.instance_number, Instance.id)).all()
-            if len(rels) < len(t.instance_ids or []):
-                log.warning("transfer %d: %d of its instance(s) are no longer stored", t.id,
-                            len(t.instance_ids or []) - len(rels))
-        else:
-            rels = s.scalars(select(ResultObject.path).where(ResultObject.id.in_(t.result_object_ids))).all()
-        paths = [node.store.path(r) for r in rels]
+        target = destinations.Target.of(t.destination)
         skip = set(t.sent_sop_instance_uids or [])
+        objects = [destinations.OutObject(o.sop_instance_uid, o.sop_class_uid, o.kind, node.store.path(o.path))
+                   for o in s.scalars(select(ResultObject).where(ResultObject.id.in_(t.result_object_ids or [])))]
+        objects += [destinations.OutObject(i.sop_instance_uid, i.sop_class_uid, "original", node.store.path(i.path))
+                    for i in s.scalars(select(Instance).where(Instance.id.in_(t.instance_ids or []))
+                                                .order_by(Instance.instance_number, Instance.id))]
+        todo = [o for o in objects if o.sop_instance_uid not in skip]
         transfer_id, attempt = t.id, t.attempts
         calling_ae = node.effective("node.ae_title", s)
-        d = Destination(name=dest.name, ae_title=dest.ae_title, host=dest.host, port=dest.port, tls=bool(dest.tls))
-    log.info("transfer %d: %d object(s) to %s (%s@%s:%d), attempt %d", transfer_id, len(paths) - len(skip),
-             dest_info[0], dest_info[1], dest_info[2], dest_info[3], attempt)
+    log.info("transfer %d: %d object(s) to %s (%s, %s), attempt %d", transfer_id, len(todo), target.name,
+             target.kind, target.describe(), attempt)
     started = utcnow()
+    ctx = destinations.Context(calling_ae=calling_ae, timeout=cfg.timeout_seconds, tls=node.settings.tls)
+    statuses: dict = {}
     try:
-        outcome = SENDERS["dicom"](paths, d, calling_ae, cfg.timeout_seconds, skip, tls=node.settings.tls)
+        delivery = destinations.kind_of(target).send(target, todo, ctx)
+        outcome, statuses = delivery.outcome, delivery.objects
     except FileNotFoundError as exc:
-        outcome = scu.Outcome(scu.Kind.PERMANENT, f"result file missing: {exc}")
+        outcome = scu.Outcome(scu.Kind.PERMANENT, f"file missing: {exc}")
+    except ValueError as exc:  # an unknown kind, a dataset that cannot be transcoded
+        outcome = scu.Outcome(scu.Kind.PERMANENT, f"{type(exc).__name__}: {exc}")
     except Exception as exc:  # noqa: BLE001 - network errors of every kind are transient
         outcome = scu.Outcome(scu.Kind.TRANSIENT, f"{type(exc).__name__}: {exc}")
     ended = utcnow()
@@ -83,10 +77,19 @@ def dispatch_once(node: Node, worker_id: str) -> bool:
             log.warning("transfer %d was taken over while sending; keeping the newer claim", transfer_id)
             return True
         t.sent_sop_instance_uids = sorted(set(t.sent_sop_instance_uids or []) | set(outcome.acknowledged))
+        status = dict(t.object_status or {})
+        for o in objects:
+            status.setdefault(o.sop_instance_uid, {"kind": o.kind, "state": destinations.PENDING, "reason": None,
+                                                   "sent_as": None})
+        for uid, st in statuses.items():
+            status[uid] = {**status.get(uid, {}), **st.as_json()}
+        for uid in outcome.acknowledged:
+            status[uid]["state"] = destinations.SENT
+        t.object_status = status
         t.lease_until = None
         if outcome.ok:
             t.state, t.error, t.sent_at = TransferState.SENT, None, ended
-            log.info("transfer %d sent to %s: %s", transfer_id, dest_info[0], outcome.message)
+            log.info("transfer %d sent to %s: %s", transfer_id, target.name, outcome.message)
         elif outcome.kind is scu.Kind.PERMANENT:
             t.state, t.error = TransferState.FAILED, outcome.message
             log.error("transfer %d failed permanently: %s", transfer_id, outcome.message)
@@ -99,8 +102,8 @@ def dispatch_once(node: Node, worker_id: str) -> bool:
             t.next_attempt_at = ended + timedelta(seconds=delay)
             log.warning("transfer %d: %s; retry in %.1f s", transfer_id, outcome.message, delay)
         repo.log_association(
-            s, direction="out", peer_host=dest_info[2], peer_port=dest_info[3], calling_ae=calling_ae,
-            called_ae=dest_info[1],
+            s, direction="out", peer_host=(target.host or target.url or '')[:255], peer_port=target.port or None,
+            calling_ae=calling_ae, called_ae=target.ae_title or None,
             result=AssociationResult.ACCEPTED if outcome.ok or outcome.acknowledged else AssociationResult.REJECTED,
             reason=None if outcome.ok else outcome.message, instances=len(outcome.acknowledged),
             started_at=started, ended_at=ended, duration_s=round((ended - started).total_seconds(), 3),

@@ -63,7 +63,8 @@ def open_node(settings: Settings, *, seed: bool = True) -> Node:
             for src in settings.sources:
                 repo.ensure_source(s, src.ae_title, src.host, src.description, src.return_to)
             for dst in settings.destinations:
-                repo.ensure_destination(s, dst.name, dst.ae_title, dst.host, dst.port, dst.outputs, dst.tls)
+                repo.ensure_destination(s, dst.name, dst.ae_title, dst.host, dst.port, dst.outputs, dst.tls,
+                                        kind=dst.kind, url=dst.url, options=dst.options)
             from dicom_node.routing.store import seed_rules
 
             if seed_rules(s, settings.rules):  # only while no rule is stored (see routing.store)

@@ -1,28 +1,34 @@
 """schedule: decide what happens to a series once it is complete.
 
-Contract: a series is complete when no instance has arrived for ``[completion] quiet_seconds``
-(re-read on every pass), or for the ``quiet_seconds`` of the routing rules it matches (with
-``level = "study"``: when every series of its study is). Its eligibility for the nodule model is
-decided from the stored headers (axial CT, consistent geometry, no missing slice, sensible
+Contract: a series is complete when no inbound association delivering it is still open (at
+most ``[completion] max_open_seconds``, never for a listener whose heartbeat stopped) and then
+no instance has arrived for ``[completion] quiet_seconds`` (re-read on every pass) or for the
+``quiet_seconds`` of the routing rules it matches (with ``level = "study"``: when every series of
+its study is), or at once when an administrator asked "complete now" (``dicom_node.completion``;
+every pass takes the current time ``now`` as an argument). Its eligibility for the nodule model
+is decided from the stored headers (axial CT, consistent geometry, no missing slice, sensible
 spacing; CR/DX "not eligible yet") and recorded with its reason. Routing (``dicom_node.routing``)
-then decides what happens to it (analyse, forward the originals, discard; to which destinations)
-and records why; forwards and discards are routing's. A series routing sends to analysis, if
-eligible, gets one inference job (with the rule's priority and destinations) whose
-idempotency key is the hash of (model version, every SOP Instance UID and file hash): a resend
-of identical instances creates no job; a new or changed instance creates a new one. The study's
-AI status is derived from its series and jobs (``refresh_study_status``).
+then decides what happens to it (analyse, forward the originals, discard; to which
+destinations) and records why; forwards and discards are routing's. A series routing sends to
+analysis, if eligible, gets one inference job (with the rule's priority and destinations) whose
+idempotency key rests on content (``dicom_node.content``: model version, rule, every SOP
+Instance UID with the hash of its decoded pixel data): a resend in any transfer syntax creates
+no job; a new or changed instance creates a new one that names the job it replaces, or nothing
+when the late-arrival policy says "ignore". The study's AI status is derived from its series and
+jobs (``refresh_study_status``).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
-from datetime import datetime, timedelta
+from datetime import datetime
 
 from pydicom import dcmread
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node import completion
+from dicom_node.content import content_key, pixel_digest
 from dicom_node.node import Node
 from dicom_node.retention import remove_files
 from dicom_node.routing.apply import has_pending_discards, job_routing, route_series, sweep_discards
@@ -33,12 +39,19 @@ from storage.models import Job, JobState, Series, Study, StudyStatus, utcnow
 log = logging.getLogger(__name__)
 
 
-def idempotency_key(model_version: str, instances: list[tuple[str, str]]) -> str:
-    """sha256 over the model version and the sorted (SOP Instance UID, file sha256) pairs."""
-    h = hashlib.sha256(model_version.encode())
-    for uid, sha in sorted(instances):
-        h.update(f"\n{uid}:{sha}".encode())
-    return h.hexdigest()
+def idempotency_key(model_version: str, instances: list[tuple[str, str]], rule: str = "") -> str:
+    """The job key: ``content.content_key`` over (SOP Instance UID, decoded-pixel sha256) pairs."""
+    return content_key(model_version, rule, instances)
+
+
+def _digests(node: Node, series: Series) -> dict[int, tuple[str, str]]:
+    """instance id -> (file sha256, decoded-pixel sha256) for instances whose cached digest is
+    missing or stale. Decodes pixels: called outside the write transaction."""
+    out = {}
+    for i in series.instances:
+        if i.pixel_sha256 is None or i.pixel_of_sha256 != i.sha256:
+            out[i.id] = (i.sha256, pixel_digest(node.store.path(i.path)))
+    return out
 
 
 def _headers(node: Node, series: Series) -> list:
@@ -46,16 +59,19 @@ def _headers(node: Node, series: Series) -> list:
 
 
 def evaluate_series(node: Node, s: Session, series: Series, model_version: str,
-                    headers: list | None = None, now: datetime | None = None,
+                    headers: list | None = None, digests: dict | None = None, *, now: datetime | None = None,
                     unlink: list[str] | None = None) -> Job | None:
     """Record eligibility, let routing decide (``dicom_node.routing``), and create the job when
     routing says analyse, the series is eligible, and no job was done for this content.
 
     ``headers``: the series' stored headers when the caller read them already (outside the
-    write transaction); read here otherwise. ``unlink`` collects files to remove after the
-    commit (a discarded series). A series not complete under its rule's completion policy yet
-    stays dirty, undecided."""
+    write transaction); read here otherwise. ``digests``: decoded-pixel digests computed by the
+    caller (``_digests``). ``unlink`` collects files to remove after the commit (a discarded
+    series). A series not complete under its rule's completion policy yet stays dirty, undecided
+    (unless an administrator asked to complete it now)."""
+    forced = bool(series.complete_requested)
     series.dirty = False
+    series.complete_requested = False
     try:
         headers = _headers(node, series) if headers is None else headers
         problem = series_problem(
@@ -68,7 +84,7 @@ def evaluate_series(node: Node, s: Session, series: Series, model_version: str,
         headers, problem = [], f"stored instance unreadable: {exc}"
     series.eligible, series.eligibility_reason = problem is None, problem
     decision, paths = route_series(node, s, series, headers[0] if headers else None, now=now,
-                                   quiet_default=float(node.effective("completion.quiet_seconds", s)))
+                                   quiet_default=float(node.effective("completion.quiet_seconds", s)), force=forced)
     if decision is None:
         series.dirty = True  # complete later, under the matching rule's policy
         return None
@@ -78,20 +94,56 @@ def evaluate_series(node: Node, s: Session, series: Series, model_version: str,
         log.info("series %s not eligible: %s", series.series_instance_uid, problem)
     if not decision.analyse or problem is not None:
         return None
-    if decision.late_arrivals == "ignore" and s.scalar(
-            select(Job.id).where(Job.series_id == series.id, Job.state == JobState.DONE).limit(1)) is not None:
-        log.info("series %s: late arrivals ignored by its rule: no new job", series.series_instance_uid)
+    try:
+        digests = dict(digests or {})
+        for i in series.instances:
+            if i.id not in digests and (i.pixel_sha256 is None or i.pixel_of_sha256 != i.sha256):
+                digests[i.id] = (i.sha256, pixel_digest(node.store.path(i.path)))
+    except Exception as exc:  # noqa: BLE001 - pixel data that does not decode
+        series.eligible, series.eligibility_reason = False, f"pixel data cannot be decoded: {type(exc).__name__}: {exc}"
         return None
-    key = idempotency_key(model_version, [(i.sop_instance_uid, i.sha256) for i in series.instances])
+    for i in series.instances:
+        if i.id in digests and digests[i.id][0] == i.sha256:
+            i.pixel_sha256, i.pixel_of_sha256 = digests[i.id][1], i.sha256
+    rule = ",".join(decision.matched) if not decision.default else ""
+    key = idempotency_key(model_version, [(i.sop_instance_uid, i.pixel_sha256) for i in series.instances], rule)
     if s.scalar(select(Job.id).where(Job.idempotency_key == key)) is not None:
-        log.info("series %s unchanged since its last job: no new job", series.series_instance_uid)
+        log.info("series %s: same content as an earlier job (any transfer syntax): no new job",
+                 series.series_instance_uid)
         return None
-    job = Job(series=series, kind="infer", idempotency_key=key, state=JobState.PENDING,
+    previous = s.scalar(select(Job).where(Job.series_id == series.id, Job.state == JobState.DONE)
+                        .order_by(Job.id.desc()).limit(1))
+    replaces = None
+    if previous is not None:
+        rule_late = None if decision.default else decision.late_arrivals
+        policy = completion.late_policy(node.settings.completion.late, _source_late(node, series), rule_late)
+        if policy == "ignore":
+            series.eligibility_reason = (f"late arrival ignored (policy 'ignore'): the results of job {previous.id} "
+                                         "stand")
+            log.info("series %s changed after job %d: ignored (late-arrival policy)", series.series_instance_uid,
+                     previous.id)
+            return None
+        replaces = previous.id
+    for old in s.scalars(select(Job).where(Job.series_id == series.id, Job.state == JobState.PENDING)):
+        old.state, old.error = JobState.CANCELLED, "superseded: the series changed before the job ran"
+        log.info("job %d cancelled: series %s changed", old.id, series.series_instance_uid)
+    job = Job(series=series, kind="infer", idempotency_key=key, state=JobState.PENDING, replaces_job_id=replaces,
               priority=decision.priority, routing=job_routing(decision))
     s.add(job)
     s.flush()
-    log.info("job %d queued for series %s (%d instances)", job.id, series.series_instance_uid, series.instance_count)
+    log.info("job %d queued for series %s (%d instances)%s", job.id, series.series_instance_uid,
+             series.instance_count, f", a re-run replacing job {replaces}" if replaces else "")
     return job
+
+
+def _source_late(node: Node, series: Series) -> str | None:
+    """The ``late`` policy of the source (calling AE) that sent the series' newest instance."""
+    newest = max(series.instances, key=lambda i: i.received_at, default=None)
+    ae = newest.calling_ae if newest is not None else None
+    for src in node.settings.sources:
+        if src.ae_title == ae:
+            return src.late
+    return None
 
 
 def refresh_study_status(s: Session, study: Study) -> None:
@@ -134,12 +186,9 @@ def refresh_study_status(s: Session, study: Study) -> None:
         study.status_reason = "; ".join(reasons)[:2000]
 
 
-def _due(quiet: float, limit: int, now: datetime):
-    return (select(Series)
-            .where(Series.dirty.is_(True), Series.is_result.is_(False),
-                   Series.last_received_at <= now - timedelta(seconds=quiet))
-            .order_by(Series.last_received_at)
-            .limit(limit))
+def _due(node: Node, s: Session, now: datetime, limit: int, quiet: float):
+    return completion.due_series(now, quiet, node.settings.completion.max_open_seconds,
+                                 node.settings.node.stage_stale_seconds, limit)
 
 
 def _shortest_quiet(s: Session, quiet: float) -> float:
@@ -147,24 +196,30 @@ def _shortest_quiet(s: Session, quiet: float) -> float:
     return min([quiet] + [r.quiet_seconds for r in load_rules(s) if r.enabled and r.quiet_seconds is not None])
 
 
-def schedule_once(node: Node, model_version: str, limit: int = 20, now: datetime | None = None) -> int:
-    """One pass: evaluate up to ``limit`` complete series. Returns how many were evaluated.
+def schedule_once(node: Node, model_version: str, limit: int = 20, *, now: datetime | None = None) -> int:
+    """One pass at time ``now`` (UTC; the clock when None): evaluate up to ``limit`` complete
+    series. Returns how many were decided.
 
-    The stored headers are read in a read session first, so the write transaction (the SQLite
-    write lock, which the listener needs for every instance) lasts only as long as the
-    decisions take; an idle pass takes no write lock at all.
+    The stored headers are read, and new instances' pixels decoded and hashed, in a read
+    session first, so the write transaction (the SQLite write lock, which the listener needs
+    for every instance) lasts only as long as the decisions take; an idle pass takes no write
+    lock at all.
     """
     now = now or utcnow()
     with node.sessions() as s:
         quiet = _shortest_quiet(s, float(node.effective("completion.quiet_seconds", s)))
         sweep = has_pending_discards(s)
         prepared = {}
-        for series in s.scalars(_due(quiet, limit, now)).all():
+        for series in s.scalars(_due(node, s, now, limit, quiet)).all():
             try:
                 headers = _headers(node, series)
             except Exception:  # noqa: BLE001 - read again (and recorded) in the write transaction
                 headers = None
-            prepared[series.id] = (series.last_received_at, series.instance_count, headers)
+            try:
+                digests = _digests(node, series)
+            except Exception:  # noqa: BLE001 - decoded again (and recorded) in the write transaction
+                digests = None
+            prepared[series.id] = (series.last_received_at, series.instance_count, headers, digests)
     unlink: list[str] = []
     if sweep:
         with node.sessions.begin() as s:
@@ -173,12 +228,12 @@ def schedule_once(node: Node, model_version: str, limit: int = 20, now: datetime
         remove_files(node.settings.node.data_dir, unlink)
         return 0
     with node.sessions.begin() as s:
-        due = s.scalars(_due(quiet, limit, now)).all()
+        due = s.scalars(_due(node, s, now, limit, quiet)).all()
         for series in due:
-            stamp, count, headers = prepared.get(series.id, (None, None, None))
+            stamp, count, headers, digests = prepared.get(series.id, (None, None, None, None))
             if (stamp, count) != (series.last_received_at, series.instance_count):
                 headers = None  # instances arrived since the headers were read
-            evaluate_series(node, s, series, model_version, headers, now=now, unlink=unlink)
+            evaluate_series(node, s, series, model_version, headers, digests, now=now, unlink=unlink)
         decided = [x for x in due if not x.dirty]
         for study in {x.study for x in decided}:
             refresh_study_status(s, study)

@@ -6,6 +6,9 @@ once), writes each instance exactly as received to the file store (temp file, fs
 indexes it in the database, and only then answers Success. It never decodes pixel data, never
 runs the model, never waits on a remote peer, and never imports torch. Every association,
 accepted or rejected, is audited (peer, AE titles, result, reason, instance count, duration).
+An accepted association's row stays open (no ``ended_at``) until it ends and names this
+listener process (``listener``, its heartbeat identity): the scheduler does not call a series
+complete while an association delivering it is open (``dicom_node.completion``).
 
 Duplicate SOP Instance UIDs: identical bytes are acknowledged and change nothing; different
 bytes replace the stored instance (the newest wins) and mark its series for re-evaluation.
@@ -27,6 +30,7 @@ from pynetdicom.sop_class import Verification
 from dicom_node import ingest, scp_reasons, tls
 from dicom_node.node import Node
 from dicom_node.scp_limits import LimitedAE, ListenerLimits, dataset_refusal
+from dicom_node.stages import process_identity
 from storage import repo
 from storage.models import AssociationLog, AssociationResult, utcnow
 
@@ -278,6 +282,7 @@ class Listener:
                 s, direction="in", peer_host=st.peer_host, peer_port=st.peer_port, calling_ae=st.calling_ae,
                 called_ae=st.called_ae, result=result, reason=reason, instances=0,
                 ended_at=utcnow() if ended else None, duration_s=duration if ended else None,
+                listener=None if ended else process_identity(),
             )
             st.log_id = row.id
             st.closed = ended

@@ -2,9 +2,10 @@
 
 Contract: claims one job at a time with a lease that a heartbeat thread renews; loads the series
 into a volume in HU with its patient geometry; calls the Predictor; builds the TID 1500 SR and the
-SEG (and key images where a destination wants them); writes them to the file store; then, in one
-transaction, records findings and result objects, queues one transfer per destination routing chose (``Job.routing``),
-and marks the job done. A worker killed mid-job leaves the lease to expire and the job is claimed
+SEG (and key images where a destination wants them; a re-run's SR names the SR of the job it
+replaces in its Predecessor Documents Sequence); writes them to the file store; then, in one
+transaction, records findings and result objects, queues one transfer per destination routing
+chose (``Job.routing``), and marks the job done. A worker killed mid-job leaves the lease to expire and the job is claimed
 again (by this or another worker); nothing of a half-finished attempt is visible in the database.
 A series that cannot be read as a volume fails at once (retrying cannot help); other errors are
 retried up to the job's ``max_attempts``.
@@ -33,6 +34,7 @@ from sqlalchemy import select
 
 from dicom_node import ingest
 from dicom_node.node import Node
+from dicom_node.results.sr_comprehensive import add_predecessor
 from dicom_node.routing.apply import result_targets
 from dicom_node.scheduler import refresh_study_status
 from dicom_node.volume import VolumeError, load_series
@@ -207,8 +209,11 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
     t2 = time.monotonic()
     with node.sessions() as s:
         want_sc = any("sc" in outputs for _, outputs in result_targets(s, s.get(Job, job_id)))
+        predecessor = _predecessor_sr(s, job_id)
     results = build_results(volume, findings, algorithm_name=ALGORITHM_NAME, algorithm_version=weights_version,
                             want_key_images=want_sc, uid_seed=uid_seed)
+    if predecessor is not None:  # a re-run after late arrivals: name the SR this one replaces
+        add_predecessor(results.sr, str(results.sr.StudyInstanceUID), *predecessor)
     objects = [("sr", results.sr)] + ([("seg", results.seg)] if results.seg is not None else [])
     objects += [("sc", ds) for ds in results.key_images]
     shutil.rmtree(node.store.path(f"results/{job_id}"), ignore_errors=True)  # leftovers of a killed attempt
@@ -250,8 +255,8 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
             ids = [r.id for k in outputs for r in rows.get(k, [])]
             if ids:
                 s.add(Transfer(job=job, destination_id=dest_id, result_object_ids=ids, sent_sop_instance_uids=[],
-                               state=TransferState.PENDING, next_attempt_at=utcnow(), priority=job.priority or 0,
-                               series_id=job.series_id))
+                               object_status={}, state=TransferState.PENDING, next_attempt_at=utcnow(),
+                               priority=job.priority or 0, series_id=job.series_id))
         job.state = JobState.DONE
         job.error = None
         job.finished_at = utcnow()
@@ -280,6 +285,17 @@ def _prerender(node: Node, job_id: int, volume, written, findings, results) -> N
         log.warning("job %d: pre-rendering the key images failed: %s", job_id, exc)
         return
     log.info("job %d: %d key image(s) pre-rendered in %.1f s", job_id, count, time.monotonic() - t0)
+
+
+def _predecessor_sr(s, job_id: int) -> tuple[str, str, str] | None:
+    """(Series Instance UID, SOP Class UID, SOP Instance UID) of the SR of the job that job
+    ``job_id`` replaces (``jobs.replaces_job_id``), or None."""
+    job = s.get(Job, job_id)
+    if job is None or job.replaces_job_id is None:
+        return None
+    sr = s.scalar(select(ResultObject).where(ResultObject.job_id == job.replaces_job_id, ResultObject.kind == "sr")
+                  .limit(1))
+    return None if sr is None else (sr.series_instance_uid, sr.sop_class_uid, sr.sop_instance_uid)
 
 
 def side_of(center_mm) -> str:

@@ -145,6 +145,8 @@ class Series(Base):
     route_summary: Mapped[str | None] = mapped_column(Text)
     #: Discard decided while other actions still need the instances: deleted once they are done.
     discard_pending: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    #: "Complete now" (admin): evaluate at the next pass, open associations and quiet period aside.
+    complete_requested: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
 
     study: Mapped[Study] = relationship(back_populates="series")
     instances: Mapped[list[Instance]] = relationship(back_populates="series", cascade="all, delete-orphan")
@@ -165,6 +167,10 @@ class Instance(Base):
     calling_ae: Mapped[str | None] = mapped_column(String(16))
     association_id: Mapped[int | None] = mapped_column(Integer)
     received_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    #: sha256 of the decoded pixel data (``dicom_node.content``), computed by the scheduler (the
+    #: listener never decodes), and the file ``sha256`` it was computed from (a cache key).
+    pixel_sha256: Mapped[str | None] = mapped_column(String(64))
+    pixel_of_sha256: Mapped[str | None] = mapped_column(String(64))
 
     series: Mapped[Series] = relationship(back_populates="instances")
 
@@ -202,6 +208,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: A re-run after late arrivals: the job whose results this one replaces (its SR is named in
+    #: this job's SR Predecessor Documents Sequence).
+    replaces_job_id: Mapped[int | None] = mapped_column(Integer)
 
     series: Mapped[Series] = relationship()
     findings: Mapped[list[FindingRow]] = relationship(back_populates="job", cascade="all, delete-orphan")
@@ -299,6 +308,9 @@ class Transfer(Base):
     error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     sent_at: Mapped[datetime | None] = mapped_column(UTCDateTime())
+    #: SOP Instance UID -> {"kind", "state" (pending|sent|failed), "reason", "sent_as"}: the
+    #: per-object status (``dicom_node.destinations``), shown on the queues page.
+    object_status: Mapped[dict | None] = mapped_column(JSON)
 
     destination: Mapped[Destination] = relationship()
     job: Mapped[Job | None] = relationship()
@@ -333,6 +345,13 @@ class Destination(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     #: DICOM TLS (PS3.15 Annex B) with the node's [tls] client identity and trust.
     tls: Mapped[bool] = mapped_column(Boolean, default=False, server_default=sa_false())
+    #: The destination kind (``dicom_node.destinations.KINDS``): "dicom" (C-STORE) or "dicomweb"
+    #: (STOW-RS to ``url``, the DICOMweb base URL).
+    kind: Mapped[str] = mapped_column(String(16), default="dicom", server_default="dicom")
+    url: Mapped[str | None] = mapped_column(Text)
+    #: Kind options: ``auth_header`` / ``auth_header_env`` (DICOMweb), ``sr_fallback``
+    #: ("comprehensive" or "fail") for a peer that accepts no Comprehensive 3D SR.
+    options: Mapped[dict | None] = mapped_column(JSON)
 
 
 class AssociationLog(Base):
@@ -352,6 +371,8 @@ class AssociationLog(Base):
     reason: Mapped[str | None] = mapped_column(Text)
     instances: Mapped[int] = mapped_column(Integer, default=0)
     duration_s: Mapped[float | None] = mapped_column(Float)
+    #: ``host:pid`` of the listener holding an inbound association (see ``stage_heartbeats``).
+    listener: Mapped[str | None] = mapped_column(String(128))
 
 
 class Setting(Base):

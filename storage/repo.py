@@ -76,13 +76,15 @@ def ensure_source(s: Session, ae_title: str, host: str | None = None, descriptio
 
 
 def ensure_destination(s: Session, name: str, ae_title: str, host: str, port: int, outputs: list[str],
-                       tls: bool = False) -> Destination:
+                       tls: bool = False, *, kind: str = "dicom", url: str | None = None,
+                       options: dict | None = None) -> Destination:
     """The destination ``name``, created with these values when new (an existing row is kept as the
-    admin left it: the database wins over config.toml)."""
+    admin left it: the database wins over config.toml). ``kind``: "dicom" (C-STORE) or "dicomweb"
+    (STOW-RS to ``url``); ``options``: kind options (see ``Destination.options``)."""
     row = s.scalar(select(Destination).where(Destination.name == name))
     if row is None:
         row = Destination(name=name, ae_title=ae_title, host=host, port=port, outputs=list(outputs), enabled=True,
-                          tls=tls)
+                          tls=tls, kind=kind, url=url, options=options)
         s.add(row)
     return row
 

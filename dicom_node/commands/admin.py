@@ -36,12 +36,19 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="send over DICOM TLS, with the [tls] client certificate and CA of the config")
     r = ss.add_parser("remove", help="remove a destination")
     r.add_argument("name")
-    e = ss.add_parser("echo", help="C-ECHO a destination")
+    e = ss.add_parser("echo", help="test a destination (C-ECHO; a QIDO-RS probe for a DICOMweb one)")
     e.add_argument("name")
     ss.add_parser("list", help="list destinations")
     for x in ss.choices.values():
         add_config_argument(x)
     p.set_defaults(func=run_destination)
+
+    p = sub.add_parser("complete", help="complete now: evaluate a study's series at the next scheduler pass, "
+                                        "without waiting for open associations or the quiet period")
+    p.add_argument("study_uid")
+    p.add_argument("--series", dest="series_uid", help="only this Series Instance UID")
+    add_config_argument(p)
+    p.set_defaults(func=run_complete)
 
     p = sub.add_parser("setting", help="show or change runtime settings (AE title, port, completion, eligibility)")
     ss = p.add_subparsers(dest="action", required=True)
@@ -145,11 +152,27 @@ def run_destination(args) -> int:
             repo.audit(s, "cli", "destination.remove", args.name)
             print(f"destination {args.name} removed")
             return 0
-        target = (row.ae_title, row.host, row.port)
-        use_tls = bool(row.tls)
-    outcome = echo(*target, calling_ae=node.effective("node.ae_title"), tls=node.settings.tls if use_tls else None)
+        from dicom_node import destinations
+
+        target = destinations.Target.of(row)
+    ctx = destinations.Context(calling_ae=node.effective("node.ae_title"), timeout=10.0, tls=node.settings.tls)
+    outcome = destinations.kind_of(target).echo(target, ctx)  # C-ECHO, or a QIDO-RS probe for dicomweb
     print(outcome.message, file=sys.stdout if outcome.ok else sys.stderr)
     return 0 if outcome.ok else 1
+
+
+def run_complete(args) -> int:
+    from dicom_node.completion import request_complete
+
+    node = _node(args)
+    try:
+        with node.sessions.begin() as s:
+            uids = request_complete(s, "cli", args.study_uid, args.series_uid)
+    except LookupError as exc:
+        print(f"dicom-node: {exc}", file=sys.stderr)
+        return 1
+    print(f"complete now: {len(uids)} series of study {args.study_uid}")
+    return 0
 
 
 def run_setting(args) -> int:

@@ -143,14 +143,15 @@ def discard_now(s: Session, series: Series, reason: str, actor: str = ACTOR) -> 
 
 
 def route_series(node, s: Session, series: Series, first_header=None, *, now: datetime | None = None,
-                 quiet_default: float = 0.0) -> tuple[Decision | None, list[str]]:
+                 quiet_default: float = 0.0, force: bool = False) -> tuple[Decision | None, list[str]]:
     """Decide and act for a complete series (eligibility already recorded on it).
 
     Returns (the decision, files to remove after the commit), or (None, []) when the series is
-    not complete under the matching rules' completion policy yet (the caller keeps it dirty)."""
+    not complete under the matching rules' completion policy yet (the caller keeps it dirty).
+    ``force``: an administrator asked to complete it now: no quiet period applies."""
     now = now or utcnow()
     decision = decide_series(node, s, series, first_header)
-    if still_arriving(s, series, decision, quiet_default, now) is not None:
+    if not force and still_arriving(s, series, decision, quiet_default, now) is not None:
         return None, []
     record(s, series, decision, now)
     forwards = queue_forwards(s, series, decision, now) if decision.forward_destinations() else []

@@ -154,6 +154,16 @@ class JobOut(BaseModel):
     finished_at: datetime | None
 
 
+class TransferObjectOut(BaseModel):
+    """The delivery status of one object of a transfer (``transfers.object_status``)."""
+
+    sop_instance_uid: str
+    kind: str | None = None  # "sr", "seg", "sc" or "original"
+    state: str  # "pending", "sent" or "failed"
+    reason: str | None = None
+    sent_as: str | None = None  # the SOP Instance UID sent in its place (Comprehensive SR fallback)
+
+
 class TransferOut(BaseModel):
     id: int
     job_id: int | None
@@ -168,6 +178,7 @@ class TransferOut(BaseModel):
     sent_objects: int
     created_at: datetime | None
     sent_at: datetime | None
+    object_status: list[TransferObjectOut] = []
 
 
 class StudyDetail(StudySummary):

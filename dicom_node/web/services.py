@@ -192,8 +192,11 @@ def transfer_out(t: Transfer, destination_name: str) -> schemas.TransferOut:
     return schemas.TransferOut(
         id=t.id, job_id=t.job_id, destination=destination_name, state=t.state.value, attempts=t.attempts or 0,
         next_attempt_at=t.next_attempt_at, error=t.error, kind=t.kind or "results", priority=t.priority or 0,
-        objects=len((t.instance_ids if t.kind == "originals" else t.result_object_ids) or []),
-        sent_objects=len(t.sent_sop_instance_uids or []), created_at=t.created_at, sent_at=t.sent_at)
+        objects=len(t.result_object_ids or []) + len(t.instance_ids or []),
+        sent_objects=len(t.sent_sop_instance_uids or []), created_at=t.created_at, sent_at=t.sent_at,
+        object_status=[schemas.TransferObjectOut(sop_instance_uid=uid, kind=v.get("kind"), state=v.get("state", "pending"),
+                                                 reason=v.get("reason"), sent_as=v.get("sent_as"))
+                       for uid, v in (t.object_status or {}).items()])
 
 
 def study_findings(s: Session, study: Study) -> list[tuple[FindingRow, Series]]:
@@ -466,16 +469,17 @@ def remove_destination(s: Session, actor: str, name: str) -> None:
 
 
 def echo_destination(node: Node, name: str, actor: str) -> schemas.EchoResult:
-    """C-ECHO a destination with the node's current AE title; the session is not held meanwhile."""
-    from dicom_node import scu
+    """Test a destination through its kind (C-ECHO for "dicom", a QIDO-RS probe for "dicomweb")
+    with the node's current AE title; the session is not held meanwhile."""
+    from dicom_node import destinations
 
     with node.sessions() as s:
-        row = get_destination(s, name)
-        ae_title, host, port, use_tls = row.ae_title, row.host, row.port, bool(row.tls)
+        target = destinations.Target.of(get_destination(s, name))
         calling = node.effective("node.ae_title", s)
-    outcome = scu.echo(ae_title, host, port, calling_ae=calling, timeout=5.0,
-                       tls=node.settings.tls if use_tls else None)
-    log.info("C-ECHO to destination %s (%s@%s:%s) by %s: %s", name, ae_title, host, port, actor, outcome.message)
+    ctx = destinations.Context(calling_ae=calling, timeout=5.0, tls=node.settings.tls)
+    outcome = destinations.kind_of(target).echo(target, ctx)
+    log.info("echo of destination %s (%s, %s) by %s: %s", name, target.kind, target.describe(), actor,
+             outcome.message)
     with node.sessions.begin() as s:
         repo.audit(s, actor, "destination.echo", name, {"ok": outcome.ok, "message": outcome.message})
     return schemas.EchoResult(ok=outcome.ok, kind=outcome.kind.value, message=outcome.message)

@@ -34,6 +34,8 @@ ROLES = {
     ("POST", "/api/logout-all"): ANY,
     ("GET", "/api/studies"): ANY,
     ("GET", "/api/studies/{study_uid}"): ANY,
+    ("POST", "/api/studies/{study_uid}/complete"): ADM,
+    ("POST", "/api/studies/{study_uid}/series/{series_uid}/complete"): ADM,
     ("GET", "/api/findings/{finding_id}/image"): ANY,
     ("GET", "/api/results/{result_id}/file"): ANY,
     ("POST", "/api/studies/{study_uid}/findings/{number}/review"): ANY,
@@ -485,3 +487,25 @@ def test_source_added_through_api_is_accepted_by_the_listener_at_once(node, clie
         listener.stop()
     assert sorted((a["calling_ae"], a["result"]) for a in log) == [("NEW_MODALITY", "accepted"),
                                                                    ("NEW_MODALITY", "rejected")]
+
+
+def test_complete_now_marks_the_series_and_is_audited(node, client, admin_h, rad_h):
+    from storage.models import Series
+
+    with node.sessions.begin() as s:
+        study = add_study_row(s, "1.2.9.1", status=StudyStatus.RECEIVED)
+        s.add_all([Series(series_instance_uid="1.2.9.1.1", study=study, dirty=True),
+                   Series(series_instance_uid="1.2.9.1.2", study=study, dirty=True)])
+    assert client.post("/api/studies/1.2.9.1/complete", headers=rad_h).status_code == 403
+    r = client.post("/api/studies/1.2.9.1/series/1.2.9.1.2/complete", headers=admin_h)
+    assert r.status_code == 200 and r.json()["series"] == ["1.2.9.1.2"]
+    with node.sessions() as s:
+        marked = {x.series_instance_uid: x.complete_requested for x in s.scalars(select(Series))}
+    assert marked == {"1.2.9.1.1": False, "1.2.9.1.2": True}
+    r = client.post("/api/studies/1.2.9.1/complete", headers=admin_h)
+    assert r.status_code == 200 and r.json()["series"] == ["1.2.9.1.1", "1.2.9.1.2"]
+    assert client.post("/api/studies/9.9.9/complete", headers=admin_h).status_code == 404
+    assert client.post("/api/studies/1.2.9.1/series/9.9/complete", headers=admin_h).status_code == 404
+    with node.sessions() as s:
+        assert s.scalars(select(AuditEvent.action).where(AuditEvent.target == "1.2.9.1")).all() == \
+            ["study.complete", "study.complete"]

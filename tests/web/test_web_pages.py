@@ -155,3 +155,29 @@ def test_first_start_without_users_says_how_to_create_one(tmp_path, caplog):
         with TestClient(create_app(node)) as c:
             assert "No account exists yet" in c.get("/login").text
     assert any("dicom-node user add" in r.getMessage() and "--role admin" in r.getMessage() for r in caplog.records)
+
+
+def test_queues_page_shows_each_objects_status_and_study_page_completes_now(node, browser):
+    from storage.models import Destination, Job, JobState, Series, Transfer, TransferState
+
+    with node.sessions.begin() as s:
+        study = add_study_row(s, "1.2.9.7", status=StudyStatus.RECEIVED)
+        series = Series(series_instance_uid="1.2.9.7.1", study=study, dirty=True)
+        dest = Destination(name="no3d", ae_title="NO3DSR", host="127.0.0.1", port=11112, outputs=["sr", "seg"])
+        job = Job(series=series, idempotency_key="k-queues", state=JobState.DONE)
+        s.add_all([series, dest, job])
+        s.flush()
+        s.add(Transfer(job=job, destination=dest, result_object_ids=[], sent_sop_instance_uids=["1.2.9.7.9"],
+                       state=TransferState.FAILED, error="1 of 2 object(s) failed",
+                       object_status={"1.2.9.7.9": {"kind": "seg", "state": "sent", "reason": None, "sent_as": None},
+                                      "1.2.9.7.8": {"kind": "sr", "state": "failed",
+                                                    "reason": "NO3DSR accepts no Comprehensive 3D SR", "sent_as": None}}))
+    page_login(browser, ADMIN)
+    html = browser.get("/admin/queues?transfer_state=failed").text
+    assert "1.2.9.7.8" in html and "NO3DSR accepts no Comprehensive 3D SR" in html and "1.2.9.7.9" in html
+    page = browser.get("/studies/1.2.9.7").text
+    assert "Complete now" in page
+    r = browser.post("/studies/1.2.9.7/complete", data={"csrf_token": csrf_of(page)})
+    assert "Complete now: 1 series" in r.text
+    with node.sessions() as s:
+        assert s.scalar(select(Series)).complete_requested is True

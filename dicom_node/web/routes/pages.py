@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from dicom_node import presentation
 from dicom_node.web import schemas, services
-from dicom_node.web.deps import CSRF, DB, MAX_ROW_ID, PageNumber, PageUser, client_host, get_auth, session_user
+from dicom_node.web.deps import CSRF, DB, MAX_ROW_ID, PageAdmin, PageNumber, PageUser, client_host, get_auth, session_user
 from dicom_node.web.login import PAGE
 from dicom_node.web.security import new_csrf_token
 from dicom_node.web.services import ServiceError
@@ -263,6 +263,20 @@ def study_rerun(request: Request, s: DB, user: PageUser, study_uid: str,
     except ServiceError as exc:
         s.rollback()
         flash(request, "error", exc.message)
+    return _see_other(f"/studies/{study_uid}")
+
+
+@router.post("/studies/{study_uid}/complete", dependencies=[CSRF])
+def study_complete(request: Request, s: DB, user: PageAdmin, study_uid: str):
+    from dicom_node.completion import request_complete
+
+    try:
+        uids = request_complete(s, user.username, study_uid)
+        s.commit()
+        flash(request, "ok", f"Complete now: {len(uids)} series will be evaluated at the next scheduler pass.")
+    except LookupError as exc:
+        s.rollback()
+        flash(request, "error", str(exc))
     return _see_other(f"/studies/{study_uid}")
 
 

@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Path, Query, Request
 from fastapi.responses import FileResponse, JSONResponse, Response
 
 from dicom_node.web import schemas, services
-from dicom_node.web.deps import DB, AnyUser, NodeDep, PageNumber, RowId
+from dicom_node.web.deps import DB, AdminUser, AnyUser, NodeDep, PageNumber, RowId
 from dicom_node.web.images import WINDOWS, ImageError
 from storage.models import ResultObject
 
@@ -70,6 +70,29 @@ def export_findings(s: DB, user: AnyUser,
     if format == "csv":
         return Response(services.export_csv(rows), media_type="text/csv; charset=utf-8", headers=headers)
     return JSONResponse([r.model_dump(mode="json") for r in rows], headers=headers)
+
+
+def _complete(s, user, study_uid: str, series_uid: str | None) -> dict:
+    from dicom_node.completion import request_complete
+
+    try:
+        uids = request_complete(s, user.username, study_uid, series_uid)
+    except LookupError as exc:
+        raise HTTPException(404, detail=str(exc)) from None
+    s.commit()
+    return {"study_instance_uid": study_uid, "series": uids}
+
+
+@router.post("/studies/{study_uid}/complete", summary="Complete now: evaluate the study's series at the next "
+             "scheduler pass, open associations and quiet period aside (admin)")
+def complete_study(study_uid: str, s: DB, user: AdminUser) -> dict:
+    return _complete(s, user, study_uid, None)
+
+
+@router.post("/studies/{study_uid}/series/{series_uid}/complete",
+             summary="Complete now, for one series of the study (admin)")
+def complete_series(study_uid: str, series_uid: str, s: DB, user: AdminUser) -> dict:
+    return _complete(s, user, study_uid, series_uid)
 
 
 @router.get("/findings/{finding_id}/image", response_class=Response,
