@@ -275,17 +275,28 @@ def info_relpath(png_relpath: str) -> str:
     return png_relpath[:-4] + ".json"
 
 
-def write_cached(store, job_id: int, number: int, view: View) -> None:
+def finding_key(center_mm, diameter_mm) -> str:
+    """What a pre-rendered image was drawn for (centre LPS mm and diameter mm, to 0.01 mm): a file
+    left under a reused job id (SQLite may reuse the ids of deleted rows) is never served for
+    another finding."""
+    return ",".join(f"{float(v):.2f}" for v in (*center_mm, diameter_mm))
+
+
+def write_cached(store, job_id: int, number: int, view: View, key: str) -> None:
     rel = cache_relpath(job_id, number, view.plane, view.window, view.zoom)
     store.write_atomic(rel, view.png)
-    store.write_atomic(info_relpath(rel), json.dumps(view.info()).encode())
+    store.write_atomic(info_relpath(rel), json.dumps({**view.info(), "finding_key": key}).encode())
 
 
-def read_cached(store, job_id: int, number: int, plane: str, window: str, zoom: int) -> tuple[bytes, dict] | None:
-    """The pre-rendered PNG and its facts, or None when absent or unreadable."""
+def read_cached(store, job_id: int, number: int, plane: str, window: str, zoom: int,
+                key: str) -> tuple[bytes, dict] | None:
+    """The pre-rendered PNG and its facts, or None when absent, unreadable or drawn for another
+    finding (``finding_key``)."""
     rel = cache_relpath(job_id, number, plane, window, zoom)
     try:
         info = json.loads(store.read_bytes(info_relpath(rel)))
+        if info.pop("finding_key", None) != key:
+            return None
         return store.read_bytes(rel), info
     except (OSError, ValueError):
         return None
@@ -310,6 +321,6 @@ def prerender(store, job_id: int, volume, seg_path: Path | None, nodules: list[N
             mask = seg_mask(seg_path, volume, n.segment_number)
         for plane, window, zoom in PRERENDER:
             view = render_view(volume, mask, n.center_mm, n.diameter_mm, n.number, plane, 0, window, zoom)
-            write_cached(store, job_id, n.number, view)
+            write_cached(store, job_id, n.number, view, finding_key(n.center_mm, n.diameter_mm))
             written += 1
     return written

@@ -144,7 +144,8 @@ class KeyImages:
             raise ImageError(422, str(exc)) from None
         geo = self.geometry(finding_id)
         if offset == 0:
-            cached = renderer.read_cached(self.node.store, geo.job_id, geo.number, plane, window, zoom)
+            cached = renderer.read_cached(self.node.store, geo.job_id, geo.number, plane, window, zoom,
+                                          renderer.finding_key(geo.center_mm, geo.diameter_mm))
             if cached is not None:
                 png, info = cached
                 return png, {**info, "cached": True}

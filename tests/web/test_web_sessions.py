@@ -253,16 +253,16 @@ def test_docs_csp_allows_only_its_own_inline_script(node, client, browser):
 
 
 def test_csp_can_be_relaxed_for_one_route_prefix(node):
-    """The place a later route (the OHIF viewer under /viewer) widens the policy, for itself only."""
+    """The place a route widens the policy, for itself only (as the OHIF viewer does under /viewer)."""
     from dicom_node.web.app import create_app
 
     app = create_app(node)
-    app.state.csp.relax("/viewer", script_src=["'wasm-unsafe-eval'"], worker_src=["blob:"])
+    app.state.csp.relax("/plugin", script_src=["'wasm-unsafe-eval'"], worker_src=["blob:"])
     with TestClient(app) as c:
-        viewer = _csp(c.get("/viewer/index.html"))
-        assert viewer["script-src"] == ["'self'", "'wasm-unsafe-eval'"] and viewer["worker-src"] == ["'self'", "blob:"]
-        assert viewer["frame-ancestors"] == ["'none'"]
-        for url in ("/login", "/viewerx", "/api/me"):
+        plugin = _csp(c.get("/plugin/index.html"))
+        assert plugin["script-src"] == ["'self'", "'wasm-unsafe-eval'"] and plugin["worker-src"] == ["'self'", "blob:"]
+        assert plugin["frame-ancestors"] == ["'none'"]
+        for url in ("/login", "/pluginx", "/viewerx", "/api/me"):
             csp = _csp(c.get(url))
             assert csp["script-src"] == ["'self'"] and "worker-src" not in csp, url
 
