@@ -1,9 +1,10 @@
 """Comprehensive 3D SR following TID 1500 (Measurement Report) for the nodules of one series.
 
 Nodules are numbered by ``common.order_findings`` (descending malignancy probability, then
-descending detection score); nodule <n> has the tracking identifier "Nodule <n>" and one tracking
-UID shared by its measurement groups and its SEG segment ("Nodule <n>" as well). Per nodule, in
-this order:
+descending detection score); nodule <n> has the tracking identifier
+"Cornerstone3DTools@^0.1.0:EllipticalROI:Nodule <n>" (the prefix is how OHIF 3.x picks the tool
+that lists the measurement) and one tracking UID shared by its measurement groups and its SEG
+segment (label and Tracking ID "Nodule <n>"). Per nodule, in this order:
 
 * with a mask: a TID 1411 *volumetric* group: Referenced Segment (the SEG segment and its source
   slices); finding category, finding "Nodule", finding site "Lung" with laterality (or the lobe,
@@ -14,10 +15,13 @@ this order:
   (cut-offs in ``common``);
 * always: a TID 1410 *planar* group on the key slice (through the nodule centre): Image Region =
   SCOORD ELLIPSE with its axes along the image rows and columns (the shape OHIF 3.x draws), and the
-  section's Long axis (mm). Without a mask this group also carries the diameter, volume,
+  section's Long axis (mm), which carries the ellipse again as INFERRED FROM (OHIF's adapter
+  reads the SCOORD under the group's first NUM), and a Comment "Nodule <n>, <d> mm, <level>
+  suspicion" (OHIF's label). Without a mask this group also carries the diameter, volume,
   probability, detection score and suspicion level;
 * always: a TID 1410 planar group whose Image Region is a SCOORD3D POINT at the nodule centre in
-  the source frame of reference (LPS mm).
+  the source frame of reference (LPS mm), and the Diameter (mm). (OHIF's EllipticalROI adapter
+  skips this group and the volumetric one: their first NUM has no SCOORD under it.)
 
 TID 1410/1411 allow one region per group, hence several groups sharing the tracking identifiers;
 OHIF merges them by tracking UID and draws the first region, the key-slice ellipse.
@@ -35,6 +39,7 @@ Patient and study attributes are copied from the source (highdicom); the SR is a
 
 from __future__ import annotations
 
+import copy
 import logging
 from collections.abc import Sequence
 
@@ -166,8 +171,52 @@ def _referenced_segment(seg: pydicom.Dataset, segment_number: int) -> hd.sr.Refe
     )
 
 
+#: The tracking identifier prefix by which OHIF 3.x (cornerstone3D adapters,
+#: ``MeasurementReport.getAdapterForTrackingIdentifier``: exact match or ``startsWith``) picks the
+#: adapter that hydrates a measurement group into its measurements panel; "Nodule <n>" follows it.
+OHIF_ELLIPSE_PREFIX = "Cornerstone3DTools@^0.1.0:EllipticalROI:"
+
+
+def tracking_identifier(nodule: Nodule) -> str:
+    """The SR tracking identifier of ``nodule``: OHIF's prefix, then "Nodule <n>"."""
+    return OHIF_ELLIPSE_PREFIX + nodule.tracking_id
+
+
+def tracking_label(identifier: str) -> str:
+    """"Nodule <n>" from an SR tracking identifier (the part after OHIF's prefix)."""
+    return identifier.rsplit(":", 1)[-1]
+
+
 def _tracking(nodule: Nodule) -> hd.sr.TrackingIdentifier:
-    return hd.sr.TrackingIdentifier(uid=nodule.tracking_uid, identifier=nodule.tracking_id)
+    return hd.sr.TrackingIdentifier(uid=nodule.tracking_uid, identifier=tracking_identifier(nodule))
+
+
+def ohif_label(nodule: Nodule) -> str:
+    """The key-slice group's Comment, OHIF's label of the measurement: "Nodule <n>, <d> mm,
+    <level> suspicion" (OHIF computes the row's area and maximum from the drawn ellipse)."""
+    diameter = round_mm(nodule.finding.diameter_mm)
+    level = suspicion_level(nodule.finding.malignancy)
+    return f"{nodule.tracking_id}, {diameter:.1f} mm, {level} suspicion"
+
+
+def _for_ohif(group, region: hd.sr.ImageRegion, nodule: Nodule) -> None:
+    """What OHIF's EllipticalROI adapter needs to hydrate the key-slice group: the region again,
+    INFERRED FROM, under the group's first NUM (the adapter looks for the SCOORD there, TID 300
+    style, when the group has a NUM), and a Comment (``ohif_label``: its label in the panel)."""
+    items = group[0].ContentSequence
+    first_num = next(item for item in items if item.ValueType == "NUM")
+    inferred = copy.deepcopy(region)
+    inferred.RelationshipType = hd.sr.RelationshipTypeValues.INFERRED_FROM.value
+    if "ContentSequence" not in first_num:
+        first_num.ContentSequence = hd.sr.ContentSequence([])
+    first_num.ContentSequence.append(inferred)
+    items.append(
+        hd.sr.TextContentItem(
+            name=COMMENT,
+            value=ohif_label(nodule),
+            relationship_type=hd.sr.RelationshipTypeValues.CONTAINS,
+        )
+    )
 
 
 def _nodule_groups(
@@ -208,24 +257,26 @@ def _nodule_groups(
     if not has_segment:
         planar_measurements += measurements
         planar_evaluations = evaluations
-    groups.append(
-        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
-            tracking_identifier=_tracking(nodule),
-            referenced_region=region,
-            measurements=planar_measurements,
-            qualitative_evaluations=planar_evaluations,
-            **common,
-        )
+    planar = hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+        tracking_identifier=_tracking(nodule),
+        referenced_region=region,
+        measurements=planar_measurements,
+        qualitative_evaluations=planar_evaluations,
+        **common,
     )
+    _for_ohif(planar, region, nodule)
+    groups.append(planar)
     centre = hd.sr.ImageRegion3D(
         graphic_type=hd.sr.GraphicTypeValues3D.POINT,
         graphic_data=np.asarray([nodule.finding.center_mm], dtype=np.float64),
         frame_of_reference_uid=volume.frame_of_reference_uid,
     )
+    diameter = round_mm(nodule.finding.diameter_mm)
     groups.append(
         hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
             tracking_identifier=_tracking(nodule),
             referenced_region=centre,
+            measurements=[_measurement(DIAMETER, diameter, UCUM_MM, f"{diameter:.1f}")],
             **common,
         )
     )

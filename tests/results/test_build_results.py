@@ -26,6 +26,7 @@ from dicom_node.results.common import (
     suspicion_level,
 )
 from dicom_node.results.common import hex_rgb, segment_colour
+from dicom_node.results.sr import tracking_label
 from model.finding import Finding
 
 from .conftest import dciodvfy, errors, save, sphere_finding
@@ -155,8 +156,8 @@ def test_sr_reports_each_nodule(tmp_path, synthetic_volume, findings, results):
 
     volumetric = sr.content.get_volumetric_roi_measurement_groups()
     planar = _ellipses(sr.content.get_planar_roi_measurement_groups())
-    assert [g.tracking_identifier for g in volumetric] == ["Nodule 1", "Nodule 2"]
-    assert [g.tracking_identifier for g in planar] == ["Nodule 1", "Nodule 2", "Nodule 3"]
+    assert [tracking_label(g.tracking_identifier) for g in volumetric] == ["Nodule 1", "Nodule 2"]
+    assert [tracking_label(g.tracking_identifier) for g in planar] == ["Nodule 1", "Nodule 2", "Nodule 3"]
     assert [g.tracking_uid for g in volumetric] == [g.tracking_uid for g in planar[:2]]
     assert len({g.tracking_uid for g in planar}) == 3
 

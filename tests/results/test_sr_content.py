@@ -24,6 +24,7 @@ import pydicom
 import pytest
 
 from dicom_node.results import ResultSet, build_results
+from dicom_node.results.sr import OHIF_ELLIPSE_PREFIX, tracking_label
 from dicom_node.results.common import (
     CERTAINTY_OF_FINDING,
     COMMENT,
@@ -188,7 +189,8 @@ def test_highdicom_reads_scoord3d_centre_and_finding_sites(sr_path, synthetic_vo
     sr = hd.sr.srread(sr_path)
     planar = sr.content.get_planar_roi_measurement_groups()
     points = [g for g in planar if isinstance(g.roi, hd.sr.ImageRegion3D)]
-    assert [g.tracking_identifier for g in points] == ["Nodule 1", "Nodule 2", "Nodule 3"]
+    labels = [tracking_label(g.tracking_identifier) for g in points]
+    assert labels == ["Nodule 1", "Nodule 2", "Nodule 3"]
     for group in points:
         number = int(group.tracking_identifier.split()[-1])
         finding = findings[results.numbers.index(number)]
@@ -216,7 +218,8 @@ def test_lobe_only_when_given(tmp_path, synthetic_volume, findings):
     )
     sr = hd.sr.srread(save(results.sr, tmp_path / "lobe.dcm"))
     sites = {
-        g.tracking_identifier: [(s.value.value, s.laterality.value) for s in g.finding_sites]
+        tracking_label(g.tracking_identifier): [(s.value.value, s.laterality.value)
+                                                for s in g.finding_sites]
         for g in sr.content.get_planar_roi_measurement_groups()
     }
     assert sites["Nodule 1"] == [(LOWER_LOBE_OF_LUNG.value, RIGHT)]  # findings[1], given
@@ -232,7 +235,7 @@ def test_lobe_only_when_given(tmp_path, synthetic_volume, findings):
 def test_measurements_method_score_suspicion_and_algorithm(sr_path, findings, results):
     sr = hd.sr.srread(sr_path)
     volumetric = sr.content.get_volumetric_roi_measurement_groups()
-    assert [g.tracking_identifier for g in volumetric] == ["Nodule 1", "Nodule 3"]
+    assert [tracking_label(g.tracking_identifier) for g in volumetric] == ["Nodule 1", "Nodule 3"]
     for group in volumetric:
         number = int(group.tracking_identifier.split()[-1])
         finding = findings[finding_index(results, number)]
@@ -266,7 +269,8 @@ def test_key_slice_ellipse_is_one_ohif_draws(sr_path, synthetic_volume, findings
     sr = hd.sr.srread(sr_path)
     ellipses = [g for g in sr.content.get_planar_roi_measurement_groups()
                 if isinstance(g.roi, hd.sr.ImageRegion)]
-    assert [g.tracking_identifier for g in ellipses] == ["Nodule 1", "Nodule 2", "Nodule 3"]
+    labels = [tracking_label(g.tracking_identifier) for g in ellipses]
+    assert labels == ["Nodule 1", "Nodule 2", "Nodule 3"]
     for group in ellipses:
         assert group.roi.graphic_type == hd.sr.GraphicTypeValues.ELLIPSE
         uid = group.roi.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
@@ -305,6 +309,38 @@ def test_first_region_of_each_tracking_uid_is_the_key_slice_scoord(results):
     assert list(first.values()) == ["SCOORD ELLIPSE"] * 3
 
 
+def test_groups_are_what_ohif_hydrates(results, findings):
+    """OHIF 3.13.2 lists an SR measurement (cornerstone-dicom-sr isRehydratable and
+    hydrateStructuredReport; @cornerstonejs/adapters 4.8 MeasurementReport.generateToolState):
+    the adapter is chosen by the tracking identifier ("Cornerstone3DTools@^0.1.0:EllipticalROI"
+    prefix); when a group has a NUM, the adapter reads the SCOORD (and its source image) under the
+    group's first NUM and fails the group otherwise; the label is the group's Comment."""
+    imaging = next(i for i in results.sr.ContentSequence if _concept(i) == "126010")
+    hydrated = []
+    for group in imaging.ContentSequence:
+        items = list(group.ContentSequence)
+        identifier = next(i.TextValue for i in items if _concept(i) == "112039")
+        assert identifier.startswith(OHIF_ELLIPSE_PREFIX)
+        first_num = next(i for i in items if i.ValueType == "NUM")  # every group has one
+        scoords = [c for c in first_num.get("ContentSequence", []) if c.ValueType == "SCOORD"]
+        if not scoords:
+            continue  # the adapter skips the group (volumetric, SCOORD3D centre)
+        (inferred,) = scoords
+        region = next(i for i in items if i.ValueType == "SCOORD")
+        assert inferred.RelationshipType == "INFERRED FROM"
+        assert inferred.GraphicType == region.GraphicType == "ELLIPSE"
+        assert list(inferred.GraphicData) == list(region.GraphicData)
+        source = inferred.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        assert source == region.ContentSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID
+        (comment,) = [i.TextValue for i in items if _concept(i) == "121106"]
+        finding = findings[finding_index(results, int(identifier.split()[-1]))]
+        level = suspicion_level(finding.malignancy)
+        assert comment == f"{tracking_label(identifier)}, {round(finding.diameter_mm, 1):.1f} mm," \
+                          f" {level} suspicion"
+        hydrated.append(comment.split(",")[0])
+    assert hydrated == ["Nodule 1", "Nodule 2", "Nodule 3"]  # one measurement per nodule
+
+
 def test_image_library_lists_the_referenced_slices(results, synthetic_volume):
     library = next(i for i in results.sr.ContentSequence if _concept(i) == "111028")
     group = next(i for i in library.ContentSequence if _concept(i) == "126200")
@@ -333,8 +369,9 @@ def test_one_numbering_everywhere(findings, results):
     assert order_findings(findings) == [1, 2, 0]
     assert results.numbers == [3, 1, 2]
     sr = hd.sr.Comprehensive3DSR.from_dataset(results.sr)
-    by_uid = {g.tracking_uid: g.tracking_identifier
-              for g in sr.content.get_planar_roi_measurement_groups()}
+    groups = sr.content.get_planar_roi_measurement_groups()
+    assert {g.tracking_identifier.rsplit(":", 1)[0] + ":" for g in groups} == {OHIF_ELLIPSE_PREFIX}
+    by_uid = {g.tracking_uid: tracking_label(g.tracking_identifier) for g in groups}
     for segment in results.seg.SegmentSequence:
         assert segment.SegmentLabel == by_uid[segment.TrackingUID] == segment.TrackingID
     assert [s.SegmentLabel for s in results.seg.SegmentSequence] == ["Nodule 1", "Nodule 3"]

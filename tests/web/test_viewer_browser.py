@@ -196,22 +196,40 @@ def test_seg_segment_is_listed_and_drawn(page, site):
 
 
 def test_sr_measurement_is_listed(page, site):
-    """OHIF's SR viewport draws the key-slice ellipse (SCOORD ELLIPSE, axis-aligned) and lists
-    the nodule's measurements beside it. (They are not *tracked* measurements: the SR's tracking
-    identifiers are "Nodule <n>", not OHIF's "Cornerstone3DTools@^0.1.0:<tool>" convention, so
-    OHIF marks the series as not hydratable; docs/viewing/viewer.md.)"""
+    """Opening the SR series, OHIF hydrates it: its measurements panel lists the nodule (label
+    "Nodule 1, 14.0 mm, high suspicion" from the key-slice group's Comment, area and maximum
+    that OHIF computes from the ellipse) and the viewport draws that ellipse on the key slice.
+    What OHIF needs for this (tracking identifier "Cornerstone3DTools@^0.1.0:EllipticalROI:...",
+    the SCOORD under the group's first NUM): docs/viewing/viewer.md."""
     open_from_worklist(page, site)
     wait_for_ct(page)
     skip_tour(page)
     open_series(page, "SR")
-    page.get_by_text("Diameter:").first.wait_for()
-    page.wait_for_timeout(1500)
-    text = page.locator("body").inner_text()
-    assert re.search(r"Diameter: 14(\.0+)? mm", text), text[-800:]
-    assert "Volume:" in text and "Probability of cancer: 0.8" in text and "Long axis:" in text
+    rows = page.locator("[data-cy^='measurement-table-row-']")
+    deadline = time.monotonic() + 90
+    opened = 0.0
+    while not rows.count():
+        yes = page.get_by_role("button", name="Yes")  # "track / open this report?" if OHIF asks
+        if yes.count():
+            yes.first.click()
+        hydrated = any("Measurement added" in m for m in page.console_log)
+        if hydrated and time.monotonic() - opened > 15:
+            page.mouse.click(1348, 133)  # the collapsed right panel's measurements tab
+            opened = time.monotonic()
+        if time.monotonic() > deadline:
+            shot(page, "viewer-fail")
+            text = page.locator("body").inner_text()
+            raise AssertionError("no measurement listed; panel: " + text[-600:]
+                                 + " | console: " + " | ".join(page.console_log[-15:]))
+        page.wait_for_timeout(1000)
+    assert "No tracked measurements" not in page.locator("body").inner_text()
+    assert rows.count() == 1, [rows.nth(i).inner_text() for i in range(rows.count())]
+    page.wait_for_timeout(3000)  # OHIF fills in the area and maximum once the ellipse is drawn
+    row = rows.first.inner_text()
+    assert re.search(r"Nodule 1, 14\.0 mm, high suspicion", row), row
+    assert re.search(r"\d+(\.\d+)? mm²", row), row  # the area OHIF computed
     img = pixels(page, "[data-cy='viewport-pane'], .viewport-wrapper, canvas")
-    assert coloured(img, "#00FF00", tol=120) > 30, "the SR's ellipse is not drawn"
+    drawn = coloured(img, "#00FF00", tol=120) + coloured(img, "#FFFF00", tol=120)
+    assert drawn > 30, "the hydrated ellipse is not drawn"
     assert not [m for m in page.console_log if "NOT YET SUPPORTED" in m]
-    page.mouse.click(1348, 133)  # the measurements panel beside it, for the screenshot
-    page.wait_for_timeout(1000)
     shot(page, "viewer-sr")
