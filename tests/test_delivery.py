@@ -378,8 +378,9 @@ def test_dicomweb_stow_rs_into_orthanc_with_its_echo(make_node, tmp_path, orthan
 def test_forwarded_originals_are_transcoded_for_a_peer_that_takes_other_syntaxes(make_node, tmp_path):
     """Originals stored in JPEG 2000 lossless go to a peer that takes only Explicit VR Little
     Endian, decoded, with their SOP Instance UIDs and pixel values unchanged."""
-    from dicom_node.destinations.queue import queue_forward
-    from storage.models import Destination
+    from dicom_node.routing.apply import queue_forwards
+    from dicom_node.routing.evaluate import Decision
+    from storage.models import Destination, utcnow
 
     port = free_port()
     ae = AE(ae_title="PLAINONLY")
@@ -410,7 +411,9 @@ def test_forwarded_originals_are_transcoded_for_a_peer_that_takes_other_syntaxes
         assoc.release()
         h.wait_released()
         with h.node.sessions.begin() as s:
-            queue_forward(s, s.scalar(select(Series).where(Series.is_result.is_(False))), s.scalar(select(Destination)))
+            target = s.scalar(select(Destination))
+            forward = Decision(results=[], forward=True, outputs={target.id: ["originals"]}, names={target.id: target.name})
+            queue_forwards(s, s.scalar(select(Series).where(Series.is_result.is_(False))), forward, utcnow())
         while dispatch_once(h.node, "d1"):
             pass
         [t] = h.transfers()
