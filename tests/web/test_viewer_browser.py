@@ -21,12 +21,20 @@ import numpy as np
 import pytest
 
 from web_phantom import lidc_files, store_files
-from webtools import LIDC_NODULE_MM, LIDC_SERIES, RAD, WebServer, build_node, create_accounts, free_port
+from webtools import (
+    LIDC_NODULE_MM,
+    LIDC_SERIES,
+    RAD,
+    WebServer,
+    build_node,
+    create_accounts,
+    free_port,
+    launch_chromium,
+    open_page,
+)
 
 pytestmark = pytest.mark.slow
-CHROMIUM = os.environ.get("DICOM_NODE_CHROMIUM", "/usr/bin/chromium")
 SHOTS = Path(os.environ.get("DICOM_NODE_SCREENSHOTS") or (Path(__import__("tempfile").gettempdir()) / "dicom-node-shots"))
-VIEWPORT = {"width": 1366, "height": 768}
 
 
 def _installed():
@@ -78,29 +86,15 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chromium(site):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+    with launch_chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def page(chromium, site):
-    context = chromium.new_context(viewport=VIEWPORT, base_url=site["url"])
-    offsite = []
-    context.on("request", lambda req: offsite.append(req.url)
-               if not req.url.startswith((site["url"], "blob:", "data:")) else None)
-    pg = context.new_page()
-    pg.set_default_timeout(60000)
-    console = []
-    pg.on("console", lambda m: console.append(m.text))
-    pg.console_log = console
-    yield pg
-    context.close()
+    with open_page(chromium, site["url"], timeout_ms=60000) as (pg, offsite, console):
+        pg.console_log = console
+        yield pg
     assert offsite == [], f"OHIF fetched from outside the node: {offsite}"
     blocked = [m for m in console if "Content Security Policy" in m]
     assert blocked == [], f"the Content-Security-Policy blocked: {blocked[:5]}"

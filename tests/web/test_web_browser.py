@@ -19,22 +19,24 @@ from dicom_node.worker import side_of
 from storage.models import StudyStatus
 from webtools import (
     ADMIN,
+    CHROMIUM,
     LIDC_NODULE_MM,
     LIDC_SERIES,
     RAD,
     REPO,
+    VIEWPORT,
     StoreSCP,
     WebServer,
     build_node,
     create_accounts,
     free_port,
+    launch_chromium,
+    open_page,
 )
 
-CHROMIUM = os.environ.get("DICOM_NODE_CHROMIUM", "/usr/bin/chromium")
 #: Screenshots are written only when asked (``DICOM_NODE_SCREENSHOTS=docs/screenshots``), so that a
 #: test run does not rewrite the committed pictures; otherwise they go to a temporary folder.
 SHOTS = Path(os.environ.get("DICOM_NODE_SCREENSHOTS") or (Path(__import__("tempfile").gettempdir()) / "dicom-node-shots"))
-VIEWPORT = {"width": 1366, "height": 768}
 
 pytestmark = pytest.mark.slow
 
@@ -186,28 +188,17 @@ def site(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def chromium(site):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=[
-            "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
-            "--disable-component-update", "--disable-sync"])
+    with launch_chromium() as browser:
         yield browser
-        browser.close()
 
 
 @pytest.fixture
 def page(chromium, site):
-    context = chromium.new_context(viewport=VIEWPORT, base_url=site["url"])
-    offsite = []
-    context.on("request", lambda req: offsite.append(req.url) if not req.url.startswith((site["url"], "blob:", "data:")) else None)
-    pg = context.new_page()
-    pg.set_default_timeout(15000)
-    blocked = []  # what the Content-Security-Policy refused: the pages must need nothing it forbids
-    pg.on("console", lambda m: blocked.append(m.text) if "Content Security Policy" in m.text else None)
-    yield pg
-    context.close()
+    with open_page(chromium, site["url"]) as (pg, offsite, console):
+        yield pg
     assert offsite == [], f"the page fetched from outside the node: {offsite}"
+    # What the Content-Security-Policy refused: the pages must need nothing it forbids.
+    blocked = [m for m in console if "Content Security Policy" in m]
     assert blocked == [], f"the Content-Security-Policy blocked: {blocked}"
 
 

@@ -7,16 +7,13 @@ import os
 
 import pytest
 
-from webtools import ADMIN, WebServer, build_node, create_accounts, free_port
+from webtools import ADMIN, WebServer, build_node, create_accounts, free_port, launch_chromium, open_page
 
-CHROMIUM = os.environ.get("DICOM_NODE_CHROMIUM", "/usr/bin/chromium")
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def site(tmp_path):
-    if not os.path.exists(CHROMIUM):
-        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
     from dicom_node.web.app import create_app
     from storage import repo
     from storage.models import Source
@@ -32,41 +29,34 @@ def site(tmp_path):
 
 
 def test_rules_page_in_chromium(site, tmp_path):
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=["--headless", "--no-sandbox", "--disable-gpu"])
-        try:
-            page = browser.new_context(base_url=site, viewport={"width": 1366, "height": 768}).new_page()
-            page.set_default_timeout(15000)
-            page.goto("/login")
-            page.fill("#username", ADMIN[0])
-            page.fill("#password", ADMIN[1])
-            page.keyboard.press("Enter")
-            page.wait_for_url("**/worklist")
-            page.click("text=Administration")
-            page.click("text=Routing rules")
+    with launch_chromium() as browser, open_page(browser, site) as (page, offsite, _console):
+        page.goto("/login")
+        page.fill("#username", ADMIN[0])
+        page.fill("#password", ADMIN[1])
+        page.keyboard.press("Enter")
+        page.wait_for_url("**/worklist")
+        page.click("text=Administration")
+        page.click("text=Routing rules")
+        page.wait_for_url("**/admin/rules")
+        assert "No rule" in page.inner_text("#rules")
+        for rule in ({"name": "chest-ct", "match": {"Modality": "CT", "BodyPartExamined": "/CHEST|LUNG/"},
+                      "actions": ["analyse"], "destinations": ["sender"]},
+                     {"name": "drop-mr", "match": {"Modality": "MR"}, "actions": ["discard"]}):
+            page.fill("#new-rule", json.dumps(rule))
+            page.click("button:has-text('Add rule')")
             page.wait_for_url("**/admin/rules")
-            assert "No rule" in page.inner_text("#rules")
-            for rule in ({"name": "chest-ct", "match": {"Modality": "CT", "BodyPartExamined": "/CHEST|LUNG/"},
-                          "actions": ["analyse"], "destinations": ["sender"]},
-                         {"name": "drop-mr", "match": {"Modality": "MR"}, "actions": ["discard"]}):
-                page.fill("#new-rule", json.dumps(rule))
-                page.click("button:has-text('Add rule')")
-                page.wait_for_url("**/admin/rules")
-            rows = page.locator("#rules tbody tr")
-            assert rows.count() == 2 and "chest-ct" in rows.nth(0).inner_text()
-            page.click("button[aria-label='Move drop-mr up']")
-            page.wait_for_url("**/admin/rules")
-            assert "drop-mr" in page.locator("#rules tbody tr").nth(0).inner_text()
-            page.fill("#dry-attrs", json.dumps({"Modality": "CT", "BodyPartExamined": "HEAD", "calling_ae": "CT_A"}))
-            page.click("button:has-text('Dry run')")
-            result = page.inner_text("#dry-run-result")
-            assert "kept, not analysed: no routing rule matched" in result
-            assert "BodyPartExamined 'HEAD' does not match '/CHEST|LUNG/'" in result
-            page.fill("#dry-attrs", json.dumps({"Modality": "CT", "BodyPartExamined": "CHEST", "calling_ae": "CT_A"}))
-            page.click("button:has-text('Dry run')")
-            assert "results to pacs_a (sr+seg) [rule chest-ct]" in page.inner_text("#dry-run-result")
-            page.screenshot(path=str(os.environ.get("DICOM_NODE_RULES_SHOT") or tmp_path / "rules.png"), full_page=True)
-        finally:
-            browser.close()
+        rows = page.locator("#rules tbody tr")
+        assert rows.count() == 2 and "chest-ct" in rows.nth(0).inner_text()
+        page.click("button[aria-label='Move drop-mr up']")
+        page.wait_for_url("**/admin/rules")
+        assert "drop-mr" in page.locator("#rules tbody tr").nth(0).inner_text()
+        page.fill("#dry-attrs", json.dumps({"Modality": "CT", "BodyPartExamined": "HEAD", "calling_ae": "CT_A"}))
+        page.click("button:has-text('Dry run')")
+        result = page.inner_text("#dry-run-result")
+        assert "kept, not analysed: no routing rule matched" in result
+        assert "BodyPartExamined 'HEAD' does not match '/CHEST|LUNG/'" in result
+        page.fill("#dry-attrs", json.dumps({"Modality": "CT", "BodyPartExamined": "CHEST", "calling_ae": "CT_A"}))
+        page.click("button:has-text('Dry run')")
+        assert "results to pacs_a (sr+seg) [rule chest-ct]" in page.inner_text("#dry-run-result")
+        page.screenshot(path=str(os.environ.get("DICOM_NODE_RULES_SHOT") or tmp_path / "rules.png"), full_page=True)
+    assert offsite == [], f"the page fetched from outside the node: {offsite}"

@@ -69,3 +69,59 @@ class WebServer:
     def __exit__(self, *exc):
         self.server.should_exit = True
         self.thread.join(10)
+
+
+# --- a real browser: Debian's Chromium, headless, driven by Playwright ------------------------------
+
+CHROMIUM = __import__("os").environ.get("DICOM_NODE_CHROMIUM", "/usr/bin/chromium")
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+VIEWPORT = {"width": 1366, "height": 768}
+
+
+def launch_chromium():
+    """A context manager yielding a launched Playwright browser (skips when Chromium is absent)."""
+    import contextlib
+    import os
+
+    import pytest
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip(f"Chromium not found at {CHROMIUM} (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    @contextlib.contextmanager
+    def _browser():
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                yield browser
+            finally:
+                browser.close()
+
+    return _browser()
+
+
+def open_page(browser, base_url: str, *, timeout_ms: int = 15000):
+    """A context manager yielding ``(page, offsite, console)`` in a fresh browser context.
+
+    ``offsite`` collects every request to anything but ``base_url`` (and blob:/data:), ``console``
+    every console message; the caller asserts on them after the ``with`` block."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def _page():
+        context = browser.new_context(viewport=VIEWPORT, base_url=base_url)
+        offsite: list[str] = []
+        console: list[str] = []
+        context.on("request", lambda req: offsite.append(req.url)
+                   if not req.url.startswith((base_url, "blob:", "data:")) else None)
+        pg = context.new_page()
+        pg.set_default_timeout(timeout_ms)
+        pg.on("console", lambda m: console.append(m.text))
+        try:
+            yield pg, offsite, console
+        finally:
+            context.close()
+
+    return _page()
