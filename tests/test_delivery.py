@@ -297,13 +297,15 @@ def test_late_arrival_policy_ignore_keeps_the_results(make_node, tmp_path):
 
 # --- delivery -----------------------------------------------------------------------------------
 
-def no_3d_sr_scp(port: int):
-    """A pynetdicom Storage SCP that supports every storage SOP class but Comprehensive 3D SR;
-    records (SOP Class UID, SOP Instance UID) in arrival order."""
-    ae = AE(ae_title="NO3DSR")
+def recording_scp(port: int, ae_title: str, syntaxes):
+    """A pynetdicom Storage SCP on ``port`` that records the datasets it receives, in arrival
+    order. ``syntaxes(abstract_syntax)`` gives the transfer syntaxes it accepts for a storage SOP
+    class, or None to refuse that class."""
+    ae = AE(ae_title=ae_title)
     for cx in AllStoragePresentationContexts:
-        if cx.abstract_syntax != COMPREHENSIVE_3D_SR:
-            ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+        accepted = syntaxes(cx.abstract_syntax)
+        if accepted:
+            ae.add_supported_context(cx.abstract_syntax, accepted)
     received = []
 
     def on_store(event):
@@ -314,6 +316,11 @@ def no_3d_sr_scp(port: int):
 
     server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
     return server, received
+
+
+def no_3d_sr_scp(port: int):
+    """A Storage SCP that supports every storage SOP class but Comprehensive 3D SR."""
+    return recording_scp(port, "NO3DSR", lambda uid: None if uid == COMPREHENSIVE_3D_SR else ALL_TRANSFER_SYNTAXES)
 
 
 @pytest.mark.parametrize("fallback", ["comprehensive", "fail"])
@@ -383,18 +390,7 @@ def test_forwarded_originals_are_transcoded_for_a_peer_that_takes_other_syntaxes
     from storage.models import Destination, utcnow
 
     port = free_port()
-    ae = AE(ae_title="PLAINONLY")
-    for cx in AllStoragePresentationContexts:
-        ae.add_supported_context(cx.abstract_syntax, [ExplicitVRLittleEndian])
-    received = []
-
-    def on_store(event):
-        ds = event.dataset
-        ds.file_meta = event.file_meta
-        received.append(ds)
-        return 0x0000
-
-    server = ae.start_server(("127.0.0.1", port), block=False, evt_handlers=[(evt.EVT_C_STORE, on_store)])
+    server, received = recording_scp(port, "PLAINONLY", lambda uid: [ExplicitVRLittleEndian])
     dest = {"name": "plain", "ae_title": "PLAINONLY", "host": "127.0.0.1", "port": port}
     h = Harness(make_node, f"sqlite:///{tmp_path / 'n.sqlite3'}", [dest])
     try:
