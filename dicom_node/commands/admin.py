@@ -162,7 +162,7 @@ def run_destination(args) -> int:
 
 
 def run_complete(args) -> int:
-    from dicom_node.completion import request_complete
+    from dicom_node.app.studies import request_complete
 
     node = _node(args)
     try:

@@ -7,6 +7,7 @@ pages show as it is.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import date
@@ -15,8 +16,11 @@ from sqlalchemy import and_, func, literal, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from dicom_node import presentation
+from dicom_node.app import jobs as app_jobs
+from dicom_node.app import studies as app_studies
+from dicom_node.app import transfers as app_transfers
+from dicom_node.app.errors import Conflict, NotFound
 from dicom_node.node import RUNTIME_KEYS, Node
-from dicom_node.routing.apply import result_targets
 from dicom_node.web import schemas
 from storage import repo, users
 from storage.models import (
@@ -64,6 +68,17 @@ class ServiceError(Exception):
 
 def _not_found(what: str) -> ServiceError:
     return ServiceError(404, f"{what} not found")
+
+
+@contextlib.contextmanager
+def app_errors():
+    """The application layer's refusals as the HTTP answers: ``NotFound`` 404, ``Conflict`` 409."""
+    try:
+        yield
+    except NotFound as exc:
+        raise ServiceError(404, str(exc)) from None
+    except Conflict as exc:
+        raise ServiceError(409, str(exc)) from None
 
 
 # --- studies -------------------------------------------------------------------------------------
@@ -508,31 +523,15 @@ def _transfer(s: Session, transfer_id: int) -> Transfer:
 
 
 def retry_transfer(s: Session, actor: str, transfer_id: int) -> Transfer:
-    """A failed or cancelled transfer goes back to pending, due now, with a fresh attempt count."""
-    row = _transfer(s, transfer_id)
-    if row.state not in (TransferState.FAILED, TransferState.CANCELLED, TransferState.PENDING):
-        raise ServiceError(409, f"transfer {transfer_id} is {row.state.value}; only failed, cancelled or pending ones can be retried")
-    previous = row.state.value
-    row.state = TransferState.PENDING
-    row.next_attempt_at = utcnow()
-    row.attempts = 0
-    row.error = None
-    row.claimed_by = None
-    row.lease_until = None
-    s.flush()
-    repo.audit(s, actor, "transfer.retry", str(transfer_id), {"previous_state": previous})
-    return row
+    """A failed or cancelled transfer goes back to pending, due now (``app.transfers.retry``)."""
+    with app_errors():
+        return app_transfers.retry(s, actor, transfer_id)
 
 
 def cancel_transfer(s: Session, actor: str, transfer_id: int) -> Transfer:
-    row = _transfer(s, transfer_id)
-    if row.state not in (TransferState.PENDING, TransferState.FAILED):
-        raise ServiceError(409, f"transfer {transfer_id} is {row.state.value}; only pending or failed ones can be cancelled")
-    previous = row.state.value
-    row.state = TransferState.CANCELLED
-    s.flush()
-    repo.audit(s, actor, "transfer.cancel", str(transfer_id), {"previous_state": previous})
-    return row
+    """``app.transfers.cancel``."""
+    with app_errors():
+        return app_transfers.cancel(s, actor, transfer_id)
 
 
 # --- jobs ----------------------------------------------------------------------------------------------
@@ -551,63 +550,28 @@ def list_jobs(s: Session, state: str | None, page: int, page_size: int) -> tuple
     return [job_out(j, se, uid) for j, se, uid in rows], int(total)
 
 
-def _job(s: Session, job_id: int) -> Job:
-    row = s.get(Job, job_id)
-    if row is None:
-        raise _not_found(f"job {job_id}")
-    return row
-
-
 def rerun_job(s: Session, actor: str, job_id: int) -> Job:
-    """A new pending job for the same series, keyed ``<original key>:rerun:<n>`` (unique)."""
-    old = _job(s, job_id)
-    base = old.idempotency_key.split(":rerun:")[0]
-    n = 1 + (s.scalar(select(func.count()).select_from(Job).where(Job.idempotency_key.startswith(base + ":rerun:", autoescape=True))) or 0)
-    while s.scalar(select(Job.id).where(Job.idempotency_key == f"{base}:rerun:{n}")) is not None:
-        n += 1
-    job = Job(series_id=old.series_id, kind=old.kind, idempotency_key=f"{base}:rerun:{n}", state=JobState.PENDING,
-              attempts=0, max_attempts=old.max_attempts or 3, priority=old.priority or 0,
-              routing=old.routing)  # the same destinations as routing chose for the original
-    s.add(job)
-    series = s.get(Series, old.series_id)
-    if series is not None:
-        study = s.get(Study, series.study_id)
-        if study is not None and study.status is not StudyStatus.PROCESSING:
-            study.status = StudyStatus.WAITING
-            study.status_reason = None
-    s.flush()
-    repo.audit(s, actor, "job.rerun", str(job_id), {"new_job_id": job.id, "idempotency_key": job.idempotency_key})
-    return job
+    """A new pending job for the same series, keyed ``<original key>:rerun:<n>`` (``app.jobs.rerun``)."""
+    with app_errors():
+        return app_jobs.rerun(s, actor, job_id)
+
+
+def cancel_job(s: Session, actor: str, job_id: int) -> Job:
+    """A pending job is cancelled (``app.jobs.cancel``)."""
+    with app_errors():
+        return app_jobs.cancel(s, actor, job_id)
 
 
 def resend_job(s: Session, actor: str, job_id: int, destination_names: list[str] | None) -> list[Transfer]:
-    """New pending transfers of the job's result objects, one per destination (its outputs only)."""
-    job = _job(s, job_id)
-    results = list(s.scalars(select(ResultObject).where(ResultObject.job_id == job.id)))
-    if not results:
-        raise ServiceError(409, f"job {job_id} has no result objects to send")
-    if destination_names:
-        dests = [(d, list(d.outputs or [])) for d in (get_destination(s, n) for n in destination_names)]
-    else:  # where routing sent the job's results (every enabled destination for jobs from before routing)
-        dests = [(s.get(Destination, dest_id), outputs) for dest_id, outputs in result_targets(s, job)]
-    if not dests:
-        raise ServiceError(409, "no enabled destination to send to")
-    created = []
-    for d, outputs in dests:
-        ids = [r.id for r in results if r.kind in outputs]
-        if not ids:
-            continue
-        t = Transfer(job_id=job.id, destination_id=d.id, result_object_ids=ids, sent_sop_instance_uids=[],
-                     state=TransferState.PENDING, attempts=0, next_attempt_at=utcnow(), priority=job.priority or 0,
-                     series_id=job.series_id)
-        s.add(t)
-        created.append(t)
-    if not created:
-        raise ServiceError(409, f"none of the destinations takes the outputs of job {job_id}")
-    s.flush()
-    repo.audit(s, actor, "job.resend", str(job_id), {"transfer_ids": [t.id for t in created],
-                                                      "destinations": [d.name for d, _ in dests]})
-    return created
+    """New pending transfers of the job's result objects, one per destination (``app.transfers.resend``)."""
+    with app_errors():
+        return app_transfers.resend(s, actor, job_id, destination_names)
+
+
+def complete_now(s: Session, actor: str, study_uid: str, series_uid: str | None = None) -> list[str]:
+    """"Complete now" (``app.studies.request_complete``): the Series Instance UIDs marked."""
+    with app_errors():
+        return app_studies.request_complete(s, actor, study_uid, series_uid)
 
 
 def latest_done_job_ids(s: Session, study: Study) -> list[int]:

@@ -268,15 +268,13 @@ def study_rerun(request: Request, s: DB, user: PageUser, study_uid: str,
 
 @router.post("/studies/{study_uid}/complete", dependencies=[CSRF])
 def study_complete(request: Request, s: DB, user: PageAdmin, study_uid: str):
-    from dicom_node.completion import request_complete
-
     try:
-        uids = request_complete(s, user.username, study_uid)
+        uids = services.complete_now(s, user.username, study_uid)
         s.commit()
         flash(request, "ok", f"Complete now: {len(uids)} series will be evaluated at the next scheduler pass.")
-    except LookupError as exc:
+    except ServiceError as exc:
         s.rollback()
-        flash(request, "error", str(exc))
+        flash(request, "error", exc.message)
     return _see_other(f"/studies/{study_uid}")
 
 

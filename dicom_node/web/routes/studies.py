@@ -73,12 +73,7 @@ def export_findings(s: DB, user: AnyUser,
 
 
 def _complete(s, user, study_uid: str, series_uid: str | None) -> dict:
-    from dicom_node.completion import request_complete
-
-    try:
-        uids = request_complete(s, user.username, study_uid, series_uid)
-    except LookupError as exc:
-        raise HTTPException(404, detail=str(exc)) from None
+    uids = services.complete_now(s, user.username, study_uid, series_uid)  # 404 for an unknown UID
     s.commit()
     return {"study_instance_uid": study_uid, "series": uids}
 
