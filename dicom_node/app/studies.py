@@ -152,3 +152,25 @@ def request_complete(s: Session, actor: str, study_uid: str, series_uid: str | N
     log.info("complete now: study %s, %d series (by %s)", study_uid, len(uids), actor)
     return uids
 
+
+
+def waiting_reason(node, s: Session, series: Series, now: datetime) -> str | None:
+    """Why ``series`` is still waiting to be decided at ``now`` (for the study page and its API),
+    or None when it is not waiting. Its quiet period as the scheduler resolves it: the matching
+    rule's ``quiet_seconds``, else its source's, else ``[completion] quiet_seconds``."""
+    from dicom_node import completion
+    from dicom_node.routing.apply import decide_series
+    from storage.models import Source
+
+    if series.is_result or not series.dirty or series.complete_requested:
+        return None
+    newest = max(series.instances, key=lambda i: i.received_at, default=None)
+    ae = newest.calling_ae if newest is not None else None
+    source_quiet = s.scalar(select(Source.quiet_seconds).where(Source.ae_title == ae)) if ae else None
+    try:
+        rule_quiet = decide_series(node, s, series).quiet_seconds
+    except Exception:  # noqa: BLE001 - an unreadable header: the scheduler records it when it decides
+        rule_quiet = None
+    quiet = completion.quiet_for(float(node.effective("completion.quiet_seconds", s)), source_quiet, rule_quiet)
+    return completion.waiting_reason(s, series, now, quiet, node.settings.completion.max_open_seconds,
+                                     node.settings.node.stage_stale_seconds)

@@ -349,7 +349,9 @@ def _csv_safe(value):
     return value
 
 
-def study_detail(s: Session, uid: str) -> schemas.StudyDetail:
+def study_detail(s: Session, uid: str, node: Node | None = None) -> schemas.StudyDetail:
+    """The study with its series (and, given ``node``, why each undecided series is waiting),
+    findings, result objects, jobs and transfers."""
     study = get_study(s, uid)
     summary = study_summary(study)
     series = sorted(study.series, key=lambda x: (x.is_result, x.series_number or 0, x.id))
@@ -370,7 +372,9 @@ def study_detail(s: Session, uid: str) -> schemas.StudyDetail:
             series_instance_uid=x.series_instance_uid, modality=x.modality, series_number=x.series_number,
             series_description=x.series_description, instance_count=x.instance_count or 0,
             eligible=x.eligible, eligibility_reason=x.eligibility_reason, is_result=bool(x.is_result),
-            route_summary=x.route_summary) for x in series],
+            route_summary=x.route_summary,
+            waiting_reason=app_studies.waiting_reason(node, s, x, utcnow()) if node is not None else None)
+            for x in series],
         findings=findings,
         results=[schemas.ResultOut(id=r.id, job_id=r.job_id, kind=r.kind, sop_instance_uid=r.sop_instance_uid,
                                    series_instance_uid=r.series_instance_uid,

@@ -509,3 +509,38 @@ def test_complete_now_marks_the_series_and_is_audited(node, client, admin_h, rad
     with node.sessions() as s:
         assert s.scalars(select(AuditEvent.action).where(AuditEvent.target == "1.2.9.1")).all() == \
             ["study.complete", "study.complete"]
+
+
+def test_study_detail_says_why_an_undecided_series_is_waiting(node, client, admin_h):
+    """An open association from CT_A holds one series (until its start + max_open_seconds); the
+    other waits for its quiet period; a decided series says nothing."""
+    from datetime import timedelta
+
+    from storage.models import AssociationLog, AssociationResult, Instance, Series, StageHeartbeat, utcnow
+
+    now = utcnow()
+    with node.sessions.begin() as s:
+        study = add_study_row(s, "1.2.9.7", status=StudyStatus.RECEIVED)
+        held = Series(series_instance_uid="1.2.9.7.1", study=study, dirty=True, last_received_at=now)
+        quiet = Series(series_instance_uid="1.2.9.7.2", study=study, dirty=True, last_received_at=now)
+        done = Series(series_instance_uid="1.2.9.7.3", study=study, dirty=False, last_received_at=now)
+        s.add_all([held, quiet, done, StageHeartbeat(stage="listen", identity="host:1", last_seen=now)])
+        a = AssociationLog(direction="in", calling_ae="CT_A", result=AssociationResult.ACCEPTED, started_at=now,
+                           listener="host:1")
+        s.add(a)
+        s.flush()
+        for n, se in enumerate((held, quiet)):
+            s.add(Instance(series=se, sop_instance_uid=f"1.2.9.7.9.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"x/{n}.dcm", size_bytes=1, sha256="0" * 64,
+                           calling_ae="CT_A", association_id=a.id if se is held else None, received_at=now))
+    series = {x["series_instance_uid"]: x for x in client.get("/api/studies/1.2.9.7", headers=admin_h).json()["series"]}
+    until = now + timedelta(seconds=node.settings.completion.max_open_seconds)
+    assert series["1.2.9.7.1"]["waiting_reason"] == f"association from CT_A still open, at most until {until:%H:%M:%S} UTC"
+    quiet_until = now + timedelta(seconds=node.settings.completion.quiet_seconds)
+    assert series["1.2.9.7.2"]["waiting_reason"].startswith(f"quiet period until {quiet_until:%H:%M:%S} UTC")
+    assert series["1.2.9.7.3"]["waiting_reason"] is None
+    from webtools import page_login
+
+    page_login(client, ADMIN)
+    page = client.get("/studies/1.2.9.7")
+    assert page.status_code == 200 and "waiting: association from CT_A still open" in page.text

@@ -37,8 +37,8 @@ def list_studies(
 
 @router.get("/studies/{study_uid}", response_model=schemas.StudyDetail,
             summary="One study: series, findings, result objects, jobs and transfers")
-def get_study(study_uid: str, s: DB, user: AnyUser) -> schemas.StudyDetail:
-    detail = services.study_detail(s, study_uid)
+def get_study(study_uid: str, s: DB, node: NodeDep, user: AnyUser) -> schemas.StudyDetail:
+    detail = services.study_detail(s, study_uid, node)
     for t in detail.transfers:  # delivery errors are the administrator's business
         t.error = services.visible_transfer_error(user.role, t.error)
     return detail
