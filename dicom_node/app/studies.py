@@ -28,14 +28,16 @@ ROUTING_ACTOR = "routing"
 
 
 def refresh_status(s: Session, study: Study) -> None:
-    """Derive the study's AI status and summary from its series and their latest jobs."""
+    """Derive the study's AI status and summary from its series and their latest jobs (a
+    cancelled job does not count: the one before it does)."""
     series = [x for x in study.series if not x.is_result]
     if any(x.dirty for x in series):
         study.status, study.status_reason = StudyStatus.RECEIVED, None
         return
     latest = []
     for x in series:
-        job = s.scalar(select(Job).where(Job.series_id == x.id).order_by(Job.id.desc()).limit(1))
+        job = s.scalar(select(Job).where(Job.series_id == x.id, Job.state != JobState.CANCELLED)
+                       .order_by(Job.id.desc()).limit(1))
         if job is not None:
             latest.append(job)
     states = {j.state for j in latest}

@@ -42,6 +42,7 @@ ROLES = {
     ("GET", "/api/findings/export"): ANY,
     ("POST", "/api/jobs/{job_id}/rerun"): ANY,
     ("POST", "/api/jobs/{job_id}/resend"): ANY,
+    ("POST", "/api/jobs/{job_id}/cancel"): ADM,
     ("GET", "/api/jobs"): ADM,
     ("GET", "/api/sources"): ADM,
     ("POST", "/api/sources"): ADM,
@@ -544,3 +545,27 @@ def test_study_detail_says_why_an_undecided_series_is_waiting(node, client, admi
     page_login(client, ADMIN)
     page = client.get("/studies/1.2.9.7")
     assert page.status_code == 200 and "waiting: association from CT_A still open" in page.text
+
+
+def test_cancel_a_pending_job_is_audited_and_refused_for_a_finished_one(node, client, admin_h, rad_h):
+    from storage.models import Job, JobState, Series, Study
+
+    with node.sessions.begin() as s:
+        study = add_study_row(s, "1.2.9.8", status=StudyStatus.WAITING)
+        series = Series(series_instance_uid="1.2.9.8.1", study=study, dirty=False)
+        pending = Job(series=series, idempotency_key="k-pending", state=JobState.PENDING)
+        done = Job(series=series, idempotency_key="k-done", state=JobState.DONE)
+        s.add_all([series, done])
+        s.flush()
+        s.add(pending)
+        s.flush()
+        pending_id, done_id = pending.id, done.id
+    assert client.post(f"/api/jobs/{pending_id}/cancel", headers=rad_h).status_code == 403
+    r = client.post(f"/api/jobs/{pending_id}/cancel", headers=admin_h)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    r = client.post(f"/api/jobs/{done_id}/cancel", headers=admin_h)
+    assert r.status_code == 409 and "only pending jobs" in r.json()["detail"]
+    assert client.post("/api/jobs/999999/cancel", headers=admin_h).status_code == 404
+    with node.sessions() as s:
+        assert s.scalars(select(AuditEvent.target).where(AuditEvent.action == "job.cancel")).all() == [str(pending_id)]
+        assert s.scalar(select(Study).where(Study.study_instance_uid == "1.2.9.8")).status is StudyStatus.DONE
