@@ -540,10 +540,12 @@ def test_study_detail_says_why_an_undecided_series_is_waiting(node, client, admi
     quiet_until = now + timedelta(seconds=node.settings.completion.quiet_seconds)
     assert series["1.2.9.7.2"]["waiting_reason"].startswith(f"quiet period until {quiet_until:%H:%M:%S} UTC")
     assert series["1.2.9.7.3"]["waiting_reason"] is None
+    from fastapi.testclient import TestClient
     from webtools import page_login
 
-    page_login(client, ADMIN)
-    page = client.get("/studies/1.2.9.7")
+    with TestClient(client.app) as browser:  # its own cookie jar: the session client stays logged out
+        page_login(browser, ADMIN)
+        page = browser.get("/studies/1.2.9.7")
     assert page.status_code == 200 and "waiting: association from CT_A still open" in page.text
 
 
