@@ -13,7 +13,8 @@ retried with exponential back-off (``[dispatch] backoff_base_seconds * 2**(attem
 rejected-permanent, a refused status, no accepted presentation context) are FAILED at once with
 the reason. Several sender threads run side by side, so a destination that is down (or slow to
 time out) never holds up the others. Destination kinds sit behind ``destinations.KINDS`` so
-that a new kind does not touch this loop.
+that a new kind does not touch this loop. The claim and the outcome are recorded by
+``dicom_node.app.transfers`` (``claim``, ``record_outcome``).
 """
 from __future__ import annotations
 

@@ -8,7 +8,8 @@ transaction, records findings and result objects, queues one transfer per destin
 chose (``Job.routing``), and marks the job done. A worker killed mid-job leaves the lease to expire and the job is claimed
 again (by this or another worker); nothing of a half-finished attempt is visible in the database.
 A series that cannot be read as a volume fails at once (retrying cannot help); other errors are
-retried up to the job's ``max_attempts``.
+retried up to the job's ``max_attempts``. Every change of a job's state (claim, done with its
+transfers, failed, put back) is a call of ``dicom_node.app.jobs``.
 
 Attempts are charged only when the job itself fails (an exception while loading, predicting or
 writing results). A reclaim after an expired lease (the worker was killed, the node restarted)
