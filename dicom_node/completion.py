@@ -11,7 +11,10 @@ A series is complete when
 2. and then no instance has arrived for ``[completion] quiet_seconds``;
 
 or when an administrator asked for it ("complete now": ``series.complete_requested``, set by
-``request_complete`` from the API, the CLI or the admin study page).
+``app.studies.request_complete`` from the API, the CLI or the admin study page).
+
+The quiet period is the matching routing rule's ``quiet_seconds``, else the sending source's
+(``[[sources]] quiet_seconds``), else ``[completion] quiet_seconds`` (``quiet_for``).
 
 Every function takes the current time ``now`` (UTC) from its caller, so tests need no sleeps.
 
@@ -25,18 +28,10 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import and_, not_, or_, select, update
+from sqlalchemy import and_, not_, or_, select
 from sqlalchemy.orm import Session
 
-from storage import repo
-from storage.models import (
-    AssociationLog,
-    AssociationResult,
-    Instance,
-    Series,
-    StageHeartbeat,
-    Study,
-)
+from storage.models import AssociationLog, AssociationResult, Instance, Series, StageHeartbeat
 
 log = logging.getLogger(__name__)
 
@@ -75,38 +70,35 @@ def due_series(now: datetime, quiet_seconds: float, max_open_seconds: float, sta
 
 def waiting_reason(s: Session, series: Series, now: datetime, quiet_seconds: float, max_open_seconds: float,
                    stale_seconds: float) -> str | None:
-    """Why ``series`` is not complete at ``now`` (for the study page), or None when it is."""
+    """Why ``series`` is not complete at ``now`` (for the study page), or None when it is not
+    waiting (decided, or asked to be completed now). ``quiet_seconds``: its quiet period (rule >
+    source > default: ``quiet_for``). Times are said in UTC, to the second:
+    "association from CT_A still open, at most until 14:05:00 UTC" or "quiet period until
+    14:02:30 UTC (30 s without a new instance)"."""
     if not series.dirty or series.complete_requested:
         return None
-    held = s.scalar(select(Instance.association_id).where(
-        Instance.series_id == series.id,
-        Instance.association_id.in_(_open_associations(now, max_open_seconds, stale_seconds))).limit(1))
+    held = s.execute(select(AssociationLog.calling_ae, AssociationLog.started_at).where(
+        AssociationLog.id.in_(select(Instance.association_id).where(
+            Instance.series_id == series.id,
+            Instance.association_id.in_(_open_associations(now, max_open_seconds, stale_seconds)))))
+        .order_by(AssociationLog.started_at).limit(1)).first()
     if held is not None:
-        return f"association {held} is still delivering it (at most {max_open_seconds:.0f} s)"
-    left = quiet_seconds - (now - series.last_received_at).total_seconds()
-    if left > 0:
-        return f"quiet period: {left:.0f} s without a new instance to go"
-    return None
+        until = held.started_at + timedelta(seconds=max_open_seconds)
+        return (f"association from {held.calling_ae or 'an unnamed AE'} still open, at most until "
+                f"{until:%H:%M:%S} UTC")
+    until = series.last_received_at + timedelta(seconds=quiet_seconds)
+    if until > now:
+        return f"quiet period until {until:%H:%M:%S} UTC ({quiet_seconds:g} s without a new instance)"
+    return "complete: decided at the next scheduler pass"
 
 
-def request_complete(s: Session, actor: str, study_uid: str, series_uid: str | None = None) -> list[str]:
-    """"Complete now": the study's series (or the one series) are evaluated at the next scheduler
-    pass, open associations and quiet period aside. Audited as ``study.complete``. Returns the
-    Series Instance UIDs marked; raises LookupError naming the unknown UID."""
-    study = s.scalar(select(Study).where(Study.study_instance_uid == study_uid))
-    if study is None:
-        raise LookupError(f"no study {study_uid}")
-    targets = [x for x in study.series if not x.is_result and (series_uid is None or x.series_instance_uid == series_uid)]
-    if series_uid is not None and not targets:
-        raise LookupError(f"no series {series_uid} in study {study_uid}")
-    ids = [x.id for x in targets]
-    if ids:
-        s.execute(update(Series).where(Series.id.in_(ids)).values(complete_requested=True, dirty=True)
-                  .execution_options(synchronize_session=False))
-    uids = sorted(x.series_instance_uid for x in targets)
-    repo.audit(s, actor, "study.complete", study_uid, {"series": uids})
-    log.info("complete now: study %s, %d series (by %s)", study_uid, len(uids), actor)
-    return uids
+def quiet_for(default: float, source_quiet: float | None = None, rule_quiet: float | None = None) -> float:
+    """The quiet period (seconds) that completes a series: the matching rule's ``quiet_seconds``,
+    else its source's, else ``default`` (``[completion] quiet_seconds``)."""
+    for value in (rule_quiet, source_quiet):
+        if value is not None:
+            return float(value)
+    return float(default)
 
 
 def late_policy(default: str, source_policy: str | None = None, rule_policy: str | None = None) -> str:

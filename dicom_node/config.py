@@ -179,6 +179,9 @@ class SourceEntry(BaseModel):
     return_to: list[str] = []
     #: Late-arrival policy for studies from this source ("rerun" | "ignore"); [completion] late if unset.
     late: Literal["rerun", "ignore"] | None = None
+    #: Quiet period (seconds) that completes a series from this source; [completion] quiet_seconds
+    #: if unset; a matching rule's quiet_seconds wins over both. Seeds ``sources.quiet_seconds``.
+    quiet_seconds: float | None = Field(None, ge=0, le=86400)
 
     _ae = field_validator("ae_title")(check_ae_title)
 

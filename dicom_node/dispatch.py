@@ -13,20 +13,21 @@ retried with exponential back-off (``[dispatch] backoff_base_seconds * 2**(attem
 rejected-permanent, a refused status, no accepted presentation context) are FAILED at once with
 the reason. Several sender threads run side by side, so a destination that is down (or slow to
 time out) never holds up the others. Destination kinds sit behind ``destinations.KINDS`` so
-that a new kind does not touch this loop.
+that a new kind does not touch this loop. The claim and the outcome are recorded by
+``dicom_node.app.transfers`` (``claim``, ``record_outcome``).
 """
 from __future__ import annotations
 
 import logging
 import threading
-from datetime import timedelta
 
 from sqlalchemy import select
 
 from dicom_node import destinations, scu
+from dicom_node.app import transfers
 from dicom_node.node import Node
 from storage import repo
-from storage.models import AssociationResult, Instance, ResultObject, Transfer, TransferState, utcnow
+from storage.models import AssociationResult, Instance, ResultObject, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +44,7 @@ def dispatch_once(node: Node, worker_id: str) -> bool:
         if not repo.transfer_claimable(s):
             return False
     with node.sessions.begin() as s:
-        t = repo.claim_transfer(s, worker_id, lease_seconds=cfg.timeout_seconds * 4 + 60)
+        t = transfers.claim(s, worker_id, lease_seconds=cfg.timeout_seconds * 4 + 60)
         if t is None:
             return False
         target = destinations.Target.of(t.destination)
@@ -71,36 +72,11 @@ def dispatch_once(node: Node, worker_id: str) -> bool:
     except Exception as exc:  # noqa: BLE001 - network errors of every kind are transient
         outcome = scu.Outcome(scu.Kind.TRANSIENT, f"{type(exc).__name__}: {exc}")
     ended = utcnow()
+    delay = backoff_seconds(attempt, cfg.backoff_base_seconds, cfg.backoff_max_seconds)
     with node.sessions.begin() as s:
-        t = s.get(Transfer, transfer_id)
-        if t.claimed_by != worker_id:
-            log.warning("transfer %d was taken over while sending; keeping the newer claim", transfer_id)
+        if transfers.record_outcome(s, transfer_id, worker_id, objects, statuses, outcome, attempt=attempt,
+                                    max_attempts=cfg.max_attempts, retry_in_seconds=delay, ended=ended) is None:
             return True
-        t.sent_sop_instance_uids = sorted(set(t.sent_sop_instance_uids or []) | set(outcome.acknowledged))
-        status = dict(t.object_status or {})
-        for o in objects:
-            status.setdefault(o.sop_instance_uid, {"kind": o.kind, "state": destinations.PENDING, "reason": None,
-                                                   "sent_as": None})
-        for uid, st in statuses.items():
-            status[uid] = {**status.get(uid, {}), **st.as_json()}
-        for uid in outcome.acknowledged:
-            status[uid]["state"] = destinations.SENT
-        t.object_status = status
-        t.lease_until = None
-        if outcome.ok:
-            t.state, t.error, t.sent_at = TransferState.SENT, None, ended
-            log.info("transfer %d sent to %s: %s", transfer_id, target.name, outcome.message)
-        elif outcome.kind is scu.Kind.PERMANENT:
-            t.state, t.error = TransferState.FAILED, outcome.message
-            log.error("transfer %d failed permanently: %s", transfer_id, outcome.message)
-        elif attempt >= cfg.max_attempts:
-            t.state, t.error = TransferState.FAILED, f"gave up after {attempt} attempts: {outcome.message}"
-            log.error("transfer %d: %s", transfer_id, t.error)
-        else:
-            delay = backoff_seconds(attempt, cfg.backoff_base_seconds, cfg.backoff_max_seconds)
-            t.state, t.error = TransferState.PENDING, outcome.message
-            t.next_attempt_at = ended + timedelta(seconds=delay)
-            log.warning("transfer %d: %s; retry in %.1f s", transfer_id, outcome.message, delay)
         repo.log_association(
             s, direction="out", peer_host=(target.host or target.url or '')[:255], peer_port=target.port or None,
             calling_ae=calling_ae, called_ae=target.ae_title or None,

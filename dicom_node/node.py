@@ -61,7 +61,7 @@ def open_node(settings: Settings, *, seed: bool = True) -> Node:
     if seed:
         with sessions.begin() as s:
             for src in settings.sources:
-                repo.ensure_source(s, src.ae_title, src.host, src.description, src.return_to)
+                repo.ensure_source(s, src.ae_title, src.host, src.description, src.return_to, src.quiet_seconds)
             for dst in settings.destinations:
                 repo.ensure_destination(s, dst.name, dst.ae_title, dst.host, dst.port, dst.outputs, dst.tls,
                                         kind=dst.kind, url=dst.url, options=dst.options)

@@ -2,8 +2,9 @@
 
 Contract: a series is complete when no inbound association delivering it is still open (at
 most ``[completion] max_open_seconds``, never for a listener whose heartbeat stopped) and then
-no instance has arrived for ``[completion] quiet_seconds`` (re-read on every pass) or for the
-``quiet_seconds`` of the routing rules it matches (with ``level = "study"``: when every series of
+no instance has arrived for its quiet period: the ``quiet_seconds`` of the routing rules it
+matches, else of its source (``[[sources]] quiet_seconds``), else ``[completion]
+quiet_seconds`` (re-read on every pass) (with ``level = "study"``: when every series of
 its study is), or at once when an administrator asked "complete now" (``dicom_node.completion``;
 every pass takes the current time ``now`` as an argument). Its eligibility for the nodule model
 is decided from the stored headers (axial CT, consistent geometry, no missing slice, sensible
@@ -15,7 +16,8 @@ idempotency key rests on content (``dicom_node.content``: model version, rule, e
 Instance UID with the hash of its decoded pixel data): a resend in any transfer syntax creates
 no job; a new or changed instance creates a new one that names the job it replaces, or nothing
 when the late-arrival policy says "ignore". The study's AI status is derived from its series and
-jobs (``refresh_study_status``).
+jobs (``app.studies.refresh_status``). Every row this stage changes is written through the
+application layer (``dicom_node.app``).
 """
 from __future__ import annotations
 
@@ -28,13 +30,14 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node import completion
+from dicom_node.app import jobs, studies
 from dicom_node.content import content_key, pixel_digest
 from dicom_node.node import Node
 from dicom_node.retention import remove_files
 from dicom_node.routing.apply import has_pending_discards, job_routing, route_series, sweep_discards
 from dicom_node.routing.store import load_rules
 from dicom_node.volume import series_problem
-from storage.models import Job, JobState, Series, Study, StudyStatus, utcnow
+from storage.models import Job, JobState, Series, Source, utcnow
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +72,7 @@ def evaluate_series(node: Node, s: Session, series: Series, model_version: str,
     caller (``_digests``). ``unlink`` collects files to remove after the commit (a discarded
     series). A series not complete under its rule's completion policy yet stays dirty, undecided
     (unless an administrator asked to complete it now)."""
-    forced = bool(series.complete_requested)
-    series.dirty = False
-    series.complete_requested = False
+    forced = studies.begin_evaluation(series)
     try:
         headers = _headers(node, series) if headers is None else headers
         problem = series_problem(
@@ -82,11 +83,11 @@ def evaluate_series(node: Node, s: Session, series: Series, model_version: str,
         )
     except Exception as exc:  # noqa: BLE001 - an unreadable stored file
         headers, problem = [], f"stored instance unreadable: {exc}"
-    series.eligible, series.eligibility_reason = problem is None, problem
+    studies.record_eligibility(series, problem)
     decision, paths = route_series(node, s, series, headers[0] if headers else None, now=now,
-                                   quiet_default=float(node.effective("completion.quiet_seconds", s)), force=forced)
+                                   quiet_default=_quiet_default(node, s, series), force=forced)
     if decision is None:
-        series.dirty = True  # complete later, under the matching rule's policy
+        studies.keep_waiting(series)  # complete later, under the matching rule's policy
         return None
     if unlink is not None:
         unlink.extend(paths)
@@ -100,7 +101,7 @@ def evaluate_series(node: Node, s: Session, series: Series, model_version: str,
             if i.id not in digests and (i.pixel_sha256 is None or i.pixel_of_sha256 != i.sha256):
                 digests[i.id] = (i.sha256, pixel_digest(node.store.path(i.path)))
     except Exception as exc:  # noqa: BLE001 - pixel data that does not decode
-        series.eligible, series.eligibility_reason = False, f"pixel data cannot be decoded: {type(exc).__name__}: {exc}"
+        studies.record_eligibility(series, f"pixel data cannot be decoded: {type(exc).__name__}: {exc}")
         return None
     for i in series.instances:
         if i.id in digests and digests[i.id][0] == i.sha256:
@@ -118,72 +119,36 @@ def evaluate_series(node: Node, s: Session, series: Series, model_version: str,
         rule_late = None if decision.default else decision.late_arrivals
         policy = completion.late_policy(node.settings.completion.late, _source_late(node, series), rule_late)
         if policy == "ignore":
-            series.eligibility_reason = (f"late arrival ignored (policy 'ignore'): the results of job {previous.id} "
-                                         "stand")
+            studies.record_late_ignored(series, previous.id)
             log.info("series %s changed after job %d: ignored (late-arrival policy)", series.series_instance_uid,
                      previous.id)
             return None
         replaces = previous.id
-    for old in s.scalars(select(Job).where(Job.series_id == series.id, Job.state == JobState.PENDING)):
-        old.state, old.error = JobState.CANCELLED, "superseded: the series changed before the job ran"
-        log.info("job %d cancelled: series %s changed", old.id, series.series_instance_uid)
-    job = Job(series=series, kind="infer", idempotency_key=key, state=JobState.PENDING, replaces_job_id=replaces,
-              priority=decision.priority, routing=job_routing(decision))
-    s.add(job)
-    s.flush()
-    log.info("job %d queued for series %s (%d instances)%s", job.id, series.series_instance_uid,
-             series.instance_count, f", a re-run replacing job {replaces}" if replaces else "")
-    return job
+    return jobs.queue(s, series, key, priority=decision.priority, routing=job_routing(decision), replaces=replaces)
+
+
+def _newest_calling_ae(series: Series) -> str | None:
+    newest = max(series.instances, key=lambda i: i.received_at, default=None)
+    return newest.calling_ae if newest is not None else None
 
 
 def _source_late(node: Node, series: Series) -> str | None:
     """The ``late`` policy of the source (calling AE) that sent the series' newest instance."""
-    newest = max(series.instances, key=lambda i: i.received_at, default=None)
-    ae = newest.calling_ae if newest is not None else None
+    ae = _newest_calling_ae(series)
     for src in node.settings.sources:
         if src.ae_title == ae:
             return src.late
     return None
 
 
-def refresh_study_status(s: Session, study: Study) -> None:
-    """Derive the study's AI status and summary from its series and their latest jobs."""
-    series = [x for x in study.series if not x.is_result]
-    if any(x.dirty for x in series):
-        study.status, study.status_reason = StudyStatus.RECEIVED, None
-        return
-    latest = []
-    for x in series:
-        job = s.scalar(select(Job).where(Job.series_id == x.id).order_by(Job.id.desc()).limit(1))
-        if job is not None:
-            latest.append(job)
-    states = {j.state for j in latest}
-    if JobState.RUNNING in states:
-        study.status, study.status_reason = StudyStatus.PROCESSING, None
-    elif JobState.PENDING in states:
-        study.status, study.status_reason = StudyStatus.WAITING, None
-    elif JobState.DONE in states:
-        done = [j for j in latest if j.state is JobState.DONE]
-        findings = [f for j in done for f in j.findings]
-        study.status, study.status_reason = StudyStatus.DONE, None
-        study.findings_count = len(findings)
-        study.max_diameter_mm = max((f.diameter_mm for f in findings), default=None)
-        study.max_malignancy = max((f.malignancy for f in findings), default=None)
-    elif JobState.FAILED in states:
-        study.status = StudyStatus.FAILED
-        study.status_reason = "; ".join(j.error or "failed" for j in latest if j.state is JobState.FAILED)[:2000]
-    elif series and all(x.eligible is False and x.route_analyse is not False for x in series):
-        study.status = StudyStatus.NOT_ELIGIBLE
-        reasons = sorted({f"{x.modality or '?'} series {x.series_number or ''}: {x.eligibility_reason}".replace("  ", " ")
-                          for x in series})
-        study.status_reason = "; ".join(reasons)[:2000]
-    elif series and all(x.route_analyse is False or x.eligible is False for x in series):
-        # Routing decided no analysis (forwarded, discarded, no rule matched): say what and why.
-        study.status = StudyStatus.NOT_ANALYSED
-        reasons = sorted({f"{x.modality or '?'} series {x.series_number or ''}: "
-                          f"{x.route_summary if x.route_analyse is False else x.eligibility_reason}".replace("  ", " ")
-                          for x in series})
-        study.status_reason = "; ".join(reasons)[:2000]
+def _quiet_default(node: Node, s: Session, series: Series) -> float:
+    """The quiet period of the series before its rules are consulted: the ``quiet_seconds`` of
+    the source (calling AE) that sent its newest instance (``sources.quiet_seconds``, seeded
+    from ``[[sources]]``), else ``[completion] quiet_seconds``. A matching rule's own
+    ``quiet_seconds`` overrides both (``routing.apply.still_arriving``)."""
+    ae = _newest_calling_ae(series)
+    source_quiet = s.scalar(select(Source.quiet_seconds).where(Source.ae_title == ae)) if ae else None
+    return completion.quiet_for(float(node.effective("completion.quiet_seconds", s)), source_quiet)
 
 
 def _due(node: Node, s: Session, now: datetime, limit: int, quiet: float):
@@ -192,8 +157,10 @@ def _due(node: Node, s: Session, now: datetime, limit: int, quiet: float):
 
 
 def _shortest_quiet(s: Session, quiet: float) -> float:
-    """The shortest quiet period of the default and of the stored rules' completion policies."""
-    return min([quiet] + [r.quiet_seconds for r in load_rules(s) if r.enabled and r.quiet_seconds is not None])
+    """The shortest quiet period of the default, of the sources' and of the stored rules'
+    completion policies: no series can be complete before it."""
+    sources = [q for q in s.scalars(select(Source.quiet_seconds).where(Source.quiet_seconds.is_not(None)))]
+    return min([quiet] + sources + [r.quiet_seconds for r in load_rules(s) if r.enabled and r.quiet_seconds is not None])
 
 
 def schedule_once(node: Node, model_version: str, limit: int = 20, *, now: datetime | None = None) -> int:
@@ -236,7 +203,7 @@ def schedule_once(node: Node, model_version: str, limit: int = 20, *, now: datet
             evaluate_series(node, s, series, model_version, headers, digests, now=now, unlink=unlink)
         decided = [x for x in due if not x.dirty]
         for study in {x.study for x in decided}:
-            refresh_study_status(s, study)
+            studies.refresh_status(s, study)
     remove_files(node.settings.node.data_dir, unlink)  # discarded instances, once their rows are gone
     return len(decided)
 

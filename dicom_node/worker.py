@@ -8,7 +8,8 @@ transaction, records findings and result objects, queues one transfer per destin
 chose (``Job.routing``), and marks the job done. A worker killed mid-job leaves the lease to expire and the job is claimed
 again (by this or another worker); nothing of a half-finished attempt is visible in the database.
 A series that cannot be read as a volume fails at once (retrying cannot help); other errors are
-retried up to the job's ``max_attempts``.
+retried up to the job's ``max_attempts``. Every change of a job's state (claim, done with its
+transfers, failed, put back) is a call of ``dicom_node.app.jobs``.
 
 Attempts are charged only when the job itself fails (an exception while loading, predicting or
 writing results). A reclaim after an expired lease (the worker was killed, the node restarted)
@@ -33,13 +34,13 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dicom_node import ingest
+from dicom_node.app import jobs
 from dicom_node.node import Node
 from dicom_node.results.sr_comprehensive import add_predecessor
 from dicom_node.routing.apply import result_targets
-from dicom_node.scheduler import refresh_study_status
 from dicom_node.volume import VolumeError, load_series
 from storage import repo
-from storage.models import FindingRow, Job, JobState, ResultObject, Transfer, TransferState, utcnow
+from storage.models import FindingRow, Job, JobState, ResultObject
 
 log = logging.getLogger(__name__)
 
@@ -128,10 +129,8 @@ class _GracefulStop(threading.Thread):
             beat.done.set()
             try:
                 with self.node.sessions.begin() as s:
-                    released = repo.release_job(s, job_id, self.worker_id,
-                                                f"worker stopped after {self.grace:.0f} s grace; requeued, uncharged")
-                    if released:
-                        refresh_study_status(s, s.get(Job, job_id).series.study)
+                    released = jobs.release(s, job_id, self.worker_id,
+                                            f"worker stopped after {self.grace:.0f} s grace; requeued, uncharged")
                 if released:
                     log.warning("job %d still running %.0f s after the stop request: back in the queue, attempt "
                                 "not charged", job_id, self.grace)
@@ -150,27 +149,16 @@ def work_once(node: Node, worker_id: str, predictor: Callable, weights_version: 
         if not repo.job_claimable(s):
             return False
     with node.sessions.begin() as s:
-        job = repo.claim_job(s, worker_id, lease)
+        job, runnable = jobs.claim(s, worker_id, lease, max_expiries)
         if job is None:
             return False
+        if not runnable:  # reclaimed after an expired lease too often: failed (the worker keeps dying on it)
+            return True
         job_id, attempts, max_attempts = job.id, job.attempts, job.max_attempts
         uid_seed = job.idempotency_key
-        if job.lease_expiries > max_expiries:
-            # Reclaimed after an expired lease too often: the worker keeps dying on this job.
-            job.state, job.finished_at, job.lease_until = JobState.FAILED, utcnow(), None
-            job.error = (f"abandoned after the worker stopped {job.lease_expiries} times while processing it "
-                         f"(killed, or out of memory); last error: {job.error or 'none'}")
-            log.error("job %d: %s", job_id, job.error)
-            s.flush()
-            refresh_study_status(s, job.series.study)
-            return True
-        if job.lease_expiries:
-            log.warning("job %d: reclaimed after its worker stopped (%d time(s)); attempt not charged",
-                        job_id, job.lease_expiries)
         series = job.series
         series_uid = series.series_instance_uid
         paths = [node.store.path(i.path) for i in series.instances]
-        refresh_study_status(s, series.study)
     log.info("job %d: series %s, %d instances (attempt %d/%d)", job_id, series_uid, len(paths), attempts, max_attempts)
     beat = _Heartbeat(node, job_id, worker_id, lease)
     beat.start()
@@ -251,19 +239,7 @@ def _process(node: Node, job_id: int, paths: list[Path], predictor: Callable, we
             # Indexed like a received instance (its own result series of the study, never
             # analysed), so DICOMweb (QIDO-RS, WADO-RS) and the viewer find the results.
             repo.index_instance(s, meta, rel, size, sha, None, None)
-        for dest_id, outputs in result_targets(s, job):  # routed destinations (all enabled for older jobs)
-            ids = [r.id for k in outputs for r in rows.get(k, [])]
-            if ids:
-                s.add(Transfer(job=job, destination_id=dest_id, result_object_ids=ids, sent_sop_instance_uids=[],
-                               object_status={}, state=TransferState.PENDING, next_attempt_at=utcnow(),
-                               priority=job.priority or 0, series_id=job.series_id))
-        job.state = JobState.DONE
-        job.error = None
-        job.finished_at = utcnow()
-        job.lease_until = None
-        job.inference_seconds = round(t2 - t1, 3)
-        s.flush()
-        refresh_study_status(s, study)
+        jobs.finish_done(s, job, rows, inference_seconds=round(t2 - t1, 3))  # results queued to routed destinations
     log.info("job %d done: %d finding(s); load %.1f s, model %.1f s, results %.1f s",
              job_id, len(findings), t1 - t0, t2 - t1, t3 - t2)
     _prerender(node, job_id, volume, written, findings, results)
@@ -305,18 +281,7 @@ def side_of(center_mm) -> str:
 
 def _finish_failed(node: Node, job_id: int, error: str, *, retry: bool) -> None:
     with node.sessions.begin() as s:
-        job = s.get(Job, job_id)
-        job.error = error[:4000]
-        job.lease_until = None
-        if retry:
-            job.state = JobState.PENDING
-            log.warning("job %d will be retried: %s", job_id, error)
-        else:
-            job.state = JobState.FAILED
-            job.finished_at = utcnow()
-            log.error("job %d failed: %s", job_id, error)
-        s.flush()
-        refresh_study_status(s, job.series.study)
+        jobs.finish_failed(s, job_id, error, retry=retry)
 
 
 def run_worker(node: Node, stop: threading.Event, worker_id: str, predictor_factory: Callable[[], Callable],

@@ -329,6 +329,9 @@ class Source(Base):
     enabled: Mapped[bool] = mapped_column(Boolean, default=True)
     #: Destination names that "sender" means for this source (routing); empty: every destination.
     return_to: Mapped[list | None] = mapped_column(JSON, default=list)
+    #: Completion policy of this source: seconds without a new instance before a series it sent
+    #: is complete; None: ``[completion] quiet_seconds``. A matching rule's own value wins.
+    quiet_seconds: Mapped[float | None] = mapped_column(Float)
 
 
 class Destination(Base):

@@ -66,11 +66,11 @@ def source_allows(s: Session, calling_ae: str, peer_host: str | None) -> str | N
 
 
 def ensure_source(s: Session, ae_title: str, host: str | None = None, description: str | None = None,
-                  return_to: list[str] | None = None) -> Source:
+                  return_to: list[str] | None = None, quiet_seconds: float | None = None) -> Source:
     row = s.scalar(select(Source).where(Source.ae_title == ae_title))
     if row is None:
         row = Source(ae_title=ae_title, host=host, description=description, enabled=True,
-                     return_to=list(return_to or []))
+                     return_to=list(return_to or []), quiet_seconds=quiet_seconds)
         s.add(row)
     return row
 

@@ -15,12 +15,14 @@ MR_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.4"
 
 
 def derive_series(source: Path, out: Path, *, modality: str | None = None, limit: int | None = None,
-                  body_part: str | None = None, series_description: str | None = None) -> Path:
-    """Copy ``source`` (a folder of DICOM files, or one file) into ``out`` with new UIDs."""
+                  body_part: str | None = None, series_description: str | None = None,
+                  study_uid: str | None = None) -> Path:
+    """Copy ``source`` (a folder of DICOM files, or one file) into ``out`` with new UIDs (the
+    Study Instance UID ``study_uid`` when given: another series of that study)."""
     out.mkdir(parents=True, exist_ok=True)
     files = sorted(p for p in source.iterdir() if p.is_file()) if source.is_dir() else [source]
     files = files[:limit] if limit else files
-    study, series, frame = generate_uid(), generate_uid(), generate_uid()
+    study, series, frame = study_uid or generate_uid(), generate_uid(), generate_uid()
     for n, f in enumerate(files):
         ds = dcmread(f)
         ds.StudyInstanceUID, ds.SeriesInstanceUID = study, series

@@ -202,7 +202,7 @@ def test_open_association_holds_only_up_to_the_cap_and_not_after_its_listener_di
 
 
 def test_complete_now_evaluates_a_held_series(make_node, tmp_path):
-    from dicom_node.completion import request_complete
+    from dicom_node.app.studies import request_complete
 
     h = Harness(make_node, f"sqlite:///{tmp_path / 'n.sqlite3'}", [])
     try:
@@ -385,7 +385,7 @@ def test_dicomweb_stow_rs_into_orthanc_with_its_echo(make_node, tmp_path, orthan
 def test_forwarded_originals_are_transcoded_for_a_peer_that_takes_other_syntaxes(make_node, tmp_path):
     """Originals stored in JPEG 2000 lossless go to a peer that takes only Explicit VR Little
     Endian, decoded, with their SOP Instance UIDs and pixel values unchanged."""
-    from dicom_node.routing.apply import queue_forwards
+    from dicom_node.app.transfers import queue_forwards
     from dicom_node.routing.evaluate import Decision
     from storage.models import Destination, utcnow
 

@@ -245,6 +245,63 @@ def test_study_level_rule_waits_for_every_series_and_rule_quiet_seconds(routed, 
         assert s.scalar(select(Series)).route_analyse is True
 
 
+def test_study_level_trigger_waits_for_every_series_of_a_two_series_study(routed, tmp_path):
+    """Two CT series of one study under a ``level = "study"`` rule: the first, quiet for long,
+    is not decided while the second is still arriving; once both are quiet each gets its job
+    (a decision per series: docs/routing/rules.md), both with the rule's routing."""
+    from datetime import timedelta
+
+    from sqlalchemy import update
+
+    from storage.models import utcnow
+    from tests.routing_helpers import study_uid_of
+
+    node, port = routed(rules=[{"name": "ct-study", "match": {"Modality": "CT"}, "actions": ["analyse"],
+                                "level": "study", "quiet_seconds": 300}])
+    first = derive_series(need_lidc(), tmp_path / "ct1")  # whole series: eligible, so each gets a job
+    second = derive_series(need_lidc(), tmp_path / "ct2", study_uid=study_uid_of(first))
+    storescu(port, first, second)
+    t0 = utcnow()
+    with node.sessions.begin() as s:  # the second series' last instance arrived 200 s after the first's
+        uids = sorted(x.series_instance_uid for x in s.scalars(select(Series)))
+        assert len(uids) == 2 and len({x.study_id for x in s.scalars(select(Series))}) == 1
+        late = s.scalar(select(Series).where(Series.series_instance_uid == uids[1]))
+        s.execute(update(Series).where(Series.id == late.id).values(last_received_at=t0 + timedelta(seconds=200)))
+    assert schedule_once(node, "v1", now=t0 + timedelta(seconds=350)) == 0  # first quiet 350 s, second 150 s
+    with node.sessions() as s:
+        assert s.scalar(select(Job)) is None and all(x.dirty for x in s.scalars(select(Series)))
+        assert s.scalar(select(Study)).status is StudyStatus.RECEIVED
+    assert schedule_once(node, "v1", now=t0 + timedelta(seconds=501)) == 2
+    with node.sessions() as s:
+        jobs = list(s.scalars(select(Job)))
+        assert sorted(j.series.series_instance_uid for j in jobs) == uids
+        assert all(j.routing["rules"] == ["ct-study"] for j in jobs)
+        assert s.scalar(select(Study)).status is StudyStatus.WAITING
+
+
+def test_source_quiet_seconds_completes_its_series_unless_a_rule_says_otherwise(routed, tmp_path):
+    """``[[sources]] quiet_seconds``: the source's quiet period replaces ``[completion]
+    quiet_seconds`` (0.2 s here) for the series it sends; a matching rule's own value wins."""
+    from datetime import timedelta
+
+    from dicom_node.completion import quiet_for
+    from storage.models import Source, utcnow
+
+    assert (quiet_for(30, None, None), quiet_for(30, 60, None), quiet_for(30, 60, 5)) == (30, 60, 5)
+    node, port = routed(rules=[{"name": "mr-quick", "match": {"Modality": "MR"}, "actions": ["analyse"],
+                                "quiet_seconds": 5}],
+                        sources=[{"ae_title": "CT_A", "quiet_seconds": 60}])
+    with node.sessions() as s:
+        assert s.scalar(select(Source.quiet_seconds).where(Source.ae_title == "CT_A")) == 60
+    storescu(port, derive_series(need_lidc(), tmp_path / "ct", limit=20), calling_ae="CT_A")
+    storescu(port, derive_series(need_lidc(), tmp_path / "mr", limit=5, modality="MR"), calling_ae="CT_A")
+    t0 = utcnow()
+    assert schedule_once(node, "v1", now=t0 + timedelta(seconds=30)) == 1  # the MR (rule: 5 s); the CT waits
+    with node.sessions() as s:
+        assert [x.modality for x in s.scalars(select(Series).where(Series.dirty.is_(True)))] == ["CT"]
+    assert schedule_once(node, "v1", now=t0 + timedelta(seconds=61)) == 1  # the CT: its source's 60 s
+
+
 def test_forward_sends_only_what_is_new_and_discard_waits_for_the_forward(routed, tmp_path):
     from datetime import timedelta
 

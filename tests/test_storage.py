@@ -148,3 +148,38 @@ def test_upgrading_a_populated_database_keeps_every_row_and_widens_the_text_colu
     with sessions() as s:
         assert s.get(Study, 1).study_description == "D" * 200
     engine.dispose()
+
+
+def test_every_migration_downgrades_and_upgrades_again(db_url):
+    """Upgrade to head, downgrade to base (every ``downgrade()``, 0008's and 0010's included),
+    upgrade to head again: the schema at head is the same both times and base leaves no table."""
+    from alembic import command
+    from alembic.config import Config
+    from sqlalchemy import inspect
+
+    from storage.db import MIGRATIONS_DIR, make_engine
+
+    engine = make_engine(db_url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+
+    def run(step, target):
+        with engine.begin() as conn:
+            cfg.attributes["connection"] = conn
+            step(cfg, target)
+
+    def schema():
+        insp = inspect(engine)
+        return {t: sorted(c["name"] for c in insp.get_columns(t)) for t in insp.get_table_names()
+                if t != "alembic_version"}
+
+    run(command.upgrade, "head")
+    first = schema()
+    assert "quiet_seconds" in first["sources"] and "complete_requested" in first["series"]
+    run(command.downgrade, "0008")
+    assert "quiet_seconds" not in schema()["sources"]
+    run(command.downgrade, "base")
+    assert schema() == {}
+    run(command.upgrade, "head")
+    assert schema() == first
+    engine.dispose()

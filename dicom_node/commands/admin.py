@@ -1,5 +1,6 @@
 """Administration from the command line: sources, destinations, the node's AE title and runtime
-settings, jobs and transfers. Changes are written to the database and take effect at once in a
+settings, jobs and transfers. Job, transfer and completion changes go through the application
+layer (``dicom_node.app``), audited as user "cli". Changes are written to the database and take effect at once in a
 running node (no restart)."""
 from __future__ import annotations
 
@@ -60,9 +61,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         add_config_argument(x)
     p.set_defaults(func=run_setting)
 
-    p = sub.add_parser("jobs", help="list jobs and transfers")
+    p = sub.add_parser("jobs", help="list jobs and transfers; re-run or cancel a job, retry or cancel a transfer")
     add_config_argument(p)
     p.add_argument("--limit", type=int, default=20)
+    act = p.add_mutually_exclusive_group()
+    act.add_argument("--rerun", type=int, metavar="JOB_ID", help="queue a new job for the series of this job")
+    act.add_argument("--cancel", type=int, metavar="JOB_ID", help="cancel a pending job")
+    act.add_argument("--retry-transfer", type=int, metavar="TRANSFER_ID", help="send a failed transfer again now")
+    act.add_argument("--cancel-transfer", type=int, metavar="TRANSFER_ID", help="cancel a pending or failed transfer")
     p.set_defaults(func=run_jobs)
 
 
@@ -162,7 +168,7 @@ def run_destination(args) -> int:
 
 
 def run_complete(args) -> int:
-    from dicom_node.completion import request_complete
+    from dicom_node.app.studies import request_complete
 
     node = _node(args)
     try:
@@ -209,9 +215,28 @@ def run_setting(args) -> int:
 def run_jobs(args) -> int:
     from sqlalchemy import select
 
+    from dicom_node.app import jobs, transfers
+    from dicom_node.app.errors import Conflict, NotFound
     from storage.models import Job, Transfer
 
     node = _node(args)
+    actions = {"rerun": (jobs.rerun, "job {id} queued: a re-run of job {arg}"),
+               "cancel": (jobs.cancel, "job {id} cancelled"),
+               "retry_transfer": (transfers.retry, "transfer {id} pending again"),
+               "cancel_transfer": (transfers.cancel, "transfer {id} cancelled")}
+    for name, (action, said) in actions.items():
+        arg = getattr(args, name, None)
+        if arg is None:
+            continue
+        try:
+            with node.sessions.begin() as s:
+                row = action(s, "cli", arg)
+                message = said.format(id=row.id, arg=arg)
+        except (NotFound, Conflict) as exc:
+            print(f"dicom-node: {exc}", file=sys.stderr)
+            return 1
+        print(message)
+        return 0
     with node.sessions() as s:
         for j in s.scalars(select(Job).order_by(Job.id.desc()).limit(args.limit)):
             print(f"job {j.id:5}  {j.state.value:9}  series {j.series.series_instance_uid}  attempts {j.attempts}  {j.error or ''}")

@@ -2,9 +2,10 @@
 
 ``route_series`` reads the rules from the database (so a change applies to the next series
 without a restart), gathers the series' facts, decides (``evaluate.decide``), and then, in the
-caller's transaction: records the decision (``routing_decisions`` and the series' summary),
-queues one transfer of the originals per forwarding destination (only instances not already
-forwarded there), and discards the series' instances (rows now, files after the commit) or,
+caller's transaction, through the application layer (``dicom_node.app``): records the decision
+(``app.studies.record_route``: ``routing_decisions`` and the series' summary), queues one
+transfer of the originals per forwarding destination (``app.transfers.queue_forwards``: only
+instances not already forwarded there), and discards the series' instances (rows now, files after the commit) or,
 when analysis or forwarding still needs them, marks it ``discard_pending`` for
 ``sweep_discards``. Creating the analysis job stays with the scheduler, which reads
 ``Decision.analyse``, ``priority``, ``late_arrivals`` and ``job_routing(decision)``.
@@ -14,30 +15,19 @@ from __future__ import annotations
 import logging
 from datetime import datetime, timedelta
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import exists, select
 from sqlalchemy.orm import Session
 
+from dicom_node import completion
+from dicom_node.app import studies, transfers
 from dicom_node.routing import store
 from dicom_node.routing.evaluate import Decision, decide
 from dicom_node.routing.facts import series_facts
-from storage import repo
-from storage.models import (
-    Destination,
-    Instance,
-    Job,
-    JobState,
-    RoutingDecision,
-    Series,
-    Source,
-    Transfer,
-    TransferState,
-    utcnow,
-)
+from storage.models import Destination, Job, JobState, Series, Source, Transfer, TransferState, utcnow
 
 log = logging.getLogger(__name__)
 
 ACTOR = "routing"
-OPEN_TRANSFER = (TransferState.PENDING, TransferState.SENDING, TransferState.SENT)
 
 
 def return_to(s: Session, calling_ae: str | None) -> list[str] | None:
@@ -62,9 +52,10 @@ def decide_series(node, s: Session, series: Series, first_header=None, rules: li
 def still_arriving(s: Session, series: Series, decision: Decision, quiet_default: float, now: datetime) -> str | None:
     """Why the series is not complete under the decision's policy yet (None: it is complete).
 
-    ``quiet_seconds`` of the matching rules overrides ``[completion] quiet_seconds``; with the
+    ``quiet_seconds`` of the matching rules overrides ``quiet_default`` (the source's, else
+    ``[completion] quiet_seconds``: ``scheduler._quiet_default``); with the
     trigger level "study", every other series of the study must be quiet too."""
-    quiet = decision.quiet_seconds if decision.quiet_seconds is not None else quiet_default
+    quiet = completion.quiet_for(quiet_default, None, decision.quiet_seconds)
     cutoff = now - timedelta(seconds=quiet)
     if series.last_received_at > cutoff:
         return f"last instance {(now - series.last_received_at).total_seconds():.0f} s ago, quiet period {quiet:g} s"
@@ -92,56 +83,6 @@ def result_targets(s: Session, job: Job) -> list[tuple[int, list[str]]]:
     return [(int(k), list(v)) for k, v in (job.routing.get("destinations") or {}).items() if int(k) in enabled]
 
 
-def record(s: Session, series: Series, decision: Decision, now: datetime) -> RoutingDecision:
-    summary = decision.summary()
-    row = RoutingDecision(series_id=series.id, decided_at=now, matched=decision.matched, actions=decision.actions,
-                          destinations=decision.destination_names(), summary=summary[:4000],
-                          detail=decision.as_dict())
-    s.add(row)
-    series.route_analyse = decision.analyse
-    series.route_summary = summary[:4000]
-    return row
-
-
-def queue_forwards(s: Session, series: Series, decision: Decision, now: datetime) -> list[Transfer]:
-    """One originals transfer per forwarding destination, of the instances not yet forwarded
-    there (pending, sending or sent): a late arrival forwards only what is new."""
-    created = []
-    instance_ids = list(s.scalars(select(Instance.id).where(Instance.series_id == series.id).order_by(Instance.id)))
-    for dest_id in decision.forward_destinations():
-        covered: set[int] = set()
-        for ids in s.scalars(select(Transfer.instance_ids).where(
-                Transfer.series_id == series.id, Transfer.destination_id == dest_id, Transfer.kind == "originals",
-                Transfer.state.in_(OPEN_TRANSFER))):
-            covered.update(ids or [])
-        todo = [i for i in instance_ids if i not in covered]
-        if not todo:
-            continue
-        t = Transfer(kind="originals", series_id=series.id, destination_id=dest_id, instance_ids=todo,
-                     result_object_ids=[], sent_sop_instance_uids=[], state=TransferState.PENDING,
-                     priority=decision.priority, next_attempt_at=now)
-        s.add(t)
-        created.append(t)
-    s.flush()
-    for t in created:
-        log.info("transfer %d: forward %d original(s) of series %s to %s", t.id, len(t.instance_ids),
-                 series.series_instance_uid, decision.names.get(t.destination_id))
-    return created
-
-
-def discard_now(s: Session, series: Series, reason: str, actor: str = ACTOR) -> list[str]:
-    """Delete the series' instances from the index (the caller commits, then removes the
-    returned files, relative to data_dir); the series row stays with its decision."""
-    paths = list(s.scalars(select(Instance.path).where(Instance.series_id == series.id)))
-    s.execute(delete(Instance).where(Instance.series_id == series.id).execution_options(synchronize_session=False))
-    s.expire(series, ["instances"])
-    series.instance_count = 0
-    series.discard_pending = False
-    repo.audit(s, actor, "series.discard", series.series_instance_uid, {"reason": reason, "instances": len(paths)})
-    log.info("series %s discarded: %d instance(s)", series.series_instance_uid, len(paths))
-    return paths
-
-
 def route_series(node, s: Session, series: Series, first_header=None, *, now: datetime | None = None,
                  quiet_default: float = 0.0, force: bool = False) -> tuple[Decision | None, list[str]]:
     """Decide and act for a complete series (eligibility already recorded on it).
@@ -153,14 +94,14 @@ def route_series(node, s: Session, series: Series, first_header=None, *, now: da
     decision = decide_series(node, s, series, first_header)
     if not force and still_arriving(s, series, decision, quiet_default, now) is not None:
         return None, []
-    record(s, series, decision, now)
-    forwards = queue_forwards(s, series, decision, now) if decision.forward_destinations() else []
+    studies.record_route(s, series, decision, now)
+    forwards = transfers.queue_forwards(s, series, decision, now) if decision.forward_destinations() else []
     paths: list[str] = []
     if decision.discard:
         if decision.analyse or forwards or _open_forwards(s, series.id):
-            series.discard_pending = True
+            studies.mark_discard_pending(series)
         else:
-            paths = discard_now(s, series, decision.summary())
+            paths = studies.discard_now(s, series, decision.summary(), ACTOR)
     log.info("series %s routed: %s by %s", series.series_instance_uid, ", ".join(decision.actions) or "kept",
              ", ".join(decision.matched) or "no rule")
     return decision, paths
@@ -179,7 +120,7 @@ def sweep_discards(s: Session) -> list[str]:
                               Transfer.state.in_((TransferState.PENDING, TransferState.SENDING)))
     paths: list[str] = []
     for series in s.scalars(select(Series).where(Series.discard_pending.is_(True), ~busy_job, ~busy_fwd)):
-        paths += discard_now(s, series, series.route_summary or "discard rule")
+        paths += studies.discard_now(s, series, series.route_summary or "discard rule", ACTOR)
     return paths
 
 

@@ -68,6 +68,8 @@ class SeriesOut(BaseModel):
     eligibility_reason: str | None
     is_result: bool
     route_summary: str | None = Field(None, description="the latest routing decision: what happens, and why")
+    waiting_reason: str | None = Field(None, description="why a series not decided yet is waiting (an open "
+                                       "association, its quiet period), times in UTC")
 
 
 class ReviewCounts(BaseModel):

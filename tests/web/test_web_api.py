@@ -42,6 +42,7 @@ ROLES = {
     ("GET", "/api/findings/export"): ANY,
     ("POST", "/api/jobs/{job_id}/rerun"): ANY,
     ("POST", "/api/jobs/{job_id}/resend"): ANY,
+    ("POST", "/api/jobs/{job_id}/cancel"): ADM,
     ("GET", "/api/jobs"): ADM,
     ("GET", "/api/sources"): ADM,
     ("POST", "/api/sources"): ADM,
@@ -509,3 +510,64 @@ def test_complete_now_marks_the_series_and_is_audited(node, client, admin_h, rad
     with node.sessions() as s:
         assert s.scalars(select(AuditEvent.action).where(AuditEvent.target == "1.2.9.1")).all() == \
             ["study.complete", "study.complete"]
+
+
+def test_study_detail_says_why_an_undecided_series_is_waiting(node, client, admin_h):
+    """An open association from CT_A holds one series (until its start + max_open_seconds); the
+    other waits for its quiet period; a decided series says nothing."""
+    from datetime import timedelta
+
+    from storage.models import AssociationLog, AssociationResult, Instance, Series, StageHeartbeat, utcnow
+
+    now = utcnow()
+    with node.sessions.begin() as s:
+        study = add_study_row(s, "1.2.9.7", status=StudyStatus.RECEIVED)
+        held = Series(series_instance_uid="1.2.9.7.1", study=study, dirty=True, last_received_at=now)
+        quiet = Series(series_instance_uid="1.2.9.7.2", study=study, dirty=True, last_received_at=now)
+        done = Series(series_instance_uid="1.2.9.7.3", study=study, dirty=False, last_received_at=now)
+        s.add_all([held, quiet, done, StageHeartbeat(stage="listen", identity="host:1", last_seen=now)])
+        a = AssociationLog(direction="in", calling_ae="CT_A", result=AssociationResult.ACCEPTED, started_at=now,
+                           listener="host:1")
+        s.add(a)
+        s.flush()
+        for n, se in enumerate((held, quiet)):
+            s.add(Instance(series=se, sop_instance_uid=f"1.2.9.7.9.{n}", sop_class_uid="1.2.840.10008.5.1.4.1.1.2",
+                           transfer_syntax_uid="1.2.840.10008.1.2.1", path=f"x/{n}.dcm", size_bytes=1, sha256="0" * 64,
+                           calling_ae="CT_A", association_id=a.id if se is held else None, received_at=now))
+    series = {x["series_instance_uid"]: x for x in client.get("/api/studies/1.2.9.7", headers=admin_h).json()["series"]}
+    until = now + timedelta(seconds=node.settings.completion.max_open_seconds)
+    assert series["1.2.9.7.1"]["waiting_reason"] == f"association from CT_A still open, at most until {until:%H:%M:%S} UTC"
+    quiet_until = now + timedelta(seconds=node.settings.completion.quiet_seconds)
+    assert series["1.2.9.7.2"]["waiting_reason"].startswith(f"quiet period until {quiet_until:%H:%M:%S} UTC")
+    assert series["1.2.9.7.3"]["waiting_reason"] is None
+    from fastapi.testclient import TestClient
+    from webtools import page_login
+
+    with TestClient(client.app) as browser:  # its own cookie jar: the session client stays logged out
+        page_login(browser, ADMIN)
+        page = browser.get("/studies/1.2.9.7")
+    assert page.status_code == 200 and "waiting: association from CT_A still open" in page.text
+
+
+def test_cancel_a_pending_job_is_audited_and_refused_for_a_finished_one(node, client, admin_h, rad_h):
+    from storage.models import Job, JobState, Series, Study
+
+    with node.sessions.begin() as s:
+        study = add_study_row(s, "1.2.9.8", status=StudyStatus.WAITING)
+        series = Series(series_instance_uid="1.2.9.8.1", study=study, dirty=False)
+        pending = Job(series=series, idempotency_key="k-pending", state=JobState.PENDING)
+        done = Job(series=series, idempotency_key="k-done", state=JobState.DONE)
+        s.add_all([series, done])
+        s.flush()
+        s.add(pending)
+        s.flush()
+        pending_id, done_id = pending.id, done.id
+    assert client.post(f"/api/jobs/{pending_id}/cancel", headers=rad_h).status_code == 403
+    r = client.post(f"/api/jobs/{pending_id}/cancel", headers=admin_h)
+    assert r.status_code == 200 and r.json()["state"] == "cancelled"
+    r = client.post(f"/api/jobs/{done_id}/cancel", headers=admin_h)
+    assert r.status_code == 409 and "only pending jobs" in r.json()["detail"]
+    assert client.post("/api/jobs/999999/cancel", headers=admin_h).status_code == 404
+    with node.sessions() as s:
+        assert s.scalars(select(AuditEvent.target).where(AuditEvent.action == "job.cancel")).all() == [str(pending_id)]
+        assert s.scalar(select(Study).where(Study.study_instance_uid == "1.2.9.8")).status is StudyStatus.DONE

@@ -1,7 +1,8 @@
-"""The job queue, re-run and re-send.
+"""The job queue, re-run, re-send and cancel.
 
 Re-run and re-send are study-page actions, so radiologists may use them as well as admins;
-listing the queue is for admins.
+listing the queue and cancelling a pending job are for admins. Each is one call of the
+application layer (``dicom_node.app``) through ``web.services``.
 """
 from __future__ import annotations
 
@@ -39,3 +40,10 @@ def resend(job_id: RowId, s: DB, user: AnyUser,
     created = services.resend_job(s, user.username, job_id, body.destinations if body else None)
     s.commit()
     return [services.transfer_out(t, t.destination.name) for t in created]
+
+
+@router.post("/{job_id}/cancel", response_model=schemas.JobOut, summary="Cancel a pending job (admin; audited)")
+def cancel(job_id: RowId, s: DB, user: AdminUser) -> schemas.JobOut:
+    job = services.cancel_job(s, user.username, job_id)
+    s.commit()
+    return services.job_out(job)

@@ -12,7 +12,7 @@ from pydantic import ValidationError
 
 from dicom_node import presentation
 from dicom_node.web import schemas, services
-from dicom_node.web.deps import CSRF, DB, MAX_ROW_ID, PageAdmin, PageNumber, PageUser, client_host, get_auth, session_user
+from dicom_node.web.deps import CSRF, DB, MAX_ROW_ID, NodeDep, PageAdmin, PageNumber, PageUser, client_host, get_auth, session_user
 from dicom_node.web.login import PAGE
 from dicom_node.web.security import new_csrf_token
 from dicom_node.web.services import ServiceError
@@ -129,11 +129,11 @@ def _not_found_page(request, user, study_uid: str):
 
 
 @router.get("/studies/{study_uid}")
-def study_page(request: Request, s: DB, user: PageUser, study_uid: str,
+def study_page(request: Request, s: DB, node: NodeDep, user: PageUser, study_uid: str,
                finding: Annotated[int | None, Query(ge=1, le=MAX_ROW_ID)] = None,
                offset: Annotated[int, Query(ge=-2000, le=2000)] = 0, zoom: Annotated[int, Query(ge=1, le=4)] = 1,
                window: str = "lung"):
-    detail = services.study_detail(s, study_uid) if _exists(s, study_uid) else None
+    detail = services.study_detail(s, study_uid, node) if _exists(s, study_uid) else None
     if detail is None:
         return _not_found_page(request, user, study_uid)
     for t in detail.transfers:
@@ -268,15 +268,13 @@ def study_rerun(request: Request, s: DB, user: PageUser, study_uid: str,
 
 @router.post("/studies/{study_uid}/complete", dependencies=[CSRF])
 def study_complete(request: Request, s: DB, user: PageAdmin, study_uid: str):
-    from dicom_node.completion import request_complete
-
     try:
-        uids = request_complete(s, user.username, study_uid)
+        uids = services.complete_now(s, user.username, study_uid)
         s.commit()
         flash(request, "ok", f"Complete now: {len(uids)} series will be evaluated at the next scheduler pass.")
-    except LookupError as exc:
+    except ServiceError as exc:
         s.rollback()
-        flash(request, "error", str(exc))
+        flash(request, "error", exc.message)
     return _see_other(f"/studies/{study_uid}")
 
 

@@ -37,8 +37,8 @@ def list_studies(
 
 @router.get("/studies/{study_uid}", response_model=schemas.StudyDetail,
             summary="One study: series, findings, result objects, jobs and transfers")
-def get_study(study_uid: str, s: DB, user: AnyUser) -> schemas.StudyDetail:
-    detail = services.study_detail(s, study_uid)
+def get_study(study_uid: str, s: DB, node: NodeDep, user: AnyUser) -> schemas.StudyDetail:
+    detail = services.study_detail(s, study_uid, node)
     for t in detail.transfers:  # delivery errors are the administrator's business
         t.error = services.visible_transfer_error(user.role, t.error)
     return detail
@@ -73,12 +73,7 @@ def export_findings(s: DB, user: AnyUser,
 
 
 def _complete(s, user, study_uid: str, series_uid: str | None) -> dict:
-    from dicom_node.completion import request_complete
-
-    try:
-        uids = request_complete(s, user.username, study_uid, series_uid)
-    except LookupError as exc:
-        raise HTTPException(404, detail=str(exc)) from None
+    uids = services.complete_now(s, user.username, study_uid, series_uid)  # 404 for an unknown UID
     s.commit()
     return {"study_instance_uid": study_uid, "series": uids}
 
