@@ -1,6 +1,14 @@
 """``dicom-node evaluate``: validate Res-MTNet weights on the held-out series.
 
-Writes ``OUT/evaluation.json`` (LUNA16 FROC/CPM on whole-scan validation, malignancy accuracy
+``--protocol field`` (the default, :mod:`model.field_eval`): off-centre, rescaled validation
+cubes through the whole predictor (sensitivity by size band, false findings per cube, Dice),
+malignancy beside the diameter-only baseline with a paired bootstrap CI, calibration (ECE,
+reliability diagram, suspicion bands ``--bands``), sub-solid cubes, LIDC-IDRI-0001 resampled to
+1.0/1.25/2.5/5 mm; writes ``OUT/field-evaluation.json``, ``OUT/field-rows.json``,
+``OUT/reliability.png``, ``OUT/size-bands.png`` and prints a summary with each issue-12 target
+met or missed. ``--quick``: 12 cubes, 2.5 mm only.
+
+``--protocol centred`` (the earlier protocol) writes ``OUT/evaluation.json`` (LUNA16 FROC/CPM on whole-scan validation, malignancy accuracy
 and AUC by the median rule and by is_malignant, Dice, diameter error, the trivial baselines,
 the operating point at 1 false positive per scan, the LIDC-IDRI-0001 end-to-end check) and
 ``OUT/froc.png``. ``--write-threshold`` stores the operating point in the weights' ``.json``,
