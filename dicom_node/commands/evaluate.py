@@ -53,6 +53,10 @@ def run(args) -> int:
     except FileNotFoundError as exc:
         print(f"dicom-node evaluate: {exc}", file=sys.stderr)
         return 2
+    if args.protocol == "field" and args.write_threshold:
+        print("dicom-node evaluate: --write-threshold sets the operating point from the centred protocol's whole scans; "
+              "use --protocol centred --write-threshold", file=sys.stderr)
+        return 2
     if args.protocol == "field":
         return _run_field(args, predictor, weights)
     try:
