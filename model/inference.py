@@ -61,7 +61,7 @@ from model.lungs import bounding_box, lung_region
 from model.network import HEATMAP_STRIDE, INPUT_MULTIPLE, MALIGNANCY_STRIDE, fold_batchnorm
 from model.readout import Readout, nodule_features
 from model.threads import apply_torch_threads, resolve_threads
-from model.train import load_weights
+from model.checkpoint import load_weights
 from model.transforms import normalize_hu
 
 log = logging.getLogger(__name__)
