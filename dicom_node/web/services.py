@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import logging
 
-from sqlalchemy import func, literal, select
+from sqlalchemy import literal, select
 from sqlalchemy.orm import Session
 
 from dicom_node.app import jobs as app_jobs
@@ -24,6 +24,7 @@ from dicom_node.web import schemas
 from storage import repo, users
 from storage.models import (
     AssociationLog,
+    AssociationResult,
     AuditEvent,
     Destination,
     FindingReview,
@@ -40,6 +41,7 @@ log = logging.getLogger(__name__)
 # The read side (queries and presenters) lives in ``web.views``; these names stay importable
 # from ``services`` for the routes and templates that use them.
 from dicom_node.web.errors import ServiceError, not_found as _not_found  # noqa: E402
+from dicom_node.web.views.paging import enum_filter, page_of  # noqa: E402
 from dicom_node.web.views.queues import (  # noqa: E402,F401
     job_out,
     list_jobs,
@@ -284,18 +286,10 @@ def association_out(a: AssociationLog) -> schemas.AssociationOut:
 
 
 def list_associations(s: Session, result: str | None, page: int, page_size: int) -> tuple[list[AssociationLog], int]:
-    cond = literal(True)
-    if result:
-        from storage.models import AssociationResult
-
-        try:
-            cond = AssociationLog.result == AssociationResult(result)
-        except ValueError:
-            raise ServiceError(422, f"result {result!r} is not one of {[x.value for x in AssociationResult]}") from None
-    total = s.scalar(select(func.count()).select_from(AssociationLog).where(cond)) or 0
-    rows = s.scalars(select(AssociationLog).where(cond).order_by(AssociationLog.id.desc())
-                     .offset((page - 1) * page_size).limit(page_size))
-    return list(rows), int(total)
+    rows, total = page_of(s, select(AssociationLog), AssociationLog,
+                          enum_filter(AssociationLog.result, AssociationResult, result, "result"),
+                          AssociationLog.id.desc(), page, page_size)
+    return [a for (a,) in rows], total
 
 
 def audit_out(a: AuditEvent) -> schemas.AuditOut:
@@ -303,9 +297,8 @@ def audit_out(a: AuditEvent) -> schemas.AuditOut:
 
 
 def list_audit(s: Session, page: int, page_size: int) -> tuple[list[AuditEvent], int]:
-    total = s.scalar(select(func.count()).select_from(AuditEvent)) or 0
-    rows = s.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).offset((page - 1) * page_size).limit(page_size))
-    return list(rows), int(total)
+    rows, total = page_of(s, select(AuditEvent), AuditEvent, literal(True), AuditEvent.id.desc(), page, page_size)
+    return [a for (a,) in rows], total
 
 
 # --- users ---------------------------------------------------------------------------------------------

@@ -1,11 +1,11 @@
 """The job and transfer queues as the API and the admin pages show them (read only)."""
 from __future__ import annotations
 
-from sqlalchemy import func, literal, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from dicom_node.web import schemas
-from dicom_node.web.errors import ServiceError
+from dicom_node.web.views.paging import enum_filter, page_of
 from storage.models import Destination, Job, JobState, Role, Series, Study, Transfer, TransferState
 
 
@@ -30,30 +30,18 @@ def transfer_out(t: Transfer, destination_name: str) -> schemas.TransferOut:
 
 
 def list_transfers(s: Session, state: str | None, page: int, page_size: int) -> tuple[list[tuple[Transfer, str]], int]:
-    cond = literal(True)
-    if state:
-        try:
-            cond = Transfer.state == TransferState(state)
-        except ValueError:
-            raise ServiceError(422, f"state {state!r} is not one of {[x.value for x in TransferState]}") from None
-    total = s.scalar(select(func.count()).select_from(Transfer).where(cond)) or 0
-    rows = s.execute(select(Transfer, Destination.name).join(Destination, Destination.id == Transfer.destination_id)
-                     .where(cond).order_by(Transfer.id.desc()).offset((page - 1) * page_size).limit(page_size))
-    return [(t, n) for t, n in rows], int(total)
+    rows, total = page_of(
+        s, select(Transfer, Destination.name).join(Destination, Destination.id == Transfer.destination_id),
+        Transfer, enum_filter(Transfer.state, TransferState, state, "state"), Transfer.id.desc(), page, page_size)
+    return [(t, n) for t, n in rows], total
 
 
 def list_jobs(s: Session, state: str | None, page: int, page_size: int) -> tuple[list[schemas.JobOut], int]:
-    cond = literal(True)
-    if state:
-        try:
-            cond = Job.state == JobState(state)
-        except ValueError:
-            raise ServiceError(422, f"state {state!r} is not one of {[x.value for x in JobState]}") from None
-    total = s.scalar(select(func.count()).select_from(Job).where(cond)) or 0
-    rows = s.execute(select(Job, Series, Study.study_instance_uid).join(Series, Series.id == Job.series_id)
-                     .join(Study, Study.id == Series.study_id)
-                     .where(cond).order_by(Job.id.desc()).offset((page - 1) * page_size).limit(page_size))
-    return [job_out(j, se, uid) for j, se, uid in rows], int(total)
+    rows, total = page_of(
+        s, select(Job, Series, Study.study_instance_uid).join(Series, Series.id == Job.series_id)
+        .join(Study, Study.id == Series.study_id),
+        Job, enum_filter(Job.state, JobState, state, "state"), Job.id.desc(), page, page_size)
+    return [job_out(j, se, uid) for j, se, uid in rows], total
 
 
 def visible_transfer_error(role: Role, error: str | None) -> str | None:
