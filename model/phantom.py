@@ -8,7 +8,9 @@ cranio-caudal, y anterior-posterior, x right-left) containing:
   * branching vessel trees from each hilum (+40 HU, radius tapering 3 mm -> 0.5 mm);
   * nodules of known centre, diameter and kind: ``solid`` (+30 HU), ``part-solid`` (ground-glass
     halo -550 HU around a solid core), ``ground-glass`` (-600 HU), ``calcified`` (+400 HU
-    core), ``spiculated`` (solid with radial spicules);
+    core), ``spiculated`` (solid with radial spicules); the ground-glass attenuation (the
+    halo's, for part-solid) can be set per nodule (``PhantomNodule.ggo_hu``; ``make_phantom``
+    draws it from ``ggo_hu_range`` when given);
   * scanner-like Gaussian blur (sigma 0.7 mm) and noise (sigma 15 HU).
 
 ``mask`` marks every nodule voxel (the label image: nodule ``i`` has value ``i + 1``).
@@ -25,11 +27,14 @@ KINDS = ("solid", "part-solid", "ground-glass", "calcified", "spiculated")
 
 @dataclass
 class PhantomNodule:
-    """center: (z, y, x) voxel = mm; diameter: mm; kind: one of :data:`KINDS`."""
+    """center: (z, y, x) voxel = mm; diameter: mm; kind: one of :data:`KINDS`; ggo_hu: the
+    ground-glass attenuation in HU (ground-glass nodules, and a part-solid nodule's halo);
+    None: -600 (ground-glass) and -550 (halo)."""
 
     center: tuple[float, float, float]
     diameter: float
     kind: str
+    ggo_hu: float | None = None
 
 
 @dataclass
@@ -85,9 +90,9 @@ def _paint_nodule(hu, labels, label, nod: PhantomNodule, rng) -> None:
     if nod.kind == "solid":
         hu[body] = 30
     elif nod.kind == "ground-glass":
-        hu[body] = np.maximum(hu[body], -600)
+        hu[body] = np.maximum(hu[body], -600 if nod.ggo_hu is None else nod.ggo_hu)
     elif nod.kind == "part-solid":
-        hu[body] = np.maximum(hu[body], -550)
+        hu[body] = np.maximum(hu[body], -550 if nod.ggo_hu is None else nod.ggo_hu)
         hu[_ellipsoid(hu.shape, c, radii * 0.5)] = 30
     elif nod.kind == "calcified":
         hu[body] = 60
@@ -109,8 +114,14 @@ def make_phantom(
     seed: int = 0,
     kinds: tuple[str, ...] = KINDS,
     diameter_range: tuple[float, float] = (4.0, 20.0),
+    ggo_hu_range: tuple[float, float] | None = None,
 ) -> Phantom:
-    """A random chest phantom (1 mm voxels) with ``n_nodules`` nodules inside the lungs."""
+    """A random chest phantom (1 mm voxels) with ``n_nodules`` nodules inside the lungs.
+
+    ``diameter_range``: mm; ``ggo_hu_range``: (low, high) HU from which each ground-glass and
+    part-solid nodule's ground-glass attenuation is drawn (None: the fixed defaults, and the
+    same random stream as before the option existed).
+    """
     rng = np.random.default_rng(seed)
     Z, Y, X = shape
     hu = np.full(shape, -1000, np.int16)
@@ -147,7 +158,9 @@ def make_phantom(
         d = float(rng.uniform(*diameter_range))
         if any(np.linalg.norm(c - np.asarray(n.center)) < (d + n.diameter) / 2 + 10 for n in nodules):
             continue
-        nod = PhantomNodule(tuple(c), d, str(kinds[len(nodules) % len(kinds)]))
+        kind = str(kinds[len(nodules) % len(kinds)])
+        ggo = float(rng.uniform(*ggo_hu_range)) if ggo_hu_range and kind in ("ground-glass", "part-solid") else None
+        nod = PhantomNodule(tuple(c), d, kind, ggo)
         _paint_nodule(hu, labels, len(nodules) + 1, nod, rng)
         nodules.append(nod)
     out = ndi.gaussian_filter(hu.astype(np.float32), 0.7) + rng.normal(0, 15, shape).astype(np.float32)

@@ -101,7 +101,8 @@ def _run_field(args, predictor, weights: Path) -> int:
     try:
         res = F.evaluate_field(predictor, seed=args.seed, limit=12 if args.quick else None,
                                thicknesses=(2.5,) if args.quick else F.THICKNESSES_MM, bands=bands,
-                               n_boot=200 if args.quick else 2000, progress=sys.stderr.isatty())
+                               n_boot=200 if args.quick else 2000, progress=sys.stderr.isatty(),
+                               phantoms=4 if args.quick else 12)
     except FileNotFoundError as exc:
         print(f"dicom-node evaluate: shared data missing: {exc}", file=sys.stderr)
         return 2

@@ -43,10 +43,10 @@ class _Blind:
 def test_quick_protocol_structure_and_broken_predictor(luna_cubes, predictor):
     few = F.D.split_cubes(luna_cubes)[2][:6]
     train = F.D.split_cubes(luna_cubes)[1]
-    blind = F.evaluate_field(_Blind(), cubes=train + few, limit=6, thicknesses=(), n_boot=50)
+    blind = F.evaluate_field(_Blind(), cubes=train + few, limit=6, thicknesses=(), n_boot=50, phantoms=0)
     assert blind["off_centre"]["sensitivity"] == 0.0 and blind["off_centre"]["dice_mean"] is None
     assert blind["targets"]["off_centre_sensitivity>=0.90"]["met"] is False
-    res = F.evaluate_field(predictor, cubes=train + few, limit=6, thicknesses=(), n_boot=50)
+    res = F.evaluate_field(predictor, cubes=train + few, limit=6, thicknesses=(), n_boot=50, phantoms=0)
     json.dumps({k: v for k, v in res.items() if k != "_rows"})
     for key in ("off_centre", "malignancy", "calibration", "sub_solid", "thin_slice", "targets", "validation"):
         assert key in res
