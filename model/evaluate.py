@@ -63,7 +63,7 @@ def _place(rng, pool: np.ndarray, shape, taken: list[np.ndarray], diameter: floa
 
 
 def _paste_all(name, hu, region, rng, cubes) -> ValScan:
-    from model.train import parenchyma_mask
+    from model.lungs import parenchyma_mask
 
     pool = np.flatnonzero(parenchyma_mask(hu, region))
     nodules, taken = [], []

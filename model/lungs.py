@@ -64,3 +64,10 @@ def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:
     if any(len(i) == 0 for i in idx):
         return None
     return tuple(slice(int(i[0]), int(i[-1]) + 1) for i in idx)
+
+
+def parenchyma_mask(hu: np.ndarray, region: np.ndarray) -> np.ndarray:
+    """Voxels of ``region`` whose 5 mm cube neighbourhood has mean HU < -650 (aerated lung:
+    where a pasted nodule is visible, not inside the chest wall or mediastinum). Shared by
+    training (where nodules are pasted) and evaluation (where phantom nodules are placed)."""
+    return region & (ndi.uniform_filter(hu.astype(np.float32), 5) < -650)

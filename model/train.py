@@ -33,6 +33,7 @@ from model import data as D
 # checkpoint I/O lives in model.checkpoint (inference must not import training code); re-exported
 # here for callers that imported it from model.train
 from model.checkpoint import build_network, load_weights, provenance, save_weights  # noqa: F401
+from model.lungs import parenchyma_mask
 from model.detector import NoduleTarget, make_targets
 from model.losses import DEFAULT_WEIGHTS, joint_loss
 from model.network import ResMTNet
@@ -92,14 +93,6 @@ class Background:
         self.anywhere = np.flatnonzero(self.allowed)
         self.dense = np.flatnonzero(self.allowed & (self.hu > -600))
         self.parenchyma = np.flatnonzero(parenchyma_mask(self.hu, self.allowed))
-
-
-def parenchyma_mask(hu: np.ndarray, region: np.ndarray) -> np.ndarray:
-    """Voxels of ``region`` whose 5 mm cube neighbourhood has mean HU < -650 (aerated lung:
-    where a pasted nodule is visible, not inside the chest wall or mediastinum)."""
-    from scipy import ndimage as ndi
-
-    return region & (ndi.uniform_filter(hu.astype(np.float32), 5) < -650)
 
 
 def exclusion(shape, centres_vox, radius: float) -> np.ndarray:

@@ -28,3 +28,16 @@ def test_train_reexports_checkpoint_io():
 
     assert train.load_weights is checkpoint.load_weights
     assert train.save_weights is checkpoint.save_weights
+
+
+def test_evaluation_and_inference_code_import_no_training_code_even_inside_functions():
+    import ast
+
+    root = Path(__file__).resolve().parents[2] / "model"
+    offenders = []
+    for name in ("inference.py", "evaluate.py", "field_eval.py", "texture_eval.py", "onnx_backend.py", "checkpoint.py"):
+        for node in ast.walk(ast.parse((root / name).read_text())):
+            mods = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+            offenders += [f"{name}:{node.lineno} {m}" for m in mods if m == "model.train"]
+    assert not offenders, offenders
