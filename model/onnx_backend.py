@@ -11,14 +11,20 @@ that folder cannot be written the export stays in memory.
 
 :func:`open_runtime` returns None (the caller keeps torch) when onnxruntime or onnx is not
 installed, when the export fails, or when the two runtimes disagree on a check input by more
-than :data:`CHECK_ATOL` (logits). Importing this module imports neither.
+than :data:`CHECK_ATOL` (logits). A passed check is remembered beside the cached graphs
+(``<graph>.checked.json``: onnxruntime version, CPU, largest difference) and not repeated at the
+next start on the same CPU with the same onnxruntime (it costs about 2 CPU seconds, most of them
+torch's first forward); a marker that does not match, or a stricter ``CHECK_ATOL``, means the
+check runs again. Importing this module imports neither.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import json
 import logging
 import os
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -91,6 +97,51 @@ def export(net, weights_path: Path, with_mask: bool) -> bytes | str:
         return data
 
 
+def cpu_fingerprint() -> str:
+    """The CPU model and its feature flags, hashed: ONNX Runtime picks kernels by them, so a
+    check passed on one CPU says nothing of another sharing the cache folder."""
+    text = platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("model name", "flags", "Features")):
+                text += "\n" + line
+                if line.startswith(("flags", "Features")):
+                    break
+    except OSError:
+        text += platform.processor()
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _marker(graphs: list) -> Path | None:
+    """Where the passed check of these cached graphs is remembered; None for in-memory graphs."""
+    if not all(isinstance(g, str) for g in graphs):
+        return None
+    return Path(graphs[0]).with_suffix(".checked.json")
+
+
+def _checked_before(marker: Path | None, ort_version: str) -> bool:
+    if marker is None or not marker.is_file():
+        return False
+    try:
+        m = json.loads(marker.read_text())
+        return (m.get("onnxruntime") == ort_version and m.get("cpu") == cpu_fingerprint()
+                and float(m.get("max_error", float("inf"))) <= CHECK_ATOL)
+    except (OSError, ValueError, TypeError, AttributeError):
+        return False
+
+
+def _remember_check(marker: Path | None, ort_version: str, err: float) -> None:
+    if marker is None:
+        return
+    try:
+        tmp = marker.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"onnxruntime": ort_version, "cpu": cpu_fingerprint(), "max_error": err,
+                                   "atol": CHECK_ATOL}))
+        os.replace(tmp, marker)
+    except OSError as exc:
+        log.info("onnx check marker %s not writable (%s)", marker, type(exc).__name__)
+
+
 class OnnxNet:
     """Callable like ``ResMTNet.forward`` on a numpy input: ``net(x, with_mask)`` -> dict of
     float32 numpy arrays (same keys and shapes as the torch network's outputs)."""
@@ -127,14 +178,18 @@ def open_runtime(net, weights_path: Path, threads: int) -> OnnxNet | None:
         # no busy-waiting between operators: on a host shared with other work (or other
         # workers) spinning threads burn the cores the others need
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        sessions = {m: ort.InferenceSession(export(net, weights_path, m), so, providers=["CPUExecutionProvider"])
-                    for m in (True, False)}
+        graphs = {m: export(net, weights_path, m) for m in (True, False)}
+        sessions = {m: ort.InferenceSession(g, so, providers=["CPUExecutionProvider"]) for m, g in graphs.items()}
     except Exception as exc:  # noqa: BLE001 - any exporter/runtime failure means: keep torch
         log.warning("onnx runtime unavailable (%s: %s): torch runtime", type(exc).__name__, str(exc)[:200])
         return None
     onnx_net = OnnxNet(sessions)
+    marker = _marker(list(graphs.values()))
+    if _checked_before(marker, ort.__version__):
+        return onnx_net
     # the check: a fixed pseudo-random input, both graphs, every output
     x = np.random.default_rng(0).normal(0, 1, (2, 1, 40, 32, 48)).astype(np.float32)
+    worst = 0.0
     with torch.inference_mode():
         for m in (True, False):
             ref = {k: v.numpy() for k, v in net(torch.from_numpy(x), with_mask=m).items()}
@@ -146,4 +201,6 @@ def open_runtime(net, weights_path: Path, threads: int) -> OnnxNet | None:
             if not err <= CHECK_ATOL:
                 log.warning("onnx runtime differs from torch by %.2g (> %.0e): torch runtime", err, CHECK_ATOL)
                 return None
+            worst = max(worst, err)
+    _remember_check(marker, ort.__version__, worst)
     return onnx_net

@@ -4,6 +4,8 @@ as the fallback, and the thread setting (cores from affinity and cgroup quota) a
 Speed itself is measured by benchmarks/bench_predict.py, never asserted here."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -160,8 +162,23 @@ def test_onnx_runtime_is_checked_and_torch_is_the_fallback(predictor, monkeypatc
     monkeypatch.setenv("DICOM_NODE_CACHE", str(tmp_path / "cache"))
     p = Predictor(runtime="onnx", threads=2)
     assert p.runtime == "onnx"
-    assert sorted(x.name for x in (tmp_path / "cache").iterdir()) == sorted(
-        x.name for x in (tmp_path / "cache").glob("resmtnet-*-torch*-*.onnx")) and len(list((tmp_path / "cache").iterdir())) == 2
+    cache = tmp_path / "cache"
+    assert len(list(cache.glob("resmtnet-*-torch*-*.onnx"))) == 2
+    assert sorted(x.name for x in cache.iterdir()) == sorted(
+        [x.name for x in cache.glob("*.onnx")] + [x.name for x in cache.glob("*.checked.json")])
+    # the passed check is remembered: the next start on this CPU does not run torch for it
+    (marker,) = cache.glob("*.checked.json")
+    assert json.loads(marker.read_text())["max_error"] <= onnx_backend.CHECK_ATOL
+    calls = []
+    monkeypatch.setattr(p.net, "forward", lambda *a, **k: calls.append(1))
+    assert onnx_backend.open_runtime(p.net, p.weights_path, 2) is not None and calls == []
+    monkeypatch.undo()
+    monkeypatch.setenv("DICOM_NODE_CACHE", str(cache))
+    # a marker from another CPU (or a corrupt one) means: check again
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "cpu": "another"}))
+    assert not onnx_backend._checked_before(marker, __import__("onnxruntime").__version__)
+    marker.write_text("{not json")
+    assert not onnx_backend._checked_before(marker, __import__("onnxruntime").__version__)
     # the same crop through both runtimes
     import torch
 
