@@ -47,9 +47,9 @@ def one_nodule(array, spacing, origin, direction):  # noqa: ARG001
                     mask_offset=(z - r, y - r, x - r))]
 
 
-def node_with(tmp: Path, destinations: list[dict]):
+def node_with(tmp: Path, destinations: list[dict], sources: list[dict] | None = None):
     node = open_node(Settings(node={"data_dir": str(tmp / "var"), "port": 0, "host": "127.0.0.1"},
-                              completion={"quiet_seconds": QUIET}, sources=[{"ae_title": "SENDER"}],
+                              completion={"quiet_seconds": QUIET}, sources=sources or [{"ae_title": "SENDER"}],
                               destinations=destinations))
     beat = StageHeartbeat(node.sessions, "listen", 1.0)
     beat.start()
@@ -58,8 +58,8 @@ def node_with(tmp: Path, destinations: list[dict]):
     return node, scp, beat
 
 
-def associate(port: int, syntaxes=(ExplicitVRLittleEndian, ImplicitVRLittleEndian)):
-    ae = AE(ae_title="SENDER")
+def associate(port: int, syntaxes=(ExplicitVRLittleEndian, ImplicitVRLittleEndian), calling: str = "SENDER"):
+    ae = AE(ae_title=calling)
     for cx in AllStoragePresentationContexts[:127]:
         ae.add_requested_context(cx.abstract_syntax, list(syntaxes))
     return ae.associate("127.0.0.1", port, ae_title="DICOM_NODE")
@@ -126,6 +126,33 @@ def main() -> None:
             scp.stop()
             beat.finish()
             pacs.stop()
+        # 3: two sources, each naming its own PACS (``return_to``; a tree that predates it ignores
+        # the key): the study from CT_A must not surface in PACS B.
+        received = {"PACS_A": [], "PACS_B": []}
+        servers = {}
+        for name in received:
+            rae = AE(ae_title=name)
+            for cx in AllStoragePresentationContexts:
+                rae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
+            servers[name] = (free_port(), rae)
+            servers[name] = (servers[name][0], rae.start_server(("127.0.0.1", servers[name][0]), block=False, evt_handlers=[
+                (evt.EVT_C_STORE, lambda e, n=name: (received[n].append(str(e.dataset.Modality)), 0)[1])]))
+        node, scp, beat = node_with(
+            tmp / "c", [{"name": n.lower(), "ae_title": n, "host": "127.0.0.1", "port": port} for n, (port, _) in servers.items()],
+            sources=[{"ae_title": "CT_A", "return_to": "pacs_a"}, {"ae_title": "CT_B", "return_to": "pacs_b"}])
+        try:
+            assoc = associate(scp.port, calling="CT_A")
+            send(assoc, datasets)
+            assoc.release()
+            time.sleep(0.5)
+            run_all(node)
+            print(f"defect 3 (study from CT_A, two PACS): PACS A got {sorted(received['PACS_A'])}, PACS B got "
+                  f"{sorted(received['PACS_B'])}  (fixed: PACS A gets SEG and SR, PACS B nothing)")
+        finally:
+            scp.stop()
+            beat.finish()
+            for _, srv in servers.values():
+                srv.shutdown()
         # 4: a destination without Comprehensive 3D SR.
         port = free_port()
         ae = AE(ae_title="NO3DSR")
