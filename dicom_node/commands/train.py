@@ -41,6 +41,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="second stage: train only a new mask path (--mask-blocks full-resolution residual blocks of "
                         "--mask-width channels) on top of WEIGHTS, everything else frozen; --steps, --lr, --seed apply")
     p.add_argument("--no-readout", action="store_true", help="do not fit the malignancy read-out after training")
+    g = p.add_argument_group("field augmentation (issue 12; all off by default)")
+    g.add_argument("--init", metavar="WEIGHTS", default=None, help="fine-tune: start from WEIGHTS (their architecture)")
+    g.add_argument("--size-balance", type=float, default=0.0, metavar="A",
+                   help="draw nodule cubes with weight n_band**-A over the size bands 0-6/6-10/10-20/20-30/>30 mm (1: bands equal)")
+    g.add_argument("--zoom-range", default="0.85,1.15", metavar="LO,HI", help="isotropic zoom of the augmentation (default: %(default)s)")
+    g.add_argument("--resolution-jitter", type=float, default=0.0, metavar="P",
+                   help="probability of re-sampling a crop through a voxel size in 0.8-1.25 mm and back")
+    g.add_argument("--off-centre", type=float, default=0.0, metavar="P",
+                   help="probability of a cube positive whose nodule may lie anywhere up to 2 voxels inside the crop")
     p.set_defaults(func=run)
 
 
@@ -68,6 +77,8 @@ def run(args) -> int:
         phantoms=args.phantoms, use_lidc_background=not args.no_lidc_background, cross_task=not args.no_cross_task,
         threads=args.threads, workers=args.workers, device=args.device, limit_cubes=args.limit_cubes,
         fit_readout=not args.no_readout, mask_blocks=args.mask_blocks, mask_width=args.mask_width,
+        init=args.init, size_balance=args.size_balance, zoom_range=tuple(float(v) for v in args.zoom_range.split(",")),
+        resolution_jitter=args.resolution_jitter, off_centre=args.off_centre,
     )
     if args.mask_stage:
         from model.train import train_mask_head
