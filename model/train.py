@@ -424,29 +424,62 @@ def _finish_run(net: ResMTNet, out: Path, meta: dict, train_cubes: list[D.Cube],
     return path
 
 
-def fit_readout(weights: str | Path, train_cubes: list[D.Cube] | None = None, l2: float = 1.0, progress: bool = False) -> dict:
+def fit_readout(weights: str | Path, train_cubes: list[D.Cube] | None = None, l2: float = 1.0, progress: bool = False,
+                calibration_data: str = "centred", features: dict | None = None) -> dict:
     """Fit the malignancy read-out (:mod:`model.readout`) of ``weights`` on the training cubes
-    (the refinement pass of those weights at each cube's centre) and store it, with its
-    training-only cross-validated figures, in the weights' ``.json``. Returns that entry.
+    (the refinement pass of those weights at each cube's centre) and its calibrator
+    (:mod:`model.calibration`) on the read-out's out-of-fold probabilities of those cubes, and
+    store both, with their training-only cross-validated figures, in the weights' ``.json``
+    (``"readout"``, ``"readout_fit"``, ``"calibration"``). Returns the ``"readout_fit"`` entry.
 
-    ``train_cubes``: default, the training split of the cubes named by the weights' config."""
+    ``train_cubes``: default, the training split of the cubes named by the weights' config.
+    ``calibration_data``: ``"centred"`` (the read-out's own out-of-fold probabilities) or
+    ``"centred+off-centre"`` (also each training cube cut off-centre and rescaled as the field
+    protocol cuts validation cubes, predicted by the fold read-outs that did not see its series).
+    ``features``: a dict of precomputed :func:`model.readout.training_features` (keys
+    ``"centred"``, ``"off-centre"``); missing ones are computed and added to it."""
+    from model import calibration as C
     from model.inference import Predictor
-    from model.readout import fit_on_cubes
+    from model.readout import cross_validate_on, fit_on_cubes, training_features
 
+    if calibration_data not in ("centred", "centred+off-centre"):
+        raise ValueError(f"calibration_data must be 'centred' or 'centred+off-centre', got {calibration_data!r}")
     weights = Path(weights)
     meta = json.loads(weights.with_suffix(".json").read_text())
     if train_cubes is None:
         _, train_cubes, _ = D.split_cubes(D.load_cubes(limit=meta["config"].get("limit_cubes")), meta["config"].get("val_fraction", 0.2))
     predictor = Predictor(weights, threshold=1.0)
     predictor.readout = None  # features come from the network alone
+    predictor.calibration = None
     t0 = time.time()
-    readout, summary = fit_on_cubes(predictor, train_cubes, l2=l2, progress=progress)
+    features = {} if features is None else features  # filled in place: a caller may keep it
+    if "centred" not in features:
+        features["centred"] = training_features(predictor, train_cubes, progress=progress)
+    readout, summary = fit_on_cubes(predictor, train_cubes, l2=l2, data=features["centred"])
+    oof = summary.pop("_oof")
+    fc = features["centred"]
+    p, y, groups = list(oof), list(fc["y"]), list(fc["groups"])
+    if calibration_data == "centred+off-centre":
+        if "off-centre" not in features:
+            features["off-centre"] = training_features(predictor, train_cubes, off_centre_seed=0, progress=progress)
+        fo = features["off-centre"]
+        p += list(cross_validate_on(fc["x"], fc["y"], fc["groups"], fo["x"], fo["groups"], l2=l2))
+        y += list(fo["y"])
+        groups += list(fo["groups"])
+    calibrator, _ = C.choose(np.array(p), np.array(y), groups)
+    calibrator.fit["data"] = (f"training cubes only: {calibration_data} (validation series never used); "
+                              "read-out out-of-fold probabilities, 5 folds by series")
+    calibrator.fit["ece_before"] = round(C.ece(p, y), 4)
     meta["readout"] = readout.to_json()
     meta["readout_fit"] = {**summary, "seconds": round(time.time() - t0, 1),
                            "data": "training cubes only (validation series never used)"}
+    meta["calibration"] = calibrator.to_json()
     weights.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    log.info("read-out fitted on %d training nodules: cross-validated AUC %s", summary["n"], summary["cv5_by_series"]["auc"])
-    return meta["readout_fit"]
+    log.info("read-out fitted on %d training nodules: cross-validated AUC %s; calibration %s (cross-validated ECE %s)",
+             summary["n"], summary["cv5_by_series"]["auc"], calibrator.method,
+             calibrator.fit["cross_validated"][calibrator.method]["ece"])
+    return {**meta["readout_fit"], "calibration": calibrator.method,
+            "calibration_cv_ece": calibrator.fit["cross_validated"][calibrator.method]["ece"]}
 
 
 def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -> Path:

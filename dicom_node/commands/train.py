@@ -3,7 +3,9 @@
 Writes ``OUT/resmtnet.pt`` (weights only) and ``OUT/resmtnet.json`` (resolved config, git
 revision, package versions), ``OUT/config.json`` at the start, ``OUT/history.jsonl`` (loss
 terms per step) and ``OUT/checkpoint.pt`` for ``--resume``. After the last step the malignancy
-read-out (:mod:`model.readout`) is fitted on the training cubes and stored in the ``.json``;
+read-out (:mod:`model.readout`) is fitted on the training cubes, and its calibrator
+(:mod:`model.calibration`: temperature, Platt or isotonic, chosen by cross-validated ECE) on
+the read-out's out-of-fold probabilities of those cubes; both are stored in the ``.json``.
 ``--fit-readout`` does only that, for existing weights.
 """
 from __future__ import annotations
@@ -36,7 +38,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="continue from OUT/checkpoint.pt (a different --steps keeps the one-cycle shape over the new total)")
     p.add_argument("--stop-after", type=int, default=None, metavar="N", help="stop (with a checkpoint) after N steps of this session")
     p.add_argument("--fit-readout", action="store_true",
-                   help="only (re)fit the malignancy read-out of OUT/resmtnet.pt on the training cubes (no training)")
+                   help="only (re)fit the malignancy read-out of OUT/resmtnet.pt and its calibrator on the training cubes "
+                        "(no training)")
+    p.add_argument("--calibration-data", choices=("centred", "centred+off-centre"), default="centred",
+                   help="training nodules the calibrator is fitted on (out-of-fold read-out probabilities): the centred "
+                        "cubes, or also each cut off-centre and rescaled as the field protocol does (default: %(default)s)")
     p.add_argument("--mask-stage", metavar="WEIGHTS", default=None,
                    help="second stage: train only a new mask path (--mask-blocks full-resolution residual blocks of "
                         "--mask-width channels) on top of WEIGHTS, everything else frozen; --steps, --lr, --seed apply")
@@ -68,9 +74,10 @@ def run(args) -> int:
         if not weights.exists():
             print(f"dicom-node train: {weights} not found (train first)", file=sys.stderr)
             return 2
-        summary = fit_readout(weights, progress=sys.stderr.isatty())
+        summary = fit_readout(weights, progress=sys.stderr.isatty(), calibration_data=args.calibration_data)
         print(f"{weights.with_suffix('.json')}: read-out fitted on {summary['n']} training nodules, "
-              f"cross-validated AUC {summary['cv5_by_series']['auc']}, accuracy {summary['cv5_by_series']['accuracy']}")
+              f"cross-validated AUC {summary['cv5_by_series']['auc']}, accuracy {summary['cv5_by_series']['accuracy']}; "
+              f"calibration {summary['calibration']} (cross-validated ECE {summary['calibration_cv_ece']})")
         return 0
     cfg = TrainConfig(
         out_dir=args.out, seed=args.seed, steps=args.steps, batch_size=args.batch_size, crop=args.crop, lr=args.lr,
