@@ -136,8 +136,13 @@ def ece_spread(p, y, n: int = 2000, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     boot = [ece(p[i], y[i])[0] for i in (rng.integers(0, len(p), len(p)) for _ in range(n))]
     floor = [ece(p, (rng.random(len(p)) < p).astype(float))[0] for _ in range(n)]
+    from model.calibration import _logistic_1d, _logit
+
+    slope, intercept = _logistic_1d(_logit(p), y, intercept=True) if 0 < y.sum() < len(y) else (float("nan"), float("nan"))
     return {"ci95": [_r(v) for v in np.percentile(boot, [2.5, 97.5])], "perfectly_calibrated_median": _r(np.median(floor)),
-            "perfectly_calibrated_p95": _r(np.percentile(floor, 95)), "n_draws": n}
+            "perfectly_calibrated_p95": _r(np.percentile(floor, 95)), "n_draws": n,
+            # diagnostic only, never applied: 1 and 0 when calibrated; slope > 1: not sure enough
+            "calibration_slope": _r(slope), "calibration_intercept": _r(intercept)}
 
 
 def _mal_block(score, base, y, cut: float = 0.5) -> dict:
@@ -334,7 +339,8 @@ def summary(res: dict) -> str:
                      f"acc {b['model_accuracy']} vs {b['diameter_accuracy']}, n={b['n']}")
     sp = res["calibration"].get("ece_spread") or {}
     lines.append(f"calibration ({res['calibration'].get('calibrator')}): ECE {res['calibration']['ece']} CI {sp.get('ci95')}, "
-                 f"perfectly calibrated would show {sp.get('perfectly_calibrated_median')} (p95 {sp.get('perfectly_calibrated_p95')}); bands " + ", ".join(
+                 f"perfectly calibrated would show {sp.get('perfectly_calibrated_median')} (p95 {sp.get('perfectly_calibrated_p95')}), "
+                 f"slope {sp.get('calibration_slope')} intercept {sp.get('calibration_intercept')}; bands " + ", ".join(
         f"{k} n={v['n']} obs {v['observed_malignant_fraction']}" for k, v in res["calibration"]["suspicion_bands"].items()))
     lines.append(f"sub-solid (n={res['sub_solid']['n']}): sensitivity {res['sub_solid']['sensitivity']}")
     if isinstance(res["thin_slice"], list):

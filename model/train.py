@@ -425,7 +425,7 @@ def _finish_run(net: ResMTNet, out: Path, meta: dict, train_cubes: list[D.Cube],
 
 
 def fit_readout(weights: str | Path, train_cubes: list[D.Cube] | None = None, l2: float = 1.0, progress: bool = False,
-                calibration_data: str = "centred", features: dict | None = None) -> dict:
+                calibration_data: str = "centred+off-centre", features: dict | None = None) -> dict:
     """Fit the malignancy read-out (:mod:`model.readout`) of ``weights`` on the training cubes
     (the refinement pass of those weights at each cube's centre) and its calibrator
     (:mod:`model.calibration`) on the read-out's out-of-fold probabilities of those cubes, and
@@ -470,6 +470,7 @@ def fit_readout(weights: str | Path, train_cubes: list[D.Cube] | None = None, l2
     calibrator.fit["data"] = (f"training cubes only: {calibration_data} (validation series never used); "
                               "read-out out-of-fold probabilities, 5 folds by series")
     calibrator.fit["ece_before"] = round(C.ece(p, y), 4)
+    calibrator.fit["git_revision"] = provenance()["git_revision"]
     meta["readout"] = readout.to_json()
     meta["readout_fit"] = {**summary, "seconds": round(time.time() - t0, 1),
                            "data": "training cubes only (validation series never used)"}

@@ -40,7 +40,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--fit-readout", action="store_true",
                    help="only (re)fit the malignancy read-out of OUT/resmtnet.pt and its calibrator on the training cubes "
                         "(no training)")
-    p.add_argument("--calibration-data", choices=("centred", "centred+off-centre"), default="centred",
+    p.add_argument("--calibration-data", choices=("centred", "centred+off-centre"), default="centred+off-centre",
                    help="training nodules the calibrator is fitted on (out-of-fold read-out probabilities): the centred "
                         "cubes, or also each cut off-centre and rescaled as the field protocol does (default: %(default)s)")
     p.add_argument("--mask-stage", metavar="WEIGHTS", default=None,
