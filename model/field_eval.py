@@ -19,9 +19,12 @@ sides), with a fixed ``seed``:
    diameter-only baseline: logistic regression on the reference diameter fitted on the training
    cubes only, on the same nodules. Paired bootstrap (``n_boot`` resamples of nodules) 95% CI of
    the AUC difference model - baseline.
-3. **Calibration** on found labelled nodules: expected calibration error with 10 equal-width
-   bins (sum over bins of n_bin/n * |mean p - observed fraction|), a reliability diagram, and
-   the observed malignant fraction in the UI's suspicion bands (cut-offs passed in).
+3. **Calibration** on found labelled nodules (the predictor's probability, through the
+   weights' calibrator when they carry one): expected calibration error with 10 equal-width
+   bins (sum over bins of n_bin/n * |mean p - observed fraction|), its bootstrap interval and
+   the ECE a perfectly calibrated model would show on the same nodules by chance
+   (:func:`ece_spread`), a reliability diagram, and the observed malignant fraction in the UI's
+   suspicion bands (cut-offs passed in).
 4. **Sub-solid**: validation cubes whose mean HU inside the reference mask is below
    ``subsolid_hu`` (-300): sensitivity apart; and ``phantoms`` synthetic chest phantoms with
    ground-glass (-700..-300 HU), part-solid and solid nodules of 6-40 mm
@@ -122,6 +125,26 @@ def ece(p, y, bins: int = 10) -> tuple[float, list[dict]]:
             table.append({"bin": [_r(edges[k], 2), _r(edges[k + 1], 2)], "n": int(sel.sum()),
                           "mean_p": _r(p[sel].mean()), "observed": _r(y[sel].mean())})
     return (float(total) if len(p) else float("nan")), table
+
+
+def ece_spread(p, y, n: int = 2000, seed: int = 0) -> dict:
+    """How far an ECE on these few nodules can be trusted: the 95% bootstrap interval of the ECE
+    (nodules resampled), and the ECE that a *perfectly calibrated* model with the same
+    probabilities would show by chance (labels drawn as Bernoulli(p); median and 95th
+    percentile): with ~100 nodules in 10 bins that floor is not 0."""
+    p, y = np.asarray(p, float), np.asarray(y, float)
+    if len(p) < 2:
+        return {"ci95": None, "perfectly_calibrated_median": None, "perfectly_calibrated_p95": None}
+    rng = np.random.default_rng(seed)
+    boot = [ece(p[i], y[i])[0] for i in (rng.integers(0, len(p), len(p)) for _ in range(n))]
+    floor = [ece(p, (rng.random(len(p)) < p).astype(float))[0] for _ in range(n)]
+    from model.calibration import _logistic_1d, _logit
+
+    slope, intercept = _logistic_1d(_logit(p), y, intercept=True) if 0 < y.sum() < len(y) else (float("nan"), float("nan"))
+    return {"ci95": [_r(v) for v in np.percentile(boot, [2.5, 97.5])], "perfectly_calibrated_median": _r(np.median(floor)),
+            "perfectly_calibrated_p95": _r(np.percentile(floor, 95)), "n_draws": n,
+            # diagnostic only, never applied: 1 and 0 when calibrated; slope > 1: not sure enough
+            "calibration_slope": _r(slope), "calibration_intercept": _r(intercept)}
 
 
 def _mal_block(score, base, y, cut: float = 0.5) -> dict:
@@ -229,6 +252,8 @@ def evaluate_field(predictor, seed: int = 0, cubes: list[D.Cube] | None = None, 
                        "end_to_end": {**_mal_block(m_all, b_all, y_all), "missed_nodule_probability": 0.0,
                                       "difference": bootstrap_auc_diff(m_all, b_all, y_all, n_boot, seed) if len(y_all) > 1 else None}},
         "calibration": {"ece": _r(e), "bins": 10, "binning": "equal width on [0, 1]", "n": int(len(y_f)), "reliability": table,
+                        "ece_spread": ece_spread(m_f, y_f, n=min(n_boot, 2000), seed=seed),
+                        "calibrator": _calibrator_name(predictor),
                         "suspicion_bands": band_rows, "band_cutoffs": list(bands)},
         "sub_solid": {"rule": f"mean HU inside the reference mask < {subsolid_hu}", "n": len(sub), "sensitivity": sens(sub),
                       "solid_n": len(rows) - len(sub), "solid_sensitivity": sens([r for r in rows if r["mean_hu_in_mask"] >= subsolid_hu]),
@@ -248,6 +273,14 @@ def evaluate_field(predictor, seed: int = 0, cubes: list[D.Cube] | None = None, 
     result["seconds"] = round(time.time() - t0, 1)
     result["_rows"] = rows
     return result
+
+
+def _calibrator_name(predictor) -> str:
+    cal = getattr(predictor, "calibration", None)
+    if cal is None:
+        return "none (read-out probability as is)"
+    fit = getattr(cal, "fit", {}) or {}
+    return f"{cal.method} (fitted on {fit.get('n', cal.n_train)} training out-of-fold probabilities)"
 
 
 def check_targets(res: dict) -> dict:
@@ -312,7 +345,10 @@ def summary(res: dict) -> str:
         d = b["difference"] or {}
         lines.append(f"malignancy {k}: AUC {b['model_auc']} vs diameter {b['diameter_auc']} (diff {d.get('auc_difference')} CI {d.get('ci95')}), "
                      f"acc {b['model_accuracy']} vs {b['diameter_accuracy']}, n={b['n']}")
-    lines.append(f"calibration: ECE {res['calibration']['ece']}; bands " + ", ".join(
+    sp = res["calibration"].get("ece_spread") or {}
+    lines.append(f"calibration ({res['calibration'].get('calibrator')}): ECE {res['calibration']['ece']} CI {sp.get('ci95')}, "
+                 f"perfectly calibrated would show {sp.get('perfectly_calibrated_median')} (p95 {sp.get('perfectly_calibrated_p95')}), "
+                 f"slope {sp.get('calibration_slope')} intercept {sp.get('calibration_intercept')}; bands " + ", ".join(
         f"{k} n={v['n']} obs {v['observed_malignant_fraction']}" for k, v in res["calibration"]["suspicion_bands"].items()))
     lines.append(f"sub-solid (n={res['sub_solid']['n']}): sensitivity {res['sub_solid']['sensitivity']}")
     if res["sub_solid"].get("ground_glass_phantoms"):

@@ -20,7 +20,9 @@ Pipeline (one call):
 diameters); ``volume_mm3`` is the mask volume on the input grid; ``malignancy`` the
 probability that readers rate the nodule malignant (median rating > 3): the malignancy read-out
 (:mod:`model.readout`: the malignancy branch's logit, the regressed diameter and HU statistics
-inside the predicted mask) when the weights carry one, else the branch's own sigmoid; ``score``
+inside the predicted mask) when the weights carry one, through its calibrator when they carry
+one (:mod:`model.calibration`, fitted on training-only out-of-fold probabilities), else the
+branch's own sigmoid; ``score``
 the detection confidence: the refinement pass's flip-averaged heatmap at the refined centre. It
 replaced the detection pass's peak value, which moves with the nodule's position inside the
 large tile (measured in the model card: CPM on whole-scan validation).
@@ -59,6 +61,7 @@ from model.detector import Detection, decode, sample_map, suppress
 from model.finding import Finding
 from model.lungs import bounding_box, lung_region
 from model.network import HEATMAP_STRIDE, INPUT_MULTIPLE, MALIGNANCY_STRIDE, fold_batchnorm
+from model.calibration import Calibrator
 from model.readout import Readout, nodule_features
 from model.threads import apply_torch_threads, resolve_threads
 from model.checkpoint import load_weights
@@ -130,6 +133,10 @@ class Predictor:
         net, self.meta = load_weights(path, device=device)
         self.net = fold_batchnorm(net)
         self.readout = Readout.from_json(self.meta["readout"]) if self.meta.get("readout") else None
+        # the read-out's probability through its calibrator (fitted on training-only out-of-fold
+        # probabilities, :mod:`model.calibration`); None: the read-out's probability as is
+        self.calibration = (Calibrator.from_json(self.meta["calibration"])
+                            if self.meta.get("calibration") and self.readout is not None else None)
         stored = self.meta.get("threshold")
         self.threshold = float(threshold if threshold is not None else (stored if stored is not None else FALLBACK_THRESHOLD))
         self.last_timing: dict[str, float] = {}
@@ -355,8 +362,11 @@ class Predictor:
         features = nodule_features(crop, mask, diameter, logit)
         branch = float(1.0 / (1.0 + np.exp(-logit)))
         malignancy = float(self.readout.probability(features)[0]) if self.readout is not None else branch
+        uncalibrated = malignancy
+        if self.calibration is not None:
+            malignancy = float(self.calibration(malignancy))
         if details is not None:
-            details.update(features=features, branch_malignancy=branch)
+            details.update(features=features, branch_malignancy=branch, uncalibrated_malignancy=uncalibrated)
         centre_iso = centre_l + start
         sp = np.asarray(spacing)
         centre_in = centre_iso / sp  # iso voxel j lies at input voxel j * 1 mm / spacing

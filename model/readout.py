@@ -139,35 +139,73 @@ def cross_validate(x: np.ndarray, y: np.ndarray, groups: list[str], folds: int =
     return out
 
 
-def fit_on_cubes(predictor, cubes, l2: float = 1.0, progress: bool = False) -> tuple[Readout, dict]:
-    """Fit the read-out on nodule cubes (:class:`model.data.Cube`, training series only) with
-    ``predictor`` (a :class:`model.inference.Predictor`): the refinement pass at each cube's
-    reference centre gives the features; labels follow the median rule (median reader rating >
-    3 malignant, < 3 benign; 3 and unrated left out).
+def training_features(predictor, cubes, off_centre_seed: int | None = None, progress: bool = False) -> dict:
+    """Read-out features of the labelled ``cubes`` (median rule: median reader rating > 3
+    malignant, < 3 benign; 3 and unrated left out) from ``predictor``'s refinement pass at each
+    cube's reference centre: ``{"x": (n, 6), "y": (n,), "groups": series, "branch": (n,)}``.
 
-    Returns the read-out and a summary (n, series-grouped 5-fold cross-validated AUC and
-    accuracy of the read-out and of the branch alone, on these cubes)."""
+    ``off_centre_seed``: instead, each cube is first cut off-centre and rescaled as the field
+    protocol cuts validation cubes (:func:`model.field_eval.off_centre_cube`, drawn from this
+    seed and the cube's name) -- training cubes as a user's crop shows them."""
+    import hashlib
+
     from tqdm import tqdm
-
-    from model.metrics import accuracy, roc_auc
 
     rows = []
     for c in tqdm(cubes, desc="read-out features", disable=not progress):
         if not np.isfinite(c.median_label):
             continue
         det: dict = {}
-        predictor.describe(c.image, c.center, details=det)
+        if off_centre_seed is None:
+            predictor.describe(c.image, c.center, details=det)
+        else:
+            from model.field_eval import off_centre_cube
+
+            rng = np.random.default_rng(int(hashlib.sha256(f"train{off_centre_seed}:{c.name}".encode()).hexdigest()[:8], 16))
+            hu, _, scale, ref, _ = off_centre_cube(c, rng)
+            predictor.describe(hu, ref, spacing=(scale,) * 3, details=det)
         rows.append((det["features"], c.median_label, c.seriesuid, det["branch_malignancy"]))
-    x = np.array([r[0] for r in rows])
-    y = np.array([r[1] for r in rows])
-    groups = [r[2] for r in rows]
+    return {"x": np.array([r[0] for r in rows]).reshape(-1, len(FEATURES)), "y": np.array([r[1] for r in rows], float),
+            "groups": [r[2] for r in rows], "branch": np.array([r[3] for r in rows], float)}
+
+
+def cross_validate_on(x_fit, y_fit, groups_fit, x_apply, groups_apply, folds: int = 5, l2: float = 1.0) -> np.ndarray:
+    """Out-of-fold probabilities of rows ``x_apply``: each by the read-out fitted on the
+    ``x_fit`` rows of the *other* folds (the fold rule of :func:`cross_validate` over the
+    union of groups), so no series is predicted by a read-out that saw it."""
+    x_fit, y_fit, x_apply = np.asarray(x_fit, float), np.asarray(y_fit, float), np.asarray(x_apply, float)
+    uniq = sorted(set(groups_fit) | set(groups_apply))
+    fold_of = {g: i % folds for i, g in enumerate(uniq)}
+    f_fit = np.array([fold_of[g] for g in groups_fit])
+    f_app = np.array([fold_of[g] for g in groups_apply])
+    out = np.full(len(x_apply), np.nan)
+    for k in range(folds):
+        test = f_app == k
+        if test.any() and (f_fit != k).any():
+            out[test] = fit(x_fit[f_fit != k], y_fit[f_fit != k], l2).probability(x_apply[test])
+    return out
+
+
+def fit_on_cubes(predictor, cubes, l2: float = 1.0, progress: bool = False, data: dict | None = None) -> tuple[Readout, dict]:
+    """Fit the read-out on nodule cubes (:class:`model.data.Cube`, training series only) with
+    ``predictor`` (a :class:`model.inference.Predictor`): the refinement pass at each cube's
+    reference centre gives the features (:func:`training_features`; ``data``: features already
+    computed); labels follow the median rule.
+
+    Returns the read-out and a summary (n, series-grouped 5-fold cross-validated AUC and
+    accuracy of the read-out and of the branch alone, on these cubes; ``summary["_oof"]``: the
+    out-of-fold probabilities, for calibration, to be popped before storing)."""
+    from model.metrics import accuracy, roc_auc
+
+    d = data if data is not None else training_features(predictor, cubes, progress=progress)
+    x, y, groups, branch = d["x"], d["y"], d["groups"], d["branch"]
     readout = fit(x, y, l2)
     oof = cross_validate(x, y, groups, l2=l2)
-    branch = [r[3] for r in rows]
     summary = {
-        "n": len(rows), "label": "median rule (median > 3 malignant, < 3 benign)",
+        "n": len(y), "label": "median rule (median > 3 malignant, < 3 benign)",
         "cv5_by_series": {"auc": round(roc_auc(oof, y), 4), "accuracy": round(accuracy(oof, y, 0.5), 4)},
         "branch_alone_in_sample": {"auc": round(roc_auc(branch, y), 4), "accuracy": round(accuracy(branch, y, 0.5), 4)},
         "diameter_alone_cv_free": {"auc": round(roc_auc(x[:, 0], y), 4)},
+        "_oof": oof,
     }
     return readout, summary

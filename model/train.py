@@ -69,6 +69,13 @@ class TrainConfig:
     checkpoint_every: int = 100
     fit_readout: bool = True  # fit the malignancy read-out on the training cubes at the end
     limit_cubes: int | None = None  # for smoke tests
+    # field augmentation (issue 12; defaults: off, the shipped run's sampling)
+    size_balance: float = 0.0  # cube drawn with weight n_band ** -size_balance (0: uniform; 1: every size band equally)
+    zoom_range: tuple[float, float] = (0.85, 1.15)  # isotropic zoom of the spatial augmentation
+    resolution_jitter: float = 0.0  # probability of re-sampling a crop through a voxel size in voxel_range and back
+    voxel_range: tuple[float, float] = (0.8, 1.25)  # mm, log-uniform (the field protocol's voxel sizes)
+    off_centre: float = 0.0  # probability of a cube positive displaced to anywhere 2 voxels inside the crop
+    init: str | None = None  # fine-tune: start from these weights (their architecture), not from scratch
 
 
 # ----------------------------------------------------------------------------- backgrounds
@@ -126,6 +133,32 @@ def phantom_backgrounds(n: int, seed: int) -> list[Background]:
 
 
 # ----------------------------------------------------------------------------- sampling
+SIZE_BANDS_MM = ((0, 6), (6, 10), (10, 20), (20, 30), (30, 1e9))  # those of the field protocol (3-6 includes < 3)
+
+
+def cube_weights(cubes: list[D.Cube], exponent: float) -> np.ndarray:
+    """Sampling probability of each cube: ``n_band ** -exponent`` for the size band (LUNA16
+    diameter, :data:`SIZE_BANDS_MM`) it falls in, normalised; 0 gives uniform sampling, 1 every
+    populated band the same total probability."""
+    band = np.array([next(i for i, (lo, hi) in enumerate(SIZE_BANDS_MM) if lo <= c.diameter_mm < hi) for c in cubes])
+    counts = np.bincount(band, minlength=len(SIZE_BANDS_MM)).astype(float)
+    w = counts[band] ** -float(exponent)
+    return w / w.sum()
+
+
+def resolution_jitter(img: np.ndarray, voxel_mm: float) -> np.ndarray:
+    """``img`` (1 mm grid) re-sampled (linear) onto a grid of ``voxel_mm`` voxels and back, the
+    loss of detail a scan of that voxel size has after the predictor's 1 mm resampling (a small
+    nodule's contrast drops on a coarse grid). Same shape, float32."""
+    from scipy import ndimage as ndi
+
+    n = np.asarray(img.shape)
+    m = np.maximum(2, np.round(n / voxel_mm).astype(int))
+    coarse = ndi.map_coordinates(img, np.meshgrid(*[np.linspace(0, a - 1, b) for a, b in zip(n, m)], indexing="ij"), order=1, mode="nearest")
+    back = ndi.map_coordinates(coarse, np.meshgrid(*[np.linspace(0, b - 1, a) for a, b in zip(n, m)], indexing="ij"), order=1, mode="nearest")
+    return back.astype(np.float32)
+
+
 class Sampler:
     """Draws augmented training samples (see the module docstring)."""
 
@@ -135,8 +168,18 @@ class Sampler:
         self.cfg = cfg
         self.rng = np.random.default_rng(seed)
         self.intensity = IntensityAugment(seed)
+        self.p_cube = cube_weights(cubes, cfg.size_balance) if cfg.size_balance and cubes else None
+
+    def _cube(self) -> D.Cube:
+        return self.cubes[self.rng.choice(len(self.cubes), p=self.p_cube) if self.p_cube is not None else self.rng.integers(len(self.cubes))]
+
+    def _spatial(self) -> SpatialParams:
+        return draw_spatial(self.rng, self.cfg.crop, zoom_range=tuple(self.cfg.zoom_range))
 
     def _finish(self, img_hu: np.ndarray, mask: np.ndarray, nodules: list[NoduleTarget]) -> dict[str, torch.Tensor]:
+        if self.cfg.resolution_jitter and self.rng.random() < self.cfg.resolution_jitter:
+            lo, hi = self.cfg.voxel_range
+            img_hu = resolution_jitter(np.asarray(img_hu, np.float32), float(np.exp(self.rng.uniform(np.log(lo), np.log(hi)))))
         x = self.intensity(normalize_hu(img_hu)[None])
         tgt = make_targets(img_hu.shape, nodules)
         tgt["image"] = torch.from_numpy(np.ascontiguousarray(x))
@@ -146,12 +189,14 @@ class Sampler:
     def _shifted_centre(self, centre: np.ndarray, diameter: float) -> np.ndarray:
         s = self.cfg.crop
         room = max(1.0, s / 2 - max(diameter / 2, 3.0) - 1)
+        if self.cfg.off_centre and self.rng.random() < self.cfg.off_centre:
+            room = max(room, s / 2 - 2.0)  # the nodule anywhere in the crop, partly cut by its edge
         return centre + self.rng.uniform(-room, room, 3)
 
     def cube_positive(self) -> dict[str, torch.Tensor]:
-        cube = self.cubes[self.rng.integers(len(self.cubes))]
+        cube = self._cube()
         s = self.cfg.crop
-        p = draw_spatial(self.rng, s)
+        p = self._spatial()
         centre = np.asarray(cube.center)
         c_src = self._shifted_centre(centre, cube.diameter_mm)
         img, msk = sample_crop(cube.image, cube.mask, c_src, s, p, cval=np.nan)
@@ -177,7 +222,7 @@ class Sampler:
 
     def pasted_positive(self) -> dict[str, torch.Tensor]:
         bg = self.backgrounds[self.rng.integers(len(self.backgrounds))]
-        cube = self.cubes[self.rng.integers(len(self.cubes))]
+        cube = self._cube()
         at = self._background_point(bg, dense=False, paste=True)
         half = self.cfg.crop
         region, lo = self._region(bg, at, half)
@@ -192,7 +237,7 @@ class Sampler:
         mask[tuple(slice(x, y) for x, y in zip(a, b))] = cube.mask[tuple(slice(x - s, y - s) for x, y, s in zip(a, b, start))]
         nod_centre = start + np.asarray(cube.center)
         s = self.cfg.crop
-        p = draw_spatial(self.rng, s)
+        p = self._spatial()
         c_src = self._shifted_centre(nod_centre, cube.diameter_mm)
         img, msk = sample_crop(region, mask, c_src, s, p)
         ctr = map_point(nod_centre, c_src, s, p)
@@ -203,7 +248,7 @@ class Sampler:
         at = self._background_point(bg, dense=self.rng.random() < 0.5)
         s = self.cfg.crop
         region, lo = self._region(bg, at, s)
-        p = draw_spatial(self.rng, s)
+        p = self._spatial()
         img, _ = sample_crop(region, None, at - lo, s, p)
         return self._finish(img, np.zeros(img.shape, bool), [])
 
@@ -274,6 +319,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     """Run (or resume) training; returns the path of the final weights, or None when stopped
     early by ``stop_after`` (a number of steps in this session; the checkpoint allows resuming
     with the same config)."""
+    init_meta = None
+    if cfg.init:
+        _, init_meta = load_weights(cfg.init, device="cpu")
+        ic = init_meta["config"]
+        cfg = dataclasses.replace(cfg, widths=tuple(ic["widths"]), mask_width=ic["mask_width"], cross_task=ic["cross_task"],
+                                  mask_blocks=ic.get("mask_blocks", 0))
     out, device = _prepare_run(cfg)
     cubes = D.load_cubes(limit=cfg.limit_cubes)
     val, train_cubes, _ = D.split_cubes(cubes, cfg.val_fraction)
@@ -283,7 +334,10 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     name = "config.json" if not resumed_at else f"config.resume-{resumed_at}.json"
     (out / name).write_text(json.dumps({"config": dataclasses.asdict(cfg), **provenance(), "resumed_at_step": resumed_at,
                                         "train_cubes": len(train_cubes), "val_series": sorted(val)}, indent=2) + "\n")
-    net = build_network(dataclasses.asdict(cfg)).to(device)
+    net = build_network(dataclasses.asdict(cfg))
+    if cfg.init and not (resume and ckpt.exists()):
+        net.load_state_dict(load_weights(cfg.init, device="cpu")[0].state_dict())
+    net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
     step = 0
@@ -340,6 +394,12 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
             "sessions": sessions,
             "train_cubes": len(train_cubes), "threshold": None,
             "note": "threshold is set by `dicom-node evaluate --write-threshold` on validation"}
+    if init_meta is not None:
+        meta["init"] = {"weights": str(cfg.init), "git_revision": init_meta.get("git_revision"),
+                        "config": init_meta.get("config"), "mask_stage": init_meta.get("mask_stage"),
+                        "threshold": init_meta.get("threshold")}
+        meta["threshold"] = init_meta.get("threshold")
+        meta["note"] = "threshold carried over from the init weights; re-set it with `dicom-node evaluate --protocol centred --write-threshold`"
     return _finish_run(net, out, meta, train_cubes, cfg.fit_readout, progress)
 
 
@@ -357,29 +417,63 @@ def _finish_run(net: ResMTNet, out: Path, meta: dict, train_cubes: list[D.Cube],
     return path
 
 
-def fit_readout(weights: str | Path, train_cubes: list[D.Cube] | None = None, l2: float = 1.0, progress: bool = False) -> dict:
+def fit_readout(weights: str | Path, train_cubes: list[D.Cube] | None = None, l2: float = 1.0, progress: bool = False,
+                calibration_data: str = "centred+off-centre", features: dict | None = None) -> dict:
     """Fit the malignancy read-out (:mod:`model.readout`) of ``weights`` on the training cubes
-    (the refinement pass of those weights at each cube's centre) and store it, with its
-    training-only cross-validated figures, in the weights' ``.json``. Returns that entry.
+    (the refinement pass of those weights at each cube's centre) and its calibrator
+    (:mod:`model.calibration`) on the read-out's out-of-fold probabilities of those cubes, and
+    store both, with their training-only cross-validated figures, in the weights' ``.json``
+    (``"readout"``, ``"readout_fit"``, ``"calibration"``). Returns the ``"readout_fit"`` entry.
 
-    ``train_cubes``: default, the training split of the cubes named by the weights' config."""
+    ``train_cubes``: default, the training split of the cubes named by the weights' config.
+    ``calibration_data``: ``"centred"`` (the read-out's own out-of-fold probabilities) or
+    ``"centred+off-centre"`` (also each training cube cut off-centre and rescaled as the field
+    protocol cuts validation cubes, predicted by the fold read-outs that did not see its series).
+    ``features``: a dict of precomputed :func:`model.readout.training_features` (keys
+    ``"centred"``, ``"off-centre"``); missing ones are computed and added to it."""
+    from model import calibration as C
     from model.inference import Predictor
-    from model.readout import fit_on_cubes
+    from model.readout import cross_validate_on, fit_on_cubes, training_features
 
+    if calibration_data not in ("centred", "centred+off-centre"):
+        raise ValueError(f"calibration_data must be 'centred' or 'centred+off-centre', got {calibration_data!r}")
     weights = Path(weights)
     meta = json.loads(weights.with_suffix(".json").read_text())
     if train_cubes is None:
         _, train_cubes, _ = D.split_cubes(D.load_cubes(limit=meta["config"].get("limit_cubes")), meta["config"].get("val_fraction", 0.2))
     predictor = Predictor(weights, threshold=1.0)
     predictor.readout = None  # features come from the network alone
+    predictor.calibration = None
     t0 = time.time()
-    readout, summary = fit_on_cubes(predictor, train_cubes, l2=l2, progress=progress)
+    features = {} if features is None else features  # filled in place: a caller may keep it
+    if "centred" not in features:
+        features["centred"] = training_features(predictor, train_cubes, progress=progress)
+    readout, summary = fit_on_cubes(predictor, train_cubes, l2=l2, data=features["centred"])
+    oof = summary.pop("_oof")
+    fc = features["centred"]
+    p, y, groups = list(oof), list(fc["y"]), list(fc["groups"])
+    if calibration_data == "centred+off-centre":
+        if "off-centre" not in features:
+            features["off-centre"] = training_features(predictor, train_cubes, off_centre_seed=0, progress=progress)
+        fo = features["off-centre"]
+        p += list(cross_validate_on(fc["x"], fc["y"], fc["groups"], fo["x"], fo["groups"], l2=l2))
+        y += list(fo["y"])
+        groups += list(fo["groups"])
+    calibrator, _ = C.choose(np.array(p), np.array(y), groups)
+    calibrator.fit["data"] = (f"training cubes only: {calibration_data} (validation series never used); "
+                              "read-out out-of-fold probabilities, 5 folds by series")
+    calibrator.fit["ece_before"] = round(C.ece(p, y), 4)
+    calibrator.fit["git_revision"] = provenance()["git_revision"]
     meta["readout"] = readout.to_json()
     meta["readout_fit"] = {**summary, "seconds": round(time.time() - t0, 1),
                            "data": "training cubes only (validation series never used)"}
+    meta["calibration"] = calibrator.to_json()
     weights.with_suffix(".json").write_text(json.dumps(meta, indent=2, default=str) + "\n")
-    log.info("read-out fitted on %d training nodules: cross-validated AUC %s", summary["n"], summary["cv5_by_series"]["auc"])
-    return meta["readout_fit"]
+    log.info("read-out fitted on %d training nodules: cross-validated AUC %s; calibration %s (cross-validated ECE %s)",
+             summary["n"], summary["cv5_by_series"]["auc"], calibrator.method,
+             calibrator.fit["cross_validated"][calibrator.method]["ece"])
+    return {**meta["readout_fit"], "calibration": calibrator.method,
+            "calibration_cv_ece": calibrator.fit["cross_validated"][calibrator.method]["ece"]}
 
 
 def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -> Path:

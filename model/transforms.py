@@ -48,12 +48,14 @@ class SpatialParams:
         return cls(np.eye(3), 1.0, None)
 
 
-def draw_spatial(rng: np.random.Generator, size: int, strength: float = 1.0) -> SpatialParams:
-    """Random rotation (any angle about z, up to 15 degrees tilt), zoom in [0.85, 1.15],
+def draw_spatial(rng: np.random.Generator, size: int, strength: float = 1.0,
+                 zoom_range: tuple[float, float] = (0.85, 1.15)) -> SpatialParams:
+    """Random rotation (any angle about z, up to 15 degrees tilt), zoom in ``zoom_range``
+    (log-uniform; default [0.85, 1.15]),
     independent flips of each axis, and with probability 0.3 an elastic field
     (Gaussian-smoothed noise, sigma 6 voxels, up to ~1.5 voxels displacement)."""
     rot = rotation_matrix(rng.uniform(-np.pi, np.pi) * strength, *(rng.uniform(-0.26, 0.26, 2) * strength))
-    zoom = float(np.exp(rng.uniform(np.log(0.85), np.log(1.15)) * strength))
+    zoom = float(np.exp(rng.uniform(np.log(zoom_range[0]), np.log(zoom_range[1])) * strength))
     flips = np.diag(np.where(rng.random(3) < 0.5, -1.0, 1.0))
     matrix = rot @ flips / zoom
     elastic = None

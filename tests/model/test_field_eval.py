@@ -54,3 +54,13 @@ def test_quick_protocol_structure_and_broken_predictor(luna_cubes, predictor):
     assert res["off_centre"]["sensitivity"] > 0
     assert res["validation"]["cubes"] == 6 and len(res["_rows"]) == 6
     assert set(res["calibration"]["suspicion_bands"]) == {"low", "intermediate", "high"}
+
+
+def test_ece_spread_floor_of_a_calibrated_model_is_small_but_not_zero():
+    rng = np.random.default_rng(0)
+    p = rng.uniform(0, 1, 100)
+    y = (rng.random(100) < p).astype(float)
+    sp = F.ece_spread(p, y, n=300)
+    assert 0 < sp["perfectly_calibrated_median"] < sp["perfectly_calibrated_p95"] < 0.2
+    lo, hi = sp["ci95"]
+    assert lo <= F.ece(p, y)[0] <= hi

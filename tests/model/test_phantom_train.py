@@ -93,7 +93,11 @@ def test_readout_fitted_on_training_cubes_and_applied(tmp_path, luna_cubes):
     assert isinstance(p.readout, Readout)
     det = {}
     f = p.describe(cubes[0].image, cubes[0].center, details=det)
-    assert f.malignancy == pytest.approx(float(p.readout.probability(det["features"])[0]))
+    raw = float(p.readout.probability(det["features"])[0])
+    assert det["uncalibrated_malignancy"] == pytest.approx(raw)
+    # the read-out's probability through the calibrator fitted beside it (training folds only)
+    assert meta["calibration"]["method"] in ("identity", "temperature", "platt", "isotonic")
+    assert f.malignancy == pytest.approx(float(p.calibration(raw)))
     assert 0 <= det["branch_malignancy"] <= 1
 
 
