@@ -12,9 +12,9 @@ record (``repo.audit``), a runtime setting (``repo.set_setting``), or a user, so
 destination, routing rule, setting, audit or review row (their constructors, the
 ``repo.ensure_*`` seeds, the ``storage.users`` writers, an ``update(...).values(...)`` of those
 tables), except the few listed in ``ADMIN_EXCEPTIONS`` with their reason. On the code before the
-admin half moved into ``app/`` (commit 3914589) the scan found 46 such writes in 6 modules
+admin half moved into ``app/`` (commit 3914589) the scan found 47 such writes in 7 modules
 (``web/services.py`` 20, ``commands/admin.py`` 8, ``commands/user.py`` 8, ``routing/store.py`` 7,
-``node.py`` 2, ``web/login.py`` 1); now it finds none.
+``node.py`` 2, ``retention.py`` 1, ``web/login.py`` 1); now it finds none.
 """
 from __future__ import annotations
 
@@ -45,8 +45,6 @@ ADMIN_EXCEPTIONS = {
                                     "transaction after the Argon2 check (docs/hardening/web.md); not an admin change",
     ("web/dicomweb/stow.py", "repo.audit"): "stow: the DICOMweb ingest's record, written with its association log "
                                             "row, like the listener's association log; not an admin change",
-    ("retention.py", "repo.audit"): "study.delete: the retention pass deletes a study's rows and files in one "
-                                    "batch under its row lock and audits it there (docs/hardening/ops.md)",
 }
 
 
