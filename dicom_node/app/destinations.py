@@ -50,8 +50,20 @@ class DestinationIn(BaseModel):
         return self
 
 
-class DestinationOut(DestinationIn):
+class DestinationOut(BaseModel):
+    """A stored destination as the API shows it (not re-validated: a row written under older
+    rules still lists)."""
+
     id: int
+    name: str
+    kind: str = "dicom"
+    ae_title: str = ""
+    host: str = ""
+    port: int = 0
+    url: str | None = None
+    outputs: list[str] = []
+    enabled: bool = True
+    tls: bool = False
 
 
 def out(row: Destination) -> DestinationOut:

@@ -46,8 +46,17 @@ class SourceIn(BaseModel):
         return list(dict.fromkeys(x.strip() for x in (v or []) if isinstance(x, str) and x.strip()))
 
 
-class SourceOut(SourceIn):
+class SourceOut(BaseModel):
+    """A stored source as the API shows it (not re-validated: a row written under older rules
+    still lists)."""
+
     id: int
+    ae_title: str
+    host: str | None = None
+    description: str | None = None
+    enabled: bool = True
+    return_to: list[str] = []
+    quiet_seconds: float | None = None
 
 
 def out(row: Source) -> SourceOut:

@@ -202,3 +202,16 @@ def test_the_node_page_sets_max_slice_thickness(node, browser):
                                           "max_slice_thickness_mm": "2.0", "csrf_token": token})
     assert "eligibility.max_slice_thickness_mm = 2.0" in r.text
     assert node.effective("eligibility.max_slice_thickness_mm") == 2.0
+
+
+def test_a_row_stored_under_the_older_ae_rules_still_lists(node, client, admin_h):
+    """Rows written before pynetdicom's rules applied (a non-ASCII AE title) are shown, not a 500."""
+    from storage import repo
+
+    with node.sessions.begin() as s:
+        repo.ensure_source(s, BAD_AE)
+        repo.ensure_destination(s, "old", BAD_AE, "127.0.0.1", 104, ["sr"])
+    assert [x["ae_title"] for x in client.get("/api/sources", headers=admin_h).json()] == [BAD_AE]
+    assert [x["ae_title"] for x in client.get("/api/destinations", headers=admin_h).json()] == [BAD_AE]
+    r = client.put(f"/api/sources/{BAD_AE}", headers=admin_h, json={"ae_title": "NEW_AE"})
+    assert r.status_code == 200 and r.json()["ae_title"] == "NEW_AE"  # and it can be corrected
