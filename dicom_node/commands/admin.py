@@ -16,7 +16,7 @@ from dicom_node.commands import refused
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("source", help="calling AE titles allowed to send to the node")
     ss = p.add_subparsers(dest="action", required=True)
-    a = ss.add_parser("add", help="allow a calling AE title (or change the source of that AE title)")
+    a = ss.add_parser("add", help="allow a calling AE title (an existing source of that AE title is replaced by these values)")
     a.add_argument("ae_title")
     a.add_argument("--host", help="only from this host (IP address as seen by the node)")
     a.add_argument("--description")
@@ -35,7 +35,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("destination", help="where results are sent")
     ss = p.add_subparsers(dest="action", required=True)
-    a = ss.add_parser("add", help="add or update a destination",
+    a = ss.add_parser("add", help="add a destination (an existing one of that name is replaced by these values)",
                       description="kind dicom (default): NAME AE@HOST:PORT; kind dicomweb: NAME --kind dicomweb "
                                   "--url http://pacs:8042/dicom-web")
     a.add_argument("name")
@@ -94,16 +94,15 @@ def run_source(args) -> int:
     from sqlalchemy import select
 
     from dicom_node.app import sources
-    from dicom_node.app.errors import AppError, invalid
+    from dicom_node.app.errors import AppError
     from storage.models import Source
 
     node = _node(args)
     try:
         with node.sessions.begin() as s:
             if args.action == "add":
-                data = _model(sources.SourceIn, invalid, ae_title=args.ae_title, host=args.host,
-                              description=args.description, return_to=args.return_to,
-                              quiet_seconds=args.quiet_seconds, enabled=not args.disabled)
+                data = _model(sources.SourceIn, ae_title=args.ae_title, host=args.host, description=args.description,
+                              return_to=args.return_to, quiet_seconds=args.quiet_seconds, enabled=not args.disabled)
                 _row, added = sources.put(s, "cli", data)
                 print(f"source {data.ae_title} {'added' if added else 'updated'}")
             elif args.action == "remove":
@@ -120,9 +119,11 @@ def run_source(args) -> int:
     return 0
 
 
-def _model(model, invalid, **values):  # noqa: ANN001
-    """``model`` validated from the command's values; a refusal as ``app.errors.Invalid``."""
+def _model(model, **values):  # noqa: ANN001 - a pydantic model class of dicom_node.app
+    """``model`` validated from the command's values (the API's model); a refusal as ``app.errors.Invalid``."""
     from pydantic import ValidationError
+
+    from dicom_node.app.errors import invalid
 
     try:
         return model.model_validate(values)
@@ -130,7 +131,7 @@ def _model(model, invalid, **values):  # noqa: ANN001
         raise invalid(exc) from None
 
 
-def _destination_in(args, invalid):  # noqa: ANN001
+def _destination_in(args):  # noqa: ANN001
     from dicom_node.app.destinations import DestinationIn
     from dicom_node.app.errors import Invalid
     from dicom_node.values import parse_peer
@@ -146,7 +147,7 @@ def _destination_in(args, invalid):  # noqa: ANN001
             raise Invalid(str(exc)) from None
     elif args.peer:
         raise Invalid(f"destination {args.name!r}: kind dicomweb takes --url, not {args.peer!r}")
-    return _model(DestinationIn, invalid, **values)
+    return _model(DestinationIn, **values)
 
 
 def _where(d) -> str:  # noqa: ANN001 - a Destination row or DestinationIn
@@ -158,14 +159,14 @@ def run_destination(args) -> int:
 
     from dicom_node import destinations as kinds
     from dicom_node.app import destinations
-    from dicom_node.app.errors import AppError, invalid
+    from dicom_node.app.errors import AppError
     from storage.models import Destination
 
     node = _node(args)
     try:
         with node.sessions.begin() as s:
             if args.action == "add":
-                data = _destination_in(args, invalid)
+                data = _destination_in(args)
                 _row, added = destinations.put(s, "cli", data)
                 print(f"destination {data.name} {'added' if added else 'updated'}: {data.kind} -> {_where(data)} "
                       f"({', '.join(data.outputs)}){' over TLS' if data.tls else ''}")
