@@ -15,34 +15,13 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_node.routing.rules import Rule
-
-OUTPUTS = ("sr", "seg", "sc")
+# One validator per kind of value (``dicom_node.values``); re-exported here for the callers that
+# import them from the configuration.
+from dicom_node.values import OUTPUTS, check_ae_title, check_destination_target, check_outputs  # noqa: F401
 
 
 class ConfigError(ValueError):
     """The configuration file is missing, not TOML, or has invalid values."""
-
-
-def check_ae_title(value: str) -> str:
-    """An AE title per PS3.5: 1-16 characters, no backslash, no control characters, not all spaces."""
-    if not isinstance(value, str):
-        raise ValueError(f"AE title must be a string, got {value!r}")
-    stripped = value.strip()
-    if not stripped:
-        raise ValueError(f"AE title {value!r} is empty")
-    if len(stripped) > 16:
-        raise ValueError(f"AE title {value!r} is longer than 16 characters")
-    if "\\" in stripped or any(ord(c) < 32 or ord(c) == 127 for c in stripped):
-        raise ValueError(f"AE title {value!r} contains a backslash or a control character")
-    return stripped
-
-
-def check_outputs(value: list[str]) -> list[str]:
-    """Result kinds a destination receives: any of ``OUTPUTS``, each once."""
-    bad = [o for o in value if o not in OUTPUTS]
-    if bad:
-        raise ValueError(f"unknown output(s) {bad}; choose from {list(OUTPUTS)}")
-    return list(dict.fromkeys(value))
 
 
 def empty_is_none(value):
@@ -215,14 +194,8 @@ class DestinationEntry(BaseModel):
 
     @model_validator(mode="after")
     def _by_kind(self) -> DestinationEntry:
-        if self.kind == "dicom":
-            self.ae_title = check_ae_title(self.ae_title)
-            if not self.host or not self.port:
-                raise ValueError(f"destination {self.name!r}: kind dicom needs host and port (1-65535)")
-        else:
-            if not self.url or not self.url.startswith(("http://", "https://")):
-                raise ValueError(f"destination {self.name!r}: kind dicomweb needs url = \"http(s)://...\", "
-                                 f"got {self.url!r}")
+        self.ae_title, self.host, self.port, self.url = check_destination_target(
+            self.name, self.kind, self.ae_title, self.host, self.port, self.url)
         return self
 
     @property

@@ -19,7 +19,8 @@ from storage.filestore import FileStore
 
 log = logging.getLogger(__name__)
 
-#: Runtime-changeable settings: key -> (section, field) in Settings.
+#: Runtime-changeable settings: key -> (section, field) in Settings. Their one typed model (limits,
+#: validation) is ``dicom_node.app.settings.RuntimeSettings``, used by the API, the pages and the CLI.
 RUNTIME_KEYS = {
     "node.ae_title": ("node", "ae_title"),
     "node.port": ("node", "port"),
@@ -59,14 +60,11 @@ def open_node(settings: Settings, *, seed: bool = True) -> Node:
     sessions = open_database(settings.database_url)
     node = Node(settings=settings, sessions=sessions, store=FileStore(settings.node.data_dir))
     if seed:
-        with sessions.begin() as s:
-            for src in settings.sources:
-                repo.ensure_source(s, src.ae_title, src.host, src.description, src.return_to, src.quiet_seconds)
-            for dst in settings.destinations:
-                repo.ensure_destination(s, dst.name, dst.ae_title, dst.host, dst.port, dst.outputs, dst.tls,
-                                        kind=dst.kind, url=dst.url, options=dst.options)
-            from dicom_node.routing.store import seed_rules
+        from dicom_node.app import destinations, rules, sources
 
-            if seed_rules(s, settings.rules):  # only while no rule is stored (see routing.store)
+        with sessions.begin() as s:
+            sources.seed(s, settings.sources)
+            destinations.seed(s, settings.destinations)
+            if rules.seed(s, settings.rules):  # only while no rule is stored (see app.rules)
                 log.info("routing: %d rule(s) seeded from the configuration", len(settings.rules))
     return node

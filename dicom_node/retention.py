@@ -9,7 +9,7 @@ pending or sending, or a series still receiving (not yet evaluated by the schedu
 Nothing is deleted while ``dicom-node backup`` copies files (its marker in ``data_dir`` is
 fresh).
 
-Deleting a study removes its index rows (study, series, instances, jobs, findings, result
+Deleting a study (``dicom_node.app.deletion.delete_study``, the application layer) removes its index rows (study, series, instances, jobs, findings, result
 objects, transfers) in one transaction that first locks the study and its series and re-checks
 the protection, writes an audit event (``retention`` / ``study.delete``, with the reason, counts
 and bytes; no patient data), commits, and only then removes the files: a crash in between leaves
@@ -31,28 +31,16 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
-from sqlalchemy import delete, func, or_, select, update
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+# Deleting a study (rows, lock, re-check, audit) is the application layer's; used here and re-exported.
+from dicom_node.app.deletion import ACTOR, delete_study, protected  # noqa: F401
 from dicom_node.backup import backup_running
-from storage import repo
-from storage.models import (
-    FindingRow,
-    Instance,
-    Job,
-    JobState,
-    ResultObject,
-    RoutingDecision,
-    Series,
-    Study,
-    Transfer,
-    TransferState,
-    utcnow,
-)
+from storage.models import Instance, Series, Study, utcnow
 
 log = logging.getLogger(__name__)
 
-ACTOR = "retention"
 #: ``shutil.disk_usage``-like: path -> an object with ``total``, ``used``, ``free`` (bytes).
 DiskUsage = Callable[[Path], object]
 
@@ -140,26 +128,6 @@ def study_usage(s: Session) -> list[StudyUsage]:
     return out
 
 
-def protected(s: Session, study_ids: list[int] | None = None) -> dict[int, str]:
-    """Study id -> why it must not be deleted (pending work), for ``study_ids`` (None: all)."""
-    def only(stmt, column):
-        return stmt if study_ids is None else stmt.where(column.in_(study_ids))
-
-    why: dict[int, str] = {}
-    for sid, state in s.execute(only(
-            select(Series.study_id, Job.state).join(Job, Job.series_id == Series.id)
-            .where(Job.state.in_([JobState.PENDING, JobState.RUNNING])), Series.study_id)):
-        why.setdefault(sid, f"a job is {state.value}")
-    for sid, state in s.execute(only(
-            select(Series.study_id, Transfer.state).join(Job, Job.series_id == Series.id)
-            .join(Transfer, Transfer.job_id == Job.id)
-            .where(Transfer.state.in_([TransferState.PENDING, TransferState.SENDING])), Series.study_id)):
-        why.setdefault(sid, f"a transfer is {state.value}")
-    for (sid,) in s.execute(only(select(Series.study_id).where(Series.dirty.is_(True)), Series.study_id)):
-        why.setdefault(sid, "a series is still receiving")
-    return why
-
-
 def plan(s: Session, policy: Policy, disk: dict, now: datetime | None = None) -> tuple[list[Candidate], dict[int, str]]:
     """What a pass would delete now, in order, and the studies protected by pending work.
 
@@ -188,64 +156,6 @@ def plan(s: Session, policy: Policy, disk: dict, now: datetime | None = None) ->
             taken.add(u.study_id)
             need -= u.bytes
     return chosen, guard
-
-
-def _lock_study(s: Session, study_id: int) -> bool:
-    """Take the write lock (SQLite) / the study's and its series' row locks (PostgreSQL); False if gone."""
-    res = s.execute(update(Study).where(Study.id == study_id).values(updated_at=utcnow())
-                    .execution_options(synchronize_session=False))
-    if res.rowcount != 1:
-        return False
-    if s.bind.dialect.name == "postgresql":
-        s.execute(select(Series.id).where(Series.study_id == study_id).with_for_update())
-    return True
-
-
-def delete_study(s: Session, study_id: int, reason: str, actor: str = ACTOR) -> tuple[list[str], str | None]:
-    """Delete the study's rows (caller commits) if it has no pending work.
-
-    Returns (file paths relative to data_dir to remove after the commit, None) or ([], why not).
-    """
-    if not _lock_study(s, study_id):
-        return [], "already deleted"
-    why = protected(s, [study_id]).get(study_id)
-    if why:
-        return [], why
-    uid = s.scalar(select(Study.study_instance_uid).where(Study.id == study_id))
-    series_ids = select(Series.id).where(Series.study_id == study_id).scalar_subquery()
-    job_ids = select(Job.id).where(Job.series_id.in_(series_ids)).scalar_subquery()
-    paths = list(s.scalars(select(Instance.path).where(Instance.series_id.in_(series_ids))))
-    count, size = len(paths), int(s.scalar(select(func.coalesce(func.sum(Instance.size_bytes), 0))
-                                           .where(Instance.series_id.in_(series_ids))) or 0)
-    paths += list(s.scalars(select(ResultObject.path).where(ResultObject.job_id.in_(job_ids))))
-    paths += _prerendered(s, job_ids)
-    paths = list(dict.fromkeys(paths))  # a result is indexed as an instance too: one path, once
-    s.execute(delete(Transfer).where(or_(Transfer.job_id.in_(job_ids), Transfer.series_id.in_(series_ids)))
-              .execution_options(synchronize_session=False))  # results, and forwarded originals
-    s.execute(delete(RoutingDecision).where(RoutingDecision.series_id.in_(series_ids))
-              .execution_options(synchronize_session=False))
-    s.execute(delete(FindingRow).where(or_(FindingRow.study_id == study_id, FindingRow.job_id.in_(job_ids)))
-              .execution_options(synchronize_session=False))
-    s.execute(delete(ResultObject).where(ResultObject.job_id.in_(job_ids)).execution_options(synchronize_session=False))
-    s.execute(delete(Job).where(Job.series_id.in_(series_ids)).execution_options(synchronize_session=False))
-    s.execute(delete(Instance).where(Instance.series_id.in_(series_ids)).execution_options(synchronize_session=False))
-    s.execute(delete(Series).where(Series.study_id == study_id).execution_options(synchronize_session=False))
-    s.execute(delete(Study).where(Study.id == study_id).execution_options(synchronize_session=False))
-    repo.audit(s, actor, "study.delete", target=uid,
-               detail={"reason": reason, "instances": count, "bytes": size, "files": len(paths)})
-    return paths, None
-
-
-def _prerendered(s: Session, job_ids) -> list[str]:
-    """The key images the worker pre-rendered for the jobs' findings (``dicom_node.render``)."""
-    from dicom_node import render
-
-    out = []
-    for job_id, number in s.execute(select(FindingRow.job_id, FindingRow.number).where(FindingRow.job_id.in_(job_ids))):
-        for plane, window, zoom in render.PRERENDER:
-            rel = render.cache_relpath(job_id, number, plane, window, zoom)
-            out += [rel, render.info_relpath(rel)]
-    return out
 
 
 def remove_files(data_dir: Path, paths: list[str]) -> int:

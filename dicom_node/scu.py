@@ -47,18 +47,11 @@ class Outcome:
 
 
 def parse_peer(text: str) -> tuple[str, str, int]:
-    """``AE@HOST:PORT`` -> (ae_title, host, port); raises ValueError naming the bad part."""
-    if "@" not in text or ":" not in text.rsplit("@", 1)[1]:
-        raise ValueError(f"peer {text!r} is not AE@HOST:PORT")
-    ae, hostport = text.rsplit("@", 1)
-    host, port_s = hostport.rsplit(":", 1)
-    try:
-        port = int(port_s)
-    except ValueError:
-        raise ValueError(f"port {port_s!r} in {text!r} is not a number") from None
-    if not (1 <= port <= 65535) or not ae or len(ae) > 16 or not host:
-        raise ValueError(f"peer {text!r} is not AE@HOST:PORT with a 1-16 character AE and port 1-65535")
-    return ae, host.strip("[]"), port
+    """``AE@HOST:PORT`` -> (ae_title, host, port) (``dicom_node.values.parse_peer``: pynetdicom's
+    AE rules, port 1-65535); raises ValueError naming the bad part."""
+    from dicom_node.values import parse_peer as parse
+
+    return parse(text)
 
 
 def status_is_success(status: int) -> bool:

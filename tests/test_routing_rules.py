@@ -5,6 +5,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import select
 
+from dicom_node.app import rules as app_rules
+from dicom_node.app.errors import AppError, Conflict, Invalid
 from dicom_node.routing import conditions, store
 from dicom_node.routing.evaluate import decide, facts_from_attributes
 from dicom_node.routing.rules import Rule
@@ -83,21 +85,21 @@ def test_decision_unites_matches_and_explains_non_matches():
 def test_rule_store_crud_reorder_and_audit(make_node, db_url):
     node = make_node(db_url, destinations=[{"name": "pacs_a", "ae_title": "PACS_A", "host": "127.0.0.1", "port": 104}])
     with node.sessions.begin() as s:
-        store.add_rule(s, "alice", Rule(name="a", match={"Modality": "CT"}, actions=["analyse"]))
-        store.add_rule(s, "alice", Rule(name="b", match={"Modality": "MR"}, actions=["discard"]))
-        store.add_rule(s, "alice", Rule(name="c", actions=["forward"], destinations=["pacs_a"]), position=1)
-        with pytest.raises(store.RoutingError, match="already exists"):
-            store.add_rule(s, "alice", Rule(name="a", actions=["analyse"]))
-        with pytest.raises(store.RoutingError, match="unknown destination"):
-            store.add_rule(s, "alice", Rule(name="d", actions=["forward"], destinations=["nowhere"]))
+        app_rules.add(s, "alice", Rule(name="a", match={"Modality": "CT"}, actions=["analyse"]))
+        app_rules.add(s, "alice", Rule(name="b", match={"Modality": "MR"}, actions=["discard"]))
+        app_rules.add(s, "alice", Rule(name="c", actions=["forward"], destinations=["pacs_a"]), position=1)
+        with pytest.raises(Conflict, match="already exists"):
+            app_rules.add(s, "alice", Rule(name="a", actions=["analyse"]))
+        with pytest.raises(Invalid, match="unknown destination"):
+            app_rules.add(s, "alice", Rule(name="d", actions=["forward"], destinations=["nowhere"]))
     with node.sessions.begin() as s:
         assert [r.name for r in store.load_rules(s)] == ["c", "a", "b"]
-        store.reorder(s, "alice", ["a", "b", "c"])
-        store.update_rule(s, "alice", "b", Rule(name="b", match={"Modality": ["MR", "US"]}, actions=["discard"]))
-        store.move(s, "alice", "c", 1)
-        store.remove_rule(s, "alice", "a")
-        with pytest.raises(store.RoutingError):
-            store.reorder(s, "alice", ["b"])
+        app_rules.reorder(s, "alice", ["a", "b", "c"])
+        app_rules.update(s, "alice", "b", Rule(name="b", match={"Modality": ["MR", "US"]}, actions=["discard"]))
+        app_rules.move(s, "alice", "c", 1)
+        app_rules.remove(s, "alice", "a")
+        with pytest.raises(AppError):
+            app_rules.reorder(s, "alice", ["b"])
     with node.sessions() as s:
         rules = store.load_rules(s)
         assert [(r.name, r.match) for r in rules] == [("c", {}), ("b", {"Modality": ["MR", "US"]})]
@@ -115,7 +117,7 @@ def test_rules_are_seeded_from_the_configuration_only_while_none_is_stored(make_
     node = make_node(db_url, **config)
     with node.sessions.begin() as s:
         assert [r.name for r in store.load_rules(s)] == ["chest-ct", "drop-mr"]
-        store.remove_rule(s, "admin", "drop-mr")
+        app_rules.remove(s, "admin", "drop-mr")
     again = open_node(Settings(**{**node.settings.model_dump(), "rules": config["rules"]}))
     with again.sessions() as s:
         assert [r.name for r in store.load_rules(s)] == ["chest-ct"]  # the database wins

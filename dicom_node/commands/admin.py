@@ -1,7 +1,8 @@
 """Administration from the command line: sources, destinations, the node's AE title and runtime
-settings, jobs and transfers. Job, transfer and completion changes go through the application
-layer (``dicom_node.app``), audited as user "cli". Changes are written to the database and take effect at once in a
-running node (no restart)."""
+settings, jobs and transfers. Every change goes through the application layer
+(``dicom_node.app``), validated by the same models as the API and audited as user "cli" under the
+same action names; a refusal is one line and exit status 1 (not found) or 2. Changes are written
+to the database and take effect at once in a running node (no restart)."""
 from __future__ import annotations
 
 import argparse
@@ -9,17 +10,22 @@ import json
 import sys
 
 from dicom_node.cli import add_config_argument, settings_from_args
+from dicom_node.commands import refused
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("source", help="calling AE titles allowed to send to the node")
     ss = p.add_subparsers(dest="action", required=True)
-    a = ss.add_parser("add", help="allow a calling AE title")
+    a = ss.add_parser("add", help="allow a calling AE title (an existing source of that AE title is replaced by these values)")
     a.add_argument("ae_title")
     a.add_argument("--host", help="only from this host (IP address as seen by the node)")
     a.add_argument("--description")
     a.add_argument("--return-to", default="", metavar="NAMES",
                    help='comma-separated destination names that "sender" means for this source (routing)')
+    a.add_argument("--quiet-seconds", type=float, metavar="S",
+                   help="seconds without a new instance before a series from this source is complete "
+                        "(default: [completion] quiet_seconds)")
+    a.add_argument("--disabled", action="store_true", help="store it disabled (the listener refuses it)")
     r = ss.add_parser("remove", help="remove a source")
     r.add_argument("ae_title")
     ss.add_parser("list", help="list sources")
@@ -29,9 +35,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("destination", help="where results are sent")
     ss = p.add_subparsers(dest="action", required=True)
-    a = ss.add_parser("add", help="add or update a destination")
+    a = ss.add_parser("add", help="add a destination (an existing one of that name is replaced by these values)",
+                      description="kind dicom (default): NAME AE@HOST:PORT; kind dicomweb: NAME --kind dicomweb "
+                                  "--url http://pacs:8042/dicom-web")
     a.add_argument("name")
-    a.add_argument("peer", metavar="AE@HOST:PORT")
+    a.add_argument("peer", metavar="AE@HOST:PORT", nargs="?", help="kind dicom: where C-STORE sends")
+    a.add_argument("--kind", choices=["dicom", "dicomweb"], default="dicom",
+                   help="dicom: C-STORE; dicomweb: STOW-RS to --url (default: %(default)s)")
+    a.add_argument("--url", help="kind dicomweb: the DICOMweb base URL")
+    a.add_argument("--disabled", action="store_true", help="store it disabled (nothing is sent to it)")
     a.add_argument("--outputs", default="sr,seg", help="comma-separated: sr, seg, sc (default: %(default)s)")
     a.add_argument("--tls", action="store_true",
                    help="send over DICOM TLS, with the [tls] client certificate and CA of the config")
@@ -81,134 +93,135 @@ def _node(args):
 def run_source(args) -> int:
     from sqlalchemy import select
 
-    from dicom_node.config import check_ae_title
-    from storage import repo
-    from storage.models import Destination, Source
+    from dicom_node.app import sources
+    from dicom_node.app.errors import AppError
+    from storage.models import Source
 
     node = _node(args)
-    with node.sessions.begin() as s:
-        if args.action == "add":
-            try:
-                ae = check_ae_title(args.ae_title)
-            except ValueError as exc:
-                print(f"dicom-node: {exc}", file=sys.stderr)
-                return 2
-            return_to = [n.strip() for n in args.return_to.split(",") if n.strip()]
-            known = set(s.scalars(select(Destination.name)))
-            if [n for n in return_to if n not in known]:
-                print(f"dicom-node: --return-to names unknown destination(s) {[n for n in return_to if n not in known]}; "
-                      f"known: {sorted(known) or 'none'}", file=sys.stderr)
-                return 2
-            row = repo.ensure_source(s, ae)
-            row.host, row.description, row.enabled, row.return_to = args.host, args.description, True, return_to
-            repo.audit(s, "cli", "source.add", ae, {"host": args.host, "return_to": return_to})
-            print(f"source {ae} added")
-        elif args.action == "remove":
-            row = s.scalar(select(Source).where(Source.ae_title == args.ae_title))
-            if row is None:
-                print(f"dicom-node: no source {args.ae_title!r}", file=sys.stderr)
-                return 1
-            s.delete(row)
-            repo.audit(s, "cli", "source.remove", args.ae_title)
-            print(f"source {args.ae_title} removed")
-        else:
-            for row in s.scalars(select(Source).order_by(Source.ae_title)):
-                back = ",".join(row.return_to or []) or "*"
-                print(f"{row.ae_title:16}  host={row.host or '*':15}  return_to={back:12}  "
-                      f"{'enabled' if row.enabled else 'disabled'}  {row.description or ''}")
+    try:
+        with node.sessions.begin() as s:
+            if args.action == "add":
+                data = _model(sources.SourceIn, ae_title=args.ae_title, host=args.host, description=args.description,
+                              return_to=args.return_to, quiet_seconds=args.quiet_seconds, enabled=not args.disabled)
+                _row, added = sources.put(s, "cli", data)
+                print(f"source {data.ae_title} {'added' if added else 'updated'}")
+            elif args.action == "remove":
+                sources.remove(s, "cli", args.ae_title)
+                print(f"source {args.ae_title} removed")
+            else:
+                for row in s.scalars(select(Source).order_by(Source.ae_title)):
+                    back = ",".join(row.return_to or []) or "*"
+                    quiet = "default" if row.quiet_seconds is None else f"{row.quiet_seconds:g}s"
+                    print(f"{row.ae_title:16}  host={row.host or '*':15}  return_to={back:12}  quiet={quiet:8}  "
+                          f"{'enabled' if row.enabled else 'disabled'}  {row.description or ''}")
+    except AppError as exc:
+        return refused(exc)
     return 0
+
+
+def _model(model, **values):  # noqa: ANN001 - a pydantic model class of dicom_node.app
+    """``model`` validated from the command's values (the API's model); a refusal as ``app.errors.Invalid``."""
+    from pydantic import ValidationError
+
+    from dicom_node.app.errors import invalid
+
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise invalid(exc) from None
+
+
+def _destination_in(args):  # noqa: ANN001
+    from dicom_node.app.destinations import DestinationIn
+    from dicom_node.app.errors import Invalid
+    from dicom_node.values import parse_peer
+
+    values = {"name": args.name, "kind": args.kind, "url": args.url, "tls": args.tls, "enabled": not args.disabled,
+              "outputs": [o.strip() for o in args.outputs.split(",") if o.strip()]}
+    if args.kind == "dicom":
+        if not args.peer:
+            raise Invalid(f"destination {args.name!r}: kind dicom needs AE@HOST:PORT")
+        try:
+            values["ae_title"], values["host"], values["port"] = parse_peer(args.peer)
+        except ValueError as exc:
+            raise Invalid(str(exc)) from None
+    elif args.peer:
+        raise Invalid(f"destination {args.name!r}: kind dicomweb takes --url, not {args.peer!r}")
+    return _model(DestinationIn, **values)
+
+
+def _where(d) -> str:  # noqa: ANN001 - a Destination row or DestinationIn
+    return d.url if d.kind == "dicomweb" else f"{d.ae_title}@{d.host}:{d.port}"
 
 
 def run_destination(args) -> int:
     from sqlalchemy import select
 
-    from dicom_node.config import DestinationEntry
-    from dicom_node.scu import echo, parse_peer
-    from storage import repo
+    from dicom_node import destinations as kinds
+    from dicom_node.app import destinations
+    from dicom_node.app.errors import AppError
     from storage.models import Destination
 
     node = _node(args)
+    try:
+        with node.sessions.begin() as s:
+            if args.action == "add":
+                data = _destination_in(args)
+                _row, added = destinations.put(s, "cli", data)
+                print(f"destination {data.name} {'added' if added else 'updated'}: {data.kind} -> {_where(data)} "
+                      f"({', '.join(data.outputs)}){' over TLS' if data.tls else ''}")
+                return 0
+            if args.action == "list":
+                for d in s.scalars(select(Destination).order_by(Destination.name)):
+                    print(f"{d.name:16}  {d.kind or 'dicom':8}  {_where(d)}  outputs={','.join(d.outputs)}  "
+                          f"{'enabled' if d.enabled else 'disabled'}{'  tls' if d.tls else ''}")
+                return 0
+            if args.action == "remove":
+                destinations.remove(s, "cli", args.name)
+                print(f"destination {args.name} removed")
+                return 0
+            target = kinds.Target.of(destinations.get(s, args.name))
+    except AppError as exc:
+        return refused(exc)
+    ctx = kinds.Context(calling_ae=node.effective("node.ae_title"), timeout=10.0, tls=node.settings.tls)
+    outcome = kinds.kind_of(target).echo(target, ctx)  # C-ECHO, or a QIDO-RS probe for dicomweb
     with node.sessions.begin() as s:
-        if args.action == "add":
-            try:
-                ae, host, port = parse_peer(args.peer)
-                entry = DestinationEntry(name=args.name, ae_title=ae, host=host, port=port,
-                                         outputs=[o.strip() for o in args.outputs.split(",") if o.strip()],
-                                         tls=args.tls)
-            except ValueError as exc:
-                print(f"dicom-node: {exc}", file=sys.stderr)
-                return 2
-            row = repo.ensure_destination(s, entry.name, entry.ae_title, entry.host, entry.port, entry.outputs)
-            row.ae_title, row.host, row.port, row.outputs, row.enabled = entry.ae_title, entry.host, entry.port, entry.outputs, True
-            row.tls = entry.tls
-            repo.audit(s, "cli", "destination.add", entry.name, entry.model_dump())
-            print(f"destination {entry.name} -> {ae}@{host}:{port} ({', '.join(entry.outputs)}){' over TLS' if entry.tls else ''}")
-            return 0
-        if args.action == "list":
-            for d in s.scalars(select(Destination).order_by(Destination.name)):
-                print(f"{d.name:16}  {d.ae_title}@{d.host}:{d.port}  outputs={','.join(d.outputs)}  {'enabled' if d.enabled else 'disabled'}"
-                      f"{'  tls' if d.tls else ''}")
-            return 0
-        row = s.scalar(select(Destination).where(Destination.name == args.name))
-        if row is None:
-            print(f"dicom-node: no destination {args.name!r}", file=sys.stderr)
-            return 1
-        if args.action == "remove":
-            s.delete(row)
-            repo.audit(s, "cli", "destination.remove", args.name)
-            print(f"destination {args.name} removed")
-            return 0
-        from dicom_node import destinations
-
-        target = destinations.Target.of(row)
-    ctx = destinations.Context(calling_ae=node.effective("node.ae_title"), timeout=10.0, tls=node.settings.tls)
-    outcome = destinations.kind_of(target).echo(target, ctx)  # C-ECHO, or a QIDO-RS probe for dicomweb
+        destinations.record_echo(s, "cli", args.name, outcome.ok, outcome.message)
     print(outcome.message, file=sys.stdout if outcome.ok else sys.stderr)
     return 0 if outcome.ok else 1
 
 
 def run_complete(args) -> int:
+    from dicom_node.app.errors import AppError
     from dicom_node.app.studies import request_complete
 
     node = _node(args)
     try:
         with node.sessions.begin() as s:
             uids = request_complete(s, "cli", args.study_uid, args.series_uid)
-    except LookupError as exc:
-        print(f"dicom-node: {exc}", file=sys.stderr)
-        return 1
+    except AppError as exc:
+        return refused(exc)
     print(f"complete now: {len(uids)} series of study {args.study_uid}")
     return 0
 
 
 def run_setting(args) -> int:
-    from pydantic import TypeAdapter, ValidationError
-
-    from dicom_node.config import Settings
+    from dicom_node.app import settings
+    from dicom_node.app.errors import AppError
     from dicom_node.node import RUNTIME_KEYS
-    from storage import repo
 
     node = _node(args)
     if args.action == "list":
         for key in RUNTIME_KEYS:
             print(f"{key} = {json.dumps(node.effective(key))}")
         return 0
-    if args.key not in RUNTIME_KEYS:
-        print(f"dicom-node: unknown setting {args.key!r}; choose from {', '.join(RUNTIME_KEYS)}", file=sys.stderr)
-        return 2
-    section, name = RUNTIME_KEYS[args.key]
-    section_model = type(getattr(Settings(), section))
     try:
-        value = section_model.model_validate({**getattr(node.settings, section).model_dump(), name: args.value})
-        value = getattr(value, name)
-        TypeAdapter(type(value)).validate_python(value)
-    except ValidationError as exc:
-        print(f"dicom-node: invalid value {args.value!r} for {args.key}: {exc.errors()[0]['msg']}", file=sys.stderr)
-        return 2
-    with node.sessions.begin() as s:
-        repo.set_setting(s, args.key, value)
-        repo.audit(s, "cli", "setting.set", args.key, {"value": value})
-    print(f"{args.key} = {json.dumps(value)}")
+        data = settings.parse({args.key: args.value})  # the API's model: same limits, same sentence
+        with node.sessions.begin() as s:
+            settings.update(node, s, "cli", data)
+    except AppError as exc:
+        return refused(exc)
+    print(f"{args.key} = {json.dumps(data.changes()[args.key])}")
     return 0
 
 
@@ -216,7 +229,7 @@ def run_jobs(args) -> int:
     from sqlalchemy import select
 
     from dicom_node.app import jobs, transfers
-    from dicom_node.app.errors import Conflict, NotFound
+    from dicom_node.app.errors import AppError
     from storage.models import Job, Transfer
 
     node = _node(args)
@@ -232,9 +245,8 @@ def run_jobs(args) -> int:
             with node.sessions.begin() as s:
                 row = action(s, "cli", arg)
                 message = said.format(id=row.id, arg=arg)
-        except (NotFound, Conflict) as exc:
-            print(f"dicom-node: {exc}", file=sys.stderr)
-            return 1
+        except AppError as exc:
+            return refused(exc)
         print(message)
         return 0
     with node.sessions() as s:

@@ -1,5 +1,5 @@
 """Routing rules from the command line: list, show, add, remove, move, dry-run. Changes are
-written to the database (audited, actor "cli") and apply to the next series the running node
+made by ``dicom_node.app.rules`` (audited, actor "cli") and apply to the next series the running node
 decides, without a restart."""
 from __future__ import annotations
 
@@ -85,6 +85,9 @@ def _line(row, rule) -> str:
 def run(args) -> int:
     from pydantic import ValidationError
 
+    from dicom_node.app import rules
+    from dicom_node.app.errors import AppError
+    from dicom_node.commands import refused
     from dicom_node.node import open_node
     from dicom_node.routing import store
     from dicom_node.routing.dryrun import dry_run
@@ -106,17 +109,17 @@ def run(args) -> int:
             elif args.action == "add":
                 rule = _rule_from_args(args)
                 if store.find_row(s, rule.name) is not None and args.replace:
-                    row = store.update_rule(s, "cli", rule.name, rule)
+                    row = rules.update(s, "cli", rule.name, rule)
                     if args.position:
-                        store.move(s, "cli", rule.name, args.position)
+                        rules.move(s, "cli", rule.name, args.position)
                 else:
-                    row = store.add_rule(s, "cli", rule, args.position)
+                    row = rules.add(s, "cli", rule, args.position)
                 print(_line(row, rule))
             elif args.action == "remove":
-                store.remove_rule(s, "cli", args.name)
+                rules.remove(s, "cli", args.name)
                 print(f"rule {args.name} removed")
             elif args.action == "move":
-                for row in store.move(s, "cli", args.name, args.position):
+                for row in rules.move(s, "cli", args.name, args.position):
                     print(_line(row, store.rule_of(row)))
             else:
                 attrs = json.loads(args.attributes) if args.attributes else None
@@ -134,9 +137,8 @@ def run(args) -> int:
                         for r in d["rules"]:
                             why = "; ".join(r["failed"]) if r["failed"] else "all conditions met"
                             print(f"  {'MATCH' if r['matched'] else 'no   '}  {r['name']}: {why}")
-    except store.RoutingError as exc:
-        print(f"dicom-node: {exc.message}", file=sys.stderr)
-        return 1 if exc.status_code == 404 else 2
+    except AppError as exc:
+        return refused(exc)
     except ValidationError as exc:
         e = exc.errors()[0]
         print(f"dicom-node: invalid rule: {'.'.join(str(p) for p in e['loc'])}: {e['msg']}", file=sys.stderr)

@@ -1,7 +1,9 @@
 """``dicom-node user``: web accounts (add, list, remove, passwd, logout).
 
 ``passwd`` and ``remove`` end every web session and API token of the user at once (in the same
-transaction); ``logout`` does that alone, without changing the password.
+transaction); ``logout`` does that alone, without changing the password. Every change is
+``dicom_node.app.users``, audited as the API's (``user.add``, ``user.update``, ``user.remove``,
+``logout.all``); a refusal is one line, exit status 1 (no such user) or 2.
 
 Passwords are never taken from the command line (they would show in ``ps`` and the shell
 history): ``--password-stdin`` reads the first line of standard input, otherwise the command
@@ -63,8 +65,10 @@ def _read_password(args: argparse.Namespace) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from dicom_node.web.security import PasswordError, hash_password
-    from storage import repo, users
+    from dicom_node.app import users as app_users
+    from dicom_node.app.errors import AppError
+    from dicom_node.commands import refused
+    from storage import users
     from storage.db import open_database
 
     settings = settings_from_args(args)
@@ -81,36 +85,31 @@ def run(args: argparse.Namespace) -> int:
                     print(f"{u.username}\t{u.role.value}\t{u.created_at:%Y-%m-%d %H:%M}")
             return 0
         if action == "add":
-            users.check_username(args.name)
-            password_hash = hash_password(_read_password(args))
+            with sessions() as s:  # refuse a bad or taken name before asking for a password
+                app_users.check_new(s, args.name)
+            password_hash = app_users.hash_password(_read_password(args))  # no transaction held meanwhile
             with sessions.begin() as s:
-                users.add_user(s, args.name, args.role, password_hash)
-                repo.audit(s, "cli", "user.add", args.name, {"role": args.role})
+                app_users.add(s, "cli", args.name, args.role, password_hash)
             print(f"user {args.name} added with role {args.role}")
             return 0
         if action == "passwd":
-            password_hash = hash_password(_read_password(args))
+            with sessions() as s:
+                app_users.get(s, args.name)
+            password_hash = app_users.hash_password(_read_password(args))
             with sessions.begin() as s:
-                users.set_password_hash(s, args.name, password_hash)
-                repo.audit(s, "cli", "user.passwd", args.name)
+                app_users.update(s, "cli", args.name, password_hash=password_hash)
             print(f"password of {args.name} changed; their web sessions and API tokens have ended")
             return 0
         if action == "logout":
             with sessions.begin() as s:
-                user = users.get_user(s, args.name)
-                if user is None:
-                    raise users.UserError(f"user {args.name!r} does not exist")
-                n = users.revoke_user_sessions(s, user.id)
-                repo.audit(s, "cli", "user.logout", args.name, {"revoked": n})
+                n = app_users.logout_all(s, "cli", args.name)
             print(f"{n} web session(s) and API token(s) of {args.name} ended")
             return 0
         if action == "remove":
             with sessions.begin() as s:
-                users.remove_user(s, args.name)
-                repo.audit(s, "cli", "user.remove", args.name)
+                app_users.remove(s, "cli", args.name)
             print(f"user {args.name} removed")
             return 0
-    except (users.UserError, PasswordError) as exc:
-        print(f"dicom-node user {action}: {exc}", file=sys.stderr)
-        return 1
+    except AppError as exc:
+        return refused(exc)
     return 2

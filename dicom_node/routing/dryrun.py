@@ -14,6 +14,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from dicom_node.app.errors import Invalid, NotFound
 from dicom_node.routing import store
 from dicom_node.routing.apply import decide_series, return_to
 from dicom_node.routing.evaluate import decide, facts_from_attributes
@@ -27,7 +28,7 @@ def dry_run(node, s: Session, *, study_instance_uid: str | None = None, attribut
     each decision as ``Decision.as_dict`` (matched rules, each rule's failed and passed
     conditions, actions, destinations with outputs, summary), plus the series' identity."""
     if (study_instance_uid is None) == (attributes is None):
-        raise store.RoutingError(422, "give either study_instance_uid or attributes")
+        raise Invalid("give either study_instance_uid or attributes")
     evaluated = store.load_rules(s) if rules is None else rules
     names = [r.name for r in evaluated if r.enabled] or ["default"]
     if attributes is not None:
@@ -38,7 +39,7 @@ def dry_run(node, s: Session, *, study_instance_uid: str | None = None, attribut
         return {"source": "attributes", "rules": names, "series": [decision.as_dict()]}
     study = s.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
     if study is None:
-        raise store.RoutingError(404, f"study {study_instance_uid} not found")
+        raise NotFound(f"study {study_instance_uid} not found")
     out = []
     for series in sorted((x for x in study.series if not x.is_result), key=lambda x: (x.series_number or 0, x.id)):
         decision = decide_series(node, s, series, rules=evaluated)

@@ -29,6 +29,7 @@ from dicom_node.web.images import KeyImages
 from dicom_node.web.login import Authenticator
 from dicom_node.web.metrics import make_registry
 from dicom_node.web.security import SESSION_SECONDS, LoginLimiter, load_secret_key, prepare_dummy_hash
+from dicom_node.app.errors import AppError
 from dicom_node.web.services import ServiceError
 from dicom_node.web.templating import make_templates, render
 from storage import users
@@ -89,6 +90,11 @@ def create_app(node: Node) -> FastAPI:
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError):
         return JSONResponse({"detail": exc.message}, status_code=exc.status_code)
+
+    @app.exception_handler(AppError)
+    async def app_error(request: Request, exc: AppError):
+        """The application layer's refusals: NotFound 404, Conflict 409, Invalid 422."""
+        return JSONResponse({"detail": str(exc)}, status_code=exc.status)
 
     @app.exception_handler(LoginRequired)
     async def login_required(request: Request, exc: LoginRequired):

@@ -1,14 +1,18 @@
 """Logging in and out: the password check, server-side sessions and tokens, their audit.
 
 Contract: ``Authenticator`` owns every state change of a login -- the audit record of each
-attempt (``login``, ``login.failed``, ``login.throttled``, ``logout``, ``logout.all``; actor =
-the user name tried, detail = client address and page/API, never the password), the session
-or token row, a stronger re-hash -- and holds no database connection while Argon2 runs:
+attempt (``login``, ``login.failed``, ``login.throttled``, ``logout``; actor = the user name
+tried, target = the client address, detail = client address and page/API, never the password),
+the session or token row, a stronger re-hash -- and holds no database connection while Argon2
+runs:
 
 1. a short read session loads the user (id, hash) and is closed;
 2. the password is checked (or, for an unknown name, a dummy hash, so both cost the same);
 3. a short write transaction records the audit and, on success, the session; it also refuses
    the login if the password changed between 1 and 3 (so a revocation cannot be outrun).
+
+"Log out everywhere" (``logout.all``) is an account change like ``dicom-node user logout``:
+``dicom_node.app.users.logout_all`` writes it and its audit (target = the user name).
 
 On SQLite a transaction open through step 2 would hold the node's write lock for the length
 of a hash (tens of milliseconds, far more on a busy machine), stalling the listener; on
@@ -164,7 +168,7 @@ class Authenticator:
 
     def logout_all(self, user: User, client: str, kind: str) -> int:
         """Revoke every session and token of ``user``; returns how many were active."""
-        with self.sessions.begin() as s:
-            n = users.revoke_user_sessions(s, user.id)
-            repo.audit(s, user.username, "logout.all", client, {"client": client, "via": kind, "revoked": n})
-        return n
+        from dicom_node.app import users as app_users
+
+        with self.sessions.begin() as s:  # the same change and audit as ``dicom-node user logout``
+            return app_users.logout_all(s, user.username, user.username, client=client, via=kind)

@@ -1,23 +1,20 @@
 """Request and response bodies of the JSON API (pydantic); the pages validate forms with them too.
 
-Validators refuse bad values with a sentence that names the value (AE titles per PS3.5: 1-16
-characters, no backslash or control characters).
+Validators refuse bad values with a sentence that names the value (``dicom_node.values``: AE
+titles by pynetdicom's rules). Sources, destinations and runtime settings are the application
+layer's models (``dicom_node.app``), re-exported here.
 """
 from __future__ import annotations
 
 from datetime import datetime
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field
 
-from dicom_node.config import check_ae_title, check_outputs
+from dicom_node.app import destinations as app_destinations
+from dicom_node.app import settings as app_settings
+from dicom_node.app import sources as app_sources
 from dicom_node.routing.rules import Rule
-
-
-def _blank_to_none(v):
-    if isinstance(v, str) and not v.strip():
-        return None
-    return v.strip() if isinstance(v, str) else v
 
 
 class Token(BaseModel):
@@ -193,48 +190,9 @@ class StudyDetail(StudySummary):
 
 # --- sources, destinations ---------------------------------------------------------------------
 
-class SourceIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    ae_title: str = Field(description="calling AE title, 1-16 characters")
-    host: str | None = Field(None, max_length=255, description="only accept this caller from this host")
-    description: str | None = Field(None, max_length=255)
-    enabled: bool = True
-    return_to: list[str] = Field([], description='destination names that "sender" means for this source; '
-                                                 "empty: every destination")
-
-    _ae = field_validator("ae_title")(check_ae_title)
-    _host = field_validator("host", "description", mode="before")(_blank_to_none)
-
-    @field_validator("return_to", mode="before")
-    @classmethod
-    def _names(cls, v):
-        if isinstance(v, str):
-            v = v.split(",")
-        return list(dict.fromkeys(x.strip() for x in (v or []) if isinstance(x, str) and x.strip()))
-
-
-class SourceOut(SourceIn):
-    id: int
-
-
-class DestinationIn(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
-    ae_title: str
-    host: str = Field(min_length=1, max_length=255)
-    port: int = Field(ge=1, le=65535)
-    outputs: list[str] = ["sr", "seg"]
-    enabled: bool = True
-    tls: bool = Field(False, description="DICOM TLS (PS3.15 Annex B) with the node's [tls] client identity and trust")
-
-    _ae = field_validator("ae_title")(check_ae_title)
-    _outputs = field_validator("outputs")(check_outputs)
-
-
-class DestinationOut(DestinationIn):
-    id: int
+# The one model of each (``dicom_node.app``): the API, the admin pages and the CLI validate alike.
+SourceIn, SourceOut = app_sources.SourceIn, app_sources.SourceOut
+DestinationIn, DestinationOut = app_destinations.DestinationIn, app_destinations.DestinationOut
 
 
 class EchoResult(BaseModel):
@@ -318,26 +276,7 @@ class UserUpdate(BaseModel):
     password: str | None = Field(None, min_length=8)
 
 
-class RuntimeSettings(BaseModel):
-    """Settings changed at run time; they override config.toml and need no restart."""
-
-    model_config = ConfigDict(extra="forbid", populate_by_name=True)
-
-    node_ae_title: str | None = Field(None, alias="node.ae_title")
-    node_port: int | None = Field(None, alias="node.port", ge=1, le=65535)
-    node_unknown_callers: Literal["reject", "accept"] | None = Field(None, alias="node.unknown_callers")
-    completion_quiet_seconds: float | None = Field(None, alias="completion.quiet_seconds", gt=0, le=86400)
-    eligibility_min_slices: int | None = Field(None, alias="eligibility.min_slices", ge=1, le=10000)
-    eligibility_max_slice_spacing_mm: float | None = Field(None, alias="eligibility.max_slice_spacing_mm", gt=0, le=50)
-
-    @field_validator("node_ae_title")
-    @classmethod
-    def _ae(cls, v):
-        return None if v is None else check_ae_title(v)
-
-    def changes(self) -> dict:
-        """Only the keys that were given, by their dotted name."""
-        return {k: v for k, v in self.model_dump(by_alias=True, exclude_unset=True).items() if v is not None}
+RuntimeSettings = app_settings.RuntimeSettings
 
 
 # --- routing rules ------------------------------------------------------------------------------

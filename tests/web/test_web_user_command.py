@@ -24,16 +24,16 @@ def test_user_command_lifecycle(tmp_path, monkeypatch, capsys):
     assert "no users; create one with: dicom-node user add NAME --role admin --password-stdin" in capsys.readouterr().out
     assert _run(monkeypatch, ["user", "add", "alice", "--role", "admin", "--password-stdin", *c], "s3cret-pass\n") == 0
     assert _run(monkeypatch, ["user", "add", "bob", "--role", "radiologist", "--password-stdin", *c], "bob-pass-99\n") == 0
-    assert _run(monkeypatch, ["user", "add", "bob", "--role", "admin", "--password-stdin", *c], "another-pass\n") == 1
+    assert _run(monkeypatch, ["user", "add", "bob", "--role", "admin", "--password-stdin", *c], "another-pass\n") == 2
     assert "already exists" in capsys.readouterr().err
-    assert _run(monkeypatch, ["user", "add", "carl", "--role", "admin", "--password-stdin", *c], "short\n") == 1
+    assert _run(monkeypatch, ["user", "add", "carl", "--role", "admin", "--password-stdin", *c], "short\n") == 2
     assert "at least 8 characters" in capsys.readouterr().err
-    assert _run(monkeypatch, ["user", "add", "bad name", "--role", "admin", "--password-stdin", *c], "long-enough\n") == 1
+    assert _run(monkeypatch, ["user", "add", "bad name", "--role", "admin", "--password-stdin", *c], "long-enough\n") == 2
     assert _run(monkeypatch, ["user", "list", *c]) == 0
     listing = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[:2] for line in listing] == [["alice", "admin"], ["bob", "radiologist"]]
     assert _run(monkeypatch, ["user", "passwd", "bob", "--password-stdin", *c], "new-bob-pass\n") == 0
-    assert _run(monkeypatch, ["user", "remove", "alice", *c]) == 1  # the last admin stays
+    assert _run(monkeypatch, ["user", "remove", "alice", *c]) == 2  # the last admin stays
     assert "last admin" in capsys.readouterr().err
     assert _run(monkeypatch, ["user", "remove", "bob", *c]) == 0
     assert _run(monkeypatch, ["user", "remove", "nobody", *c]) == 1

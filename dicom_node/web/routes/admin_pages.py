@@ -1,8 +1,9 @@
 """Administration pages (admin role only): node, sources, destinations, queues, logs, users.
 
 Each form posts to its own URL with the session's CSRF token, the change is validated with the
-same schemas as the API, committed together with its audit event, and the page redirects back
-(post/redirect/get) with a message saying what happened.
+same models as the API and the CLI and made by the application layer (``dicom_node.app``),
+committed together with its audit event, and the page redirects back (post/redirect/get) with a
+message saying what happened (or the refusal's sentence).
 """
 from __future__ import annotations
 
@@ -16,15 +17,24 @@ from fastapi import APIRouter, Form, Request
 from fastapi.responses import RedirectResponse
 from pydantic import ValidationError
 
+from sqlalchemy import select
+
+from dicom_node.app import destinations as app_destinations
+from dicom_node.app import rules as app_rules
+from dicom_node.app import settings as app_settings
+from dicom_node.app import sources as app_sources
+from dicom_node.app import users as app_users
+from dicom_node.app.errors import AppError
 from dicom_node.routing import store as rule_store
 from dicom_node.routing.dryrun import dry_run
 from dicom_node.routing.rules import Rule
 from dicom_node.web import schemas, services
 from dicom_node.web.deps import CSRF, DB, NodeDep, PageAdmin, PageNumber, RowId
+from dicom_node.web.routes.users import user_out
 from dicom_node.web.services import ServiceError
 from dicom_node.web.templating import flash, render
 from storage import repo, users
-from storage.models import Job, Transfer
+from storage.models import Destination, Job, Source, Transfer
 
 log = logging.getLogger(__name__)
 router = APIRouter(prefix="/admin")
@@ -53,6 +63,9 @@ def _apply(request: Request, s, back: str, action: Callable[[], str]) -> Redirec
     except ServiceError as exc:
         s.rollback()
         flash(request, "error", exc.message)
+    except AppError as exc:
+        s.rollback()
+        flash(request, "error", str(exc))
     except ValidationError as exc:
         s.rollback()
         flash(request, "error", _validation_message(exc))
@@ -73,7 +86,7 @@ def admin_home(user: PageAdmin) -> RedirectResponse:
 @router.get("/node")
 def node_page(request: Request, s: DB, node: NodeDep, user: PageAdmin):
     return render(request, "admin/node.html", {"user": user, "nav": "node", "title": "Node settings",
-                                               "settings": services.runtime_settings(node, s),
+                                               "settings": app_settings.current(node, s),
                                                "config": node.settings})
 
 
@@ -81,18 +94,21 @@ def node_page(request: Request, s: DB, node: NodeDep, user: PageAdmin):
 def node_save(request: Request, s: DB, node: NodeDep, user: PageAdmin,
               ae_title: Annotated[str, Form()], port: Annotated[str, Form()],
               unknown_callers: Annotated[str, Form()], quiet_seconds: Annotated[str, Form()],
-              min_slices: Annotated[str, Form()], max_slice_spacing_mm: Annotated[str, Form()]):
+              min_slices: Annotated[str, Form()], max_slice_spacing_mm: Annotated[str, Form()],
+              max_slice_thickness_mm: Annotated[str, Form()] = ""):
     def action() -> str:
-        current = services.runtime_settings(node, s)
+        current = app_settings.current(node, s)
         given = {"node.ae_title": ae_title, "node.port": port, "node.unknown_callers": unknown_callers,
                  "completion.quiet_seconds": quiet_seconds, "eligibility.min_slices": min_slices,
-                 "eligibility.max_slice_spacing_mm": max_slice_spacing_mm}
-        parsed = schemas.RuntimeSettings.model_validate(given)
+                 "eligibility.max_slice_spacing_mm": max_slice_spacing_mm,
+                 "eligibility.max_slice_thickness_mm": max_slice_thickness_mm}
+        if not max_slice_thickness_mm.strip():
+            del given["eligibility.max_slice_thickness_mm"]  # a form without the field (older page)
+        parsed = app_settings.parse(given)
         changed = {k: v for k, v in parsed.changes().items() if current.get(k) != v}
         if not changed:
             return "Nothing changed."
-        services.update_settings(node, s, user.username,
-                                 schemas.RuntimeSettings.model_validate(changed))
+        app_settings.update(node, s, user.username, app_settings.parse(changed))
         return "Saved: " + ", ".join(f"{k} = {v}" for k, v in changed.items()) + ". Takes effect without a restart."
     return _apply(request, s, "/admin/node", action)
 
@@ -101,24 +117,25 @@ def node_save(request: Request, s: DB, node: NodeDep, user: PageAdmin,
 
 @router.get("/sources")
 def sources_page(request: Request, s: DB, user: PageAdmin, edit: str | None = None):
-    rows = services.list_sources(s)
+    rows = s.scalars(select(Source).order_by(Source.ae_title))
     return render(request, "admin/sources.html", {"user": user, "nav": "sources", "title": "Sources",
-                                                  "sources": [services.source_out(r) for r in rows], "edit": edit})
+                                                  "sources": [app_sources.out(r) for r in rows], "edit": edit})
 
 
 def _source_form(ae_title: str, host: str, description: str, enabled: str | None,
-                 return_to: str = "") -> schemas.SourceIn:
+                 return_to: str = "", quiet_seconds: str = "") -> schemas.SourceIn:
     return schemas.SourceIn(ae_title=ae_title, host=host, description=description, enabled=bool(enabled),
-                            return_to=return_to)
+                            return_to=return_to, quiet_seconds=quiet_seconds)
 
 
 @router.post("/sources", dependencies=[CSRF])
 def source_add(request: Request, s: DB, user: PageAdmin, ae_title: Annotated[str, Form()] = "",
                host: Annotated[str, Form()] = "", description: Annotated[str, Form()] = "",
-               enabled: Annotated[str | None, Form()] = None, return_to: Annotated[str, Form()] = ""):
+               enabled: Annotated[str | None, Form()] = None, return_to: Annotated[str, Form()] = "",
+               quiet_seconds: Annotated[str, Form()] = ""):
     def action() -> str:
-        data = _source_form(ae_title, host, description, enabled, return_to)
-        services.add_source(s, user.username, data)
+        data = _source_form(ae_title, host, description, enabled, return_to, quiet_seconds)
+        app_sources.add(s, user.username, data)
         return f"Source {data.ae_title} added; the listener accepts it from now on."
     return _apply(request, s, "/admin/sources", action)
 
@@ -126,10 +143,11 @@ def source_add(request: Request, s: DB, user: PageAdmin, ae_title: Annotated[str
 @router.post("/sources/{current}/update", dependencies=[CSRF])
 def source_update(request: Request, s: DB, user: PageAdmin, current: str, ae_title: Annotated[str, Form()] = "",
                   host: Annotated[str, Form()] = "", description: Annotated[str, Form()] = "",
-                  enabled: Annotated[str | None, Form()] = None, return_to: Annotated[str, Form()] = ""):
+                  enabled: Annotated[str | None, Form()] = None, return_to: Annotated[str, Form()] = "",
+                  quiet_seconds: Annotated[str, Form()] = ""):
     def action() -> str:
-        data = _source_form(ae_title, host, description, enabled, return_to)
-        services.update_source(s, user.username, current, data)
+        data = _source_form(ae_title, host, description, enabled, return_to, quiet_seconds)
+        app_sources.update(s, user.username, current, data)
         return f"Source {data.ae_title} saved."
     return _apply(request, s, "/admin/sources", action)
 
@@ -137,7 +155,7 @@ def source_update(request: Request, s: DB, user: PageAdmin, current: str, ae_tit
 @router.post("/sources/{ae_title}/remove", dependencies=[CSRF])
 def source_remove(request: Request, s: DB, user: PageAdmin, ae_title: str):
     def action() -> str:
-        services.remove_source(s, user.username, ae_title)
+        app_sources.remove(s, user.username, ae_title)
         return f"Source {ae_title} removed."
     return _apply(request, s, "/admin/sources", action)
 
@@ -146,41 +164,43 @@ def source_remove(request: Request, s: DB, user: PageAdmin, ae_title: str):
 
 @router.get("/destinations")
 def destinations_page(request: Request, s: DB, user: PageAdmin, edit: str | None = None):
-    rows = services.list_destinations(s)
+    rows = s.scalars(select(Destination).order_by(Destination.name))
     echo = request.session.pop("echo", None)
     return render(request, "admin/destinations.html", {
         "user": user, "nav": "destinations", "title": "Destinations",
-        "destinations": [services.destination_out(r) for r in rows], "edit": edit, "echo": echo,
+        "destinations": [app_destinations.out(r) for r in rows], "edit": edit, "echo": echo,
         "outputs": [("sr", "Structured report (TID 1500)"), ("seg", "Segmentation"), ("sc", "Key images (secondary capture)")]})
 
 
-def _destination_form(name: str, ae_title: str, host: str, port: str, outputs: list[str],
+def _destination_form(name: str, kind: str, ae_title: str, host: str, port: str, url: str, outputs: list[str],
                       enabled: str | None, tls: str | None = None) -> schemas.DestinationIn:
-    return schemas.DestinationIn.model_validate({"name": name.strip(), "ae_title": ae_title, "host": host.strip(),
-                                                 "port": port.strip() or 0, "outputs": outputs,
-                                                 "enabled": bool(enabled), "tls": bool(tls)})
+    return schemas.DestinationIn.model_validate({
+        "name": name.strip(), "kind": kind or "dicom", "ae_title": ae_title, "host": host.strip(),
+        "port": port.strip() or 0, "url": url, "outputs": outputs, "enabled": bool(enabled), "tls": bool(tls)})
 
 
 @router.post("/destinations", dependencies=[CSRF])
 def destination_add(request: Request, s: DB, user: PageAdmin, name: Annotated[str, Form()] = "",
-                    ae_title: Annotated[str, Form()] = "", host: Annotated[str, Form()] = "",
-                    port: Annotated[str, Form()] = "", outputs: Annotated[list[str], Form()] = [],  # noqa: B006
+                    kind: Annotated[str, Form()] = "dicom", ae_title: Annotated[str, Form()] = "",
+                    host: Annotated[str, Form()] = "", port: Annotated[str, Form()] = "",
+                    url: Annotated[str, Form()] = "", outputs: Annotated[list[str], Form()] = [],  # noqa: B006
                     enabled: Annotated[str | None, Form()] = None, tls: Annotated[str | None, Form()] = None):
     def action() -> str:
-        data = _destination_form(name, ae_title, host, port, outputs, enabled, tls)
-        services.add_destination(s, user.username, data)
+        data = _destination_form(name, kind, ae_title, host, port, url, outputs, enabled, tls)
+        app_destinations.add(s, user.username, data)
         return f"Destination {data.name} added."
     return _apply(request, s, "/admin/destinations", action)
 
 
 @router.post("/destinations/{current}/update", dependencies=[CSRF])
 def destination_update(request: Request, s: DB, user: PageAdmin, current: str, name: Annotated[str, Form()] = "",
-                       ae_title: Annotated[str, Form()] = "", host: Annotated[str, Form()] = "",
-                       port: Annotated[str, Form()] = "", outputs: Annotated[list[str], Form()] = [],  # noqa: B006
+                       kind: Annotated[str, Form()] = "dicom", ae_title: Annotated[str, Form()] = "",
+                       host: Annotated[str, Form()] = "", port: Annotated[str, Form()] = "",
+                       url: Annotated[str, Form()] = "", outputs: Annotated[list[str], Form()] = [],  # noqa: B006
                        enabled: Annotated[str | None, Form()] = None, tls: Annotated[str | None, Form()] = None):
     def action() -> str:
-        data = _destination_form(name, ae_title, host, port, outputs, enabled, tls)
-        services.update_destination(s, user.username, current, data)
+        data = _destination_form(name, kind, ae_title, host, port, url, outputs, enabled, tls)
+        app_destinations.update(s, user.username, current, data)
         return f"Destination {data.name} saved."
     return _apply(request, s, "/admin/destinations", action)
 
@@ -188,7 +208,7 @@ def destination_update(request: Request, s: DB, user: PageAdmin, current: str, n
 @router.post("/destinations/{name}/remove", dependencies=[CSRF])
 def destination_remove(request: Request, s: DB, user: PageAdmin, name: str):
     def action() -> str:
-        services.remove_destination(s, user.username, name)
+        app_destinations.remove(s, user.username, name)
         return f"Destination {name} removed."
     return _apply(request, s, "/admin/destinations", action)
 
@@ -282,7 +302,7 @@ def audit_page(request: Request, s: DB, user: PageAdmin, page: PageNumber = 1):
 @router.get("/users")
 def users_page(request: Request, s: DB, user: PageAdmin):
     return render(request, "admin/users.html", {"user": user, "nav": "users", "title": "Users",
-                                                "users": [services.user_out(u) for u in users.list_users(s)]})
+                                                "users": [user_out(u) for u in users.list_users(s)]})
 
 
 @router.post("/users", dependencies=[CSRF])
@@ -290,7 +310,7 @@ def user_add(request: Request, s: DB, user: PageAdmin, username: Annotated[str, 
              role: Annotated[str, Form()] = "radiologist", password: Annotated[str, Form()] = ""):
     def action() -> str:
         data = schemas.UserIn(username=username.strip(), role=role, password=password)
-        services.create_user(s, user.username, data)
+        app_users.add(s, user.username, data.username, data.role, app_users.hash_password(data.password))
         return f"User {data.username} added as {data.role}."
     return _apply(request, s, "/admin/users", action)
 
@@ -300,7 +320,8 @@ def user_update(request: Request, s: DB, user: PageAdmin, username: str, role: A
                 password: Annotated[str, Form()] = ""):
     def action() -> str:
         data = schemas.UserUpdate(role=role or None, password=password or None)
-        services.update_user(s, user.username, username, data)
+        app_users.update(s, user.username, username, role=data.role,
+                         password_hash=None if data.password is None else app_users.hash_password(data.password))
         what = [w for w, v in (("role", role), ("password", password)) if v]
         return f"User {username}: {' and '.join(what) or 'nothing'} changed."
     return _apply(request, s, "/admin/users", action)
@@ -309,7 +330,7 @@ def user_update(request: Request, s: DB, user: PageAdmin, username: str, role: A
 @router.post("/users/{username}/remove", dependencies=[CSRF])
 def user_remove(request: Request, s: DB, user: PageAdmin, username: str):
     def action() -> str:
-        services.delete_user(s, user.username, username)
+        app_users.remove(s, user.username, username)
         return f"User {username} removed."
     return _apply(request, s, "/admin/users", action)
 
@@ -329,13 +350,6 @@ def _rule_from_json(text: str):
     if not isinstance(data, dict):
         raise ServiceError(422, "the rule must be a JSON object, e.g. " + RULE_EXAMPLE)
     return Rule.model_validate(data)
-
-
-def _routing(call, *args):
-    try:
-        return call(*args)
-    except rule_store.RoutingError as exc:
-        raise ServiceError(exc.status_code, exc.message) from None
 
 
 def _rules_context(s, user, **extra) -> dict:
@@ -358,7 +372,7 @@ def rule_add(request: Request, s: DB, user: PageAdmin, rule: Annotated[str, Form
              position: Annotated[str, Form()] = ""):
     def action() -> str:
         data = _rule_from_json(rule)
-        row = _routing(rule_store.add_rule, s, user.username, data, int(position) if position.strip().isdigit() else None)
+        row = app_rules.add(s, user.username, data, int(position) if position.strip().isdigit() else None)
         return f"Rule {data.name} added at position {row.position}; it applies to the next series decided."
     return _apply(request, s, "/admin/rules", action)
 
@@ -367,7 +381,7 @@ def rule_add(request: Request, s: DB, user: PageAdmin, rule: Annotated[str, Form
 def rule_update(request: Request, s: DB, user: PageAdmin, current: str, rule: Annotated[str, Form()] = ""):
     def action() -> str:
         data = _rule_from_json(rule)
-        _routing(rule_store.update_rule, s, user.username, current, data)
+        app_rules.update(s, user.username, current, data)
         return f"Rule {data.name} saved; it applies to the next series decided."
     return _apply(request, s, "/admin/rules", action)
 
@@ -377,7 +391,7 @@ def rule_move(request: Request, s: DB, user: PageAdmin, name: str, position: Ann
     def action() -> str:
         if not position.strip().isdigit():
             raise ServiceError(422, f"position must be a whole number, got {position!r}")
-        _routing(rule_store.move, s, user.username, name, int(position))
+        app_rules.move(s, user.username, name, int(position))
         return f"Rule {name} moved to position {int(position)}."
     return _apply(request, s, "/admin/rules", action)
 
@@ -385,7 +399,7 @@ def rule_move(request: Request, s: DB, user: PageAdmin, name: str, position: Ann
 @router.post("/rules/{name}/remove", dependencies=[CSRF])
 def rule_remove(request: Request, s: DB, user: PageAdmin, name: str):
     def action() -> str:
-        _routing(rule_store.remove_rule, s, user.username, name)
+        app_rules.remove(s, user.username, name)
         return f"Rule {name} removed."
     return _apply(request, s, "/admin/rules", action)
 
@@ -397,7 +411,7 @@ def rule_dry_run(request: Request, s: DB, node: NodeDep, user: PageAdmin,
     error, result = None, None
     try:
         if study_instance_uid.strip():
-            result = _routing(lambda: dry_run(node, s, study_instance_uid=study_instance_uid.strip()))
+            result = dry_run(node, s, study_instance_uid=study_instance_uid.strip())
         else:
             try:
                 attrs = json.loads(attributes or "")
@@ -405,9 +419,11 @@ def rule_dry_run(request: Request, s: DB, node: NodeDep, user: PageAdmin,
                 raise ServiceError(422, f"the attributes are not valid JSON: {exc.msg}") from None
             if not isinstance(attrs, dict):
                 raise ServiceError(422, 'the attributes must be a JSON object, e.g. {"Modality": "CT"}')
-            result = _routing(lambda: dry_run(node, s, attributes=attrs))
+            result = dry_run(node, s, attributes=attrs)
     except ServiceError as exc:
         error = exc.message
+    except AppError as exc:
+        error = str(exc)
     return render(request, "admin/rules.html", _rules_context(
         s, user, dry_run=result, dry_run_error=error, dry_study=study_instance_uid, dry_attributes=attributes),
         status_code=200 if error is None else 422)
