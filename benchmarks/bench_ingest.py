@@ -21,8 +21,13 @@ DCMTK).
 3. Unless ``--no-e2e``: ``dicom-node serve`` with DCMTK ``storescp`` as destination; seconds from the
    last instance acknowledged to SR + SEG acknowledged by the destination.
 
+``--before-rev REV`` adds the node at git revision REV (exported with ``git archive`` into a
+temporary folder and run from there, with ``PYTHONPATH`` set to it, so its rows really run the old
+code) beside this tree's, interleaved in the same repeats: before and after under the same load.
+The load average is printed with each part (the machine may be shared).
+
 Usage: python benchmarks/bench_ingest.py [--repeats 3] [--senders 8] [--no-e2e] [--no-postgresql]
-       [--no-orthanc] [--quiet-seconds 2]
+       [--no-orthanc] [--quiet-seconds 2] [--before-rev REV] [--no-bare]
 """
 from __future__ import annotations
 
@@ -112,13 +117,28 @@ def bare(work: Path):
         proc.wait()
 
 
+def export_revision(rev: str, into: Path) -> Path:
+    """The tree of git revision ``rev`` of this repository, exported into ``into`` (``git archive``)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 @contextlib.contextmanager
-def node_listener(work: Path, database_url: str = ""):
+def node_listener(work: Path, database_url: str = "", code: Path = REPO):
+    """``dicom-node listen`` run from the tree at ``code`` (this one, or an exported revision)."""
     folder = work / "node"
     shutil.rmtree(folder, ignore_errors=True)
     node = NodeProcess(folder, database_url=database_url)
+    env = {**os.environ, "PYTHONPATH": str(code)}
     proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "listen", "--config", str(node.config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=code, env=env)
     sessions = None
     try:
         wait_port(node.port, timeout=120, proc=proc)
@@ -141,11 +161,23 @@ def node_listener(work: Path, database_url: str = ""):
 
 
 @contextlib.contextmanager
-def node_postgresql(work: Path):
+def node_postgresql(work: Path, code: Path = REPO):
     from tests.peers import pg_database
 
-    with pg_database("dicomnode_bench") as url, node_listener(work, url) as target:
+    with pg_database("dicomnode_bench") as url, node_listener(work, url, code) as target:
         yield target
+
+
+def at(receiver, code: Path):
+    """``receiver`` (a node) running the code exported at ``code``."""
+
+    @contextlib.contextmanager
+    def run(work: Path):
+        with receiver(work, code=code) as target:
+            yield target
+
+    run.__name__ = f"{receiver.__name__}@{code.name}"
+    return run
 
 
 @contextlib.contextmanager
@@ -217,50 +249,74 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--senders", type=int, default=8, help="concurrent senders in part 2 (0: skip)")
+    ap.add_argument("--senders-repeats", type=int, default=1, help="repeats of part 2 (median)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end measurement (it runs the model)")
     ap.add_argument("--no-postgresql", action="store_true")
     ap.add_argument("--no-orthanc", action="store_true")
     ap.add_argument("--quiet-seconds", type=float, default=2.0)
+    ap.add_argument("--before-rev", metavar="REV", help="also run the node at git revision REV (see above)")
+    ap.add_argument("--no-bare", action="store_true", help="skip bare pynetdicom (ratios are then to the first row)")
+    ap.add_argument("--no-sqlite", action="store_true", help="skip the node on SQLite")
     args = ap.parse_args()
     if not LIDC_SERIES.is_dir():
         print(f"LIDC-IDRI-0001 not found at {LIDC_SERIES}: nothing to benchmark", file=sys.stderr)
         return 0
     os.environ["TCP_NODELAY"] = "1"  # inherited by every sender and receiver started below
-    receivers = [("bare pynetdicom storescp", bare), ("dicom-node listen, SQLite", node_listener)]
+    tmp = tempfile.TemporaryDirectory(prefix="bench-ingest-")
+    old = None
+    if args.before_rev:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.before_rev], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        old = export_revision(args.before_rev, Path(tmp.name) / f"rev-{rev}")
+    nodes = [] if args.no_sqlite else [("SQLite", node_listener)]
     if not args.no_postgresql:
         if postgresql_available():
-            receivers.append(("dicom-node listen, PostgreSQL", node_postgresql))
+            nodes.append(("PostgreSQL", node_postgresql))
         else:
             print("PostgreSQL not reachable: its rows are skipped", file=sys.stderr)
+    receivers = [] if args.no_bare else [("bare pynetdicom storescp", bare)]
+    for db, receiver in nodes:
+        if old is not None:
+            receivers.append((f"dicom-node {old.name[4:]}, {db}", at(receiver, old)))
+        receivers.append((f"dicom-node listen, {db}", receiver))
     if not args.no_orthanc:
         if shutil.which("Orthanc") or shutil.which("orthanc"):
             receivers.append(("Orthanc", orthanc))
         else:
             print("Orthanc not installed: its rows are skipped", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        work = Path(tmp)
+    with tmp:
+        work = Path(tmp.name)
+        print(f"start: {load_average()}")
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in receivers}
         for _ in range(args.repeats):
             for name, receiver in receivers:
                 runs[name].append(measure(receiver, work))
         print(f"one sender: LIDC-IDRI-0001 ({N_INSTANCES} instances, 70 MB) with DCMTK storescu, TCP_NODELAY=1, "
-              f"median of {args.repeats}:")
+              f"median of {args.repeats} ({load_average()} at the end):")
         base = statistics.median(s for s, _ in runs[receivers[0][0]])
+        of = "bare" if not args.no_bare else "first"
         for name, _ in receivers:
             sec = statistics.median(s for s, _ in runs[name])
             cpu_ms = statistics.median(c for _, c in runs[name]) * 1000 / N_INSTANCES
             print(f"  {name:32s}: {sec:6.2f} s ({N_INSTANCES / sec:5.1f} instances/s)  CPU {cpu_ms:5.1f} ms/instance  "
-                  f"x{sec / base:4.2f} of bare  runs {[round(s, 2) for s, _ in runs[name]]}")
+                  f"x{sec / base:4.2f} of {of}  runs {[round(s, 2) for s, _ in runs[name]]}")
         if args.senders > 0:
             folders = copies(work, args.senders)
             total = N_INSTANCES * args.senders
-            print(f"{args.senders} concurrent senders, each its own copy of the series ({total} instances):")
+            print(f"{args.senders} concurrent senders, each its own copy of the series ({total} instances), "
+                  f"median of {args.senders_repeats}:")
+            parallel = [(name, receiver) for name, receiver in receivers if receiver is not bare]
+            par_runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in parallel}
+            for _ in range(args.senders_repeats):
+                for name, receiver in parallel:
+                    par_runs[name].append(measure(receiver, work, folders))
             results = {}
-            for name, receiver in receivers[1:]:
-                sec, cpu = measure(receiver, work, folders)
-                results[name] = sec
+            for name, _ in parallel:
+                sec = results[name] = statistics.median(s for s, _ in par_runs[name])
+                cpu = statistics.median(c for _, c in par_runs[name])
                 print(f"  {name:32s}: {sec:6.2f} s ({total / sec:5.1f} instances/s)  "
-                      f"CPU {cpu * 1000 / total:5.1f} ms/instance")
+                      f"CPU {cpu * 1000 / total:5.1f} ms/instance  runs {[round(s, 2) for s, _ in par_runs[name]]}")
+            print(f"  ({load_average()} at the end)")
             if "Orthanc" in results:
                 for name, sec in results.items():
                     if name != "Orthanc":
