@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 import zlib
-from copy import deepcopy
+import copy
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -378,10 +378,28 @@ class LimitedAssociation(Association):
             self.guard.closed(self)
 
 
+def _copy_contexts(contexts: list) -> list:
+    """Each association's own copy of the server's supported presentation contexts.
+
+    pynetdicom deep-copies them for every association (about 160 contexts with every transfer
+    syntax: 60-180 ms of CPU per association, with the GIL held). Negotiation only reads them
+    and builds new contexts for its results, so a copy of each context and of its
+    transfer-syntax list (the only mutable attribute) is as safe; the UIDs are immutable
+    strings and are shared.
+    """
+    out = []
+    for cx in contexts:
+        new = copy.copy(cx)
+        new._transfer_syntax = list(cx._transfer_syntax)
+        out.append(new)
+    return out
+
+
 class LimitedRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         """pynetdicom's ``RequestHandler._create_association`` (3.0), building a
-        ``LimitedAssociation`` and registering the connection with the guard."""
+        ``LimitedAssociation``, registering the connection with the guard, and copying the
+        supported contexts with ``_copy_contexts`` rather than ``deepcopy``."""
         ae = self.ae
         assoc = LimitedAssociation(ae, MODE_ACCEPTOR)
         assoc._server = self.server
@@ -393,7 +411,7 @@ class LimitedRequestHandler(RequestHandler):
         assoc.acceptor.address_info = self.local
         assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
         assoc.acceptor.implementation_version_name = ae.implementation_version_name
-        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.acceptor.supported_contexts = _copy_contexts(self.server.contexts)
         assoc.requestor.address_info = self.remote
         for event in self.server._handlers:
             if event.is_intervention and self.server._handlers[event]:
