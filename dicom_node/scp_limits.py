@@ -47,10 +47,13 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom._handlers import standard_dimse_sent_handler
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node import scp_reasons as reasons
+from dicom_node import store_rsp
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +222,27 @@ class CappedBuffer(io.BytesIO):
 
 
 class LimitedDIMSE(DIMSEServiceProvider):
-    """Assembles DIMSE messages into a ``CappedBuffer``; cuts a command set that never ends."""
+    """Assembles DIMSE messages into a ``CappedBuffer``; cuts a command set that never ends;
+    sends a plain C-STORE response encoded by ``store_rsp`` (the same bytes, without pydicom)."""
 
     def __init__(self, assoc: Association, max_dataset_bytes: int):
         super().__init__(assoc)
         self.max_dataset_bytes = max_dataset_bytes
+
+    def send_msg(self, primitive, context_id: int) -> None:  # noqa: ANN001 - a DIMSE primitive
+        """pynetdicom's (3.0 ``DIMSEServiceProvider.send_msg``), except for a plain C-STORE
+        response, sent as one P-DATA of ``store_rsp.encode``'s bytes. EVT_DIMSE_SENT is then not
+        triggered: only when nothing but pynetdicom's logging handler (which logs nothing for a
+        C-STORE-RSP) is bound to it."""
+        command = store_rsp.encode(primitive)
+        max_pdu = self.maximum_pdu_size
+        if (command is None or (max_pdu and len(command) + 12 > max_pdu)
+                or any(h[0] is not standard_dimse_sent_handler for h in self.assoc.get_handlers(evt.EVT_DIMSE_SENT))):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # command, last fragment
+        self.dul.send_pdu(pdata)
 
     def receive_primitive(self, primitive) -> None:  # noqa: ANN001 - P_DATA
         if self.message is None:
