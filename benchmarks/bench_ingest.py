@@ -26,8 +26,11 @@ temporary folder and run from there, with ``PYTHONPATH`` set to it, so its rows 
 code) beside this tree's, interleaved in the same repeats: before and after under the same load.
 The load average is printed with each part (the machine may be shared).
 
+``--listeners N`` adds rows for this tree's node with N ``listen`` processes sharing the port
+(``[node] listeners = N``, SO_REUSEPORT); their CPU is summed.
+
 Usage: python benchmarks/bench_ingest.py [--repeats 3] [--senders 8] [--no-e2e] [--no-postgresql]
-       [--no-orthanc] [--quiet-seconds 2] [--before-rev REV] [--no-bare]
+       [--no-orthanc] [--quiet-seconds 2] [--before-rev REV] [--no-bare] [--listeners N]
 """
 from __future__ import annotations
 
@@ -52,8 +55,11 @@ N_INSTANCES = 133
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (its threads included, children not)."""
+def cpu_seconds(pid) -> float:  # noqa: ANN001 - one pid or several
+    """User + system CPU seconds of process ``pid`` (its threads included, children not), or
+    the sum over a list of pids."""
+    if isinstance(pid, (list, tuple)):
+        return sum(cpu_seconds(p) for p in pid)
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
@@ -130,18 +136,29 @@ def load_average() -> str:
     return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
+#: ``--listeners``: listener processes sharing the port (``[node] listeners``); 1 by default.
+LISTENERS = 1
+
+
 @contextlib.contextmanager
 def node_listener(work: Path, database_url: str = "", code: Path = REPO):
-    """``dicom-node listen`` run from the tree at ``code`` (this one, or an exported revision)."""
+    """``dicom-node listen`` run from the tree at ``code`` (this one, or an exported revision);
+    ``LISTENERS`` of them on one port when above 1 (the code must know ``[node] listeners``)."""
     folder = work / "node"
     shutil.rmtree(folder, ignore_errors=True)
     node = NodeProcess(folder, database_url=database_url)
+    if LISTENERS > 1:
+        node.config.write_text(node.config.read_text().replace("[node]\n", f"[node]\nlisteners = {LISTENERS}\n", 1))
     env = {**os.environ, "PYTHONPATH": str(code)}
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "listen", "--config", str(node.config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=code, env=env)
+    argv = [sys.executable, "-m", "dicom_node.cli", "listen", "--config", str(node.config)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=code, env=env)]
     sessions = None
     try:
-        wait_port(node.port, timeout=120, proc=proc)
+        wait_port(node.port, timeout=120, proc=procs[0])  # the first migrates; then the others
+        for _ in range(LISTENERS - 1):
+            procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=code, env=env))
+        for p in procs[1:]:
+            _wait_bound(p)
         sessions = node.sessions()
 
         def count() -> int:
@@ -152,12 +169,36 @@ def node_listener(work: Path, database_url: str = "", code: Path = REPO):
             with sessions() as s:
                 return s.scalar(select(func.count(Instance.id)))
 
-        yield node.port, "DICOM_NODE", proc.pid, count
+        yield node.port, "DICOM_NODE", [p.pid for p in procs], count
     finally:
-        proc.terminate()
-        proc.wait()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
         if sessions is not None:
             sessions.kw["bind"].dispose()
+
+
+def _wait_bound(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until ``proc`` listens on a TCP socket (from /proc: its socket inodes in /proc/net/tcp)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"listener exited with {proc.returncode}")
+        inodes = set()
+        for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:] + Path("/proc/net/tcp6").read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and parts[9] in inodes:  # LISTEN
+                return
+        time.sleep(0.2)
+    raise TimeoutError("listener did not bind")
 
 
 @contextlib.contextmanager
@@ -166,6 +207,23 @@ def node_postgresql(work: Path, code: Path = REPO):
 
     with pg_database("dicomnode_bench") as url, node_listener(work, url, code) as target:
         yield target
+
+
+def listeners(receiver, n: int):
+    """``receiver`` (a node of this tree) with ``n`` listener processes on its port."""
+
+    @contextlib.contextmanager
+    def run(work: Path):
+        global LISTENERS
+        LISTENERS = n
+        try:
+            with receiver(work) as target:
+                yield target
+        finally:
+            LISTENERS = 1
+
+    run.__name__ = f"{receiver.__name__}x{n}"
+    return run
 
 
 def at(receiver, code: Path):
@@ -257,6 +315,8 @@ def main() -> int:
     ap.add_argument("--before-rev", metavar="REV", help="also run the node at git revision REV (see above)")
     ap.add_argument("--no-bare", action="store_true", help="skip bare pynetdicom (ratios are then to the first row)")
     ap.add_argument("--no-sqlite", action="store_true", help="skip the node on SQLite")
+    ap.add_argument("--listeners", type=int, default=1,
+                    help="listener processes per node, sharing the port ([node] listeners; this tree only)")
     args = ap.parse_args()
     if not LIDC_SERIES.is_dir():
         print(f"LIDC-IDRI-0001 not found at {LIDC_SERIES}: nothing to benchmark", file=sys.stderr)
@@ -279,6 +339,8 @@ def main() -> int:
         if old is not None:
             receivers.append((f"dicom-node {old.name[4:]}, {db}", at(receiver, old)))
         receivers.append((f"dicom-node listen, {db}", receiver))
+        if args.listeners > 1:
+            receivers.append((f"dicom-node listen x{args.listeners}, {db}", listeners(receiver, args.listeners)))
     if not args.no_orthanc:
         if shutil.which("Orthanc") or shutil.which("orthanc"):
             receivers.append(("Orthanc", orthanc))

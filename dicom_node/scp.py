@@ -97,6 +97,7 @@ class Listener:
         self.limits = ListenerLimits.from_node_section(self.node.settings.node)
         ae = LimitedAE(self.node.settings.node.ae_title, self.limits)
         ae.require_called_aet = False  # checked in _on_requested against the live setting
+        ae.reuse_port = self.node.settings.node.listeners > 1  # the port shared by the listeners
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)

@@ -47,7 +47,12 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
-from pynetdicom._handlers import standard_dimse_sent_handler
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
 from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
@@ -233,7 +238,7 @@ class LimitedDIMSE(DIMSEServiceProvider):
         """pynetdicom's (3.0 ``DIMSEServiceProvider.send_msg``), except for a plain C-STORE
         response, sent as one P-DATA of ``store_rsp.encode``'s bytes. EVT_DIMSE_SENT is then not
         triggered: only when nothing but pynetdicom's logging handler (which logs nothing for a
-        C-STORE-RSP) is bound to it."""
+        C-STORE-RSP) is bound to it, or nothing at all (see ``_LOGGING_HANDLERS``)."""
         command = store_rsp.encode(primitive)
         max_pdu = self.maximum_pdu_size
         if (command is None or (max_pdu and len(command) + 12 > max_pdu)
@@ -397,6 +402,17 @@ class LimitedAssociation(Association):
             self.guard.closed(self)
 
 
+#: pynetdicom's logging handlers: they format every received message and PDU (the C-STORE-RQ one
+#: decodes the command set and copies the whole dataset) whatever the logger's level. Unbound
+#: unless the pynetdicom logger shows INFO (``-vv``): 11% of the listener's CPU otherwise.
+_LOGGING_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
 def _copy_contexts(contexts: list) -> list:
     """Each association's own copy of the server's supported presentation contexts.
 
@@ -417,8 +433,9 @@ def _copy_contexts(contexts: list) -> list:
 class LimitedRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         """pynetdicom's ``RequestHandler._create_association`` (3.0), building a
-        ``LimitedAssociation``, registering the connection with the guard, and copying the
-        supported contexts with ``_copy_contexts`` rather than ``deepcopy``."""
+        ``LimitedAssociation``, registering the connection with the guard, copying the
+        supported contexts with ``_copy_contexts`` rather than ``deepcopy``, and without
+        pynetdicom's logging handlers when its logger would drop what they log."""
         ae = self.ae
         assoc = LimitedAssociation(ae, MODE_ACCEPTOR)
         assoc._server = self.server
@@ -438,16 +455,28 @@ class LimitedRequestHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler in self.server._handlers[event]:
                     assoc.bind(event, handler[0], handler[1])
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            for event, handler in _LOGGING_HANDLERS:
+                assoc.unbind(event, handler)
         return assoc
 
 
 class LimitedAssociationServer(ThreadedAssociationServer):
     """A threaded association server whose loop also runs the guard's sweep."""
 
-    def __init__(self, *args, guard: ConnectionGuard, **kwargs):
+    def __init__(self, *args, guard: ConnectionGuard, reuse_port: bool = False, **kwargs):
         self.guard = guard
+        self.reuse_port = reuse_port
         kwargs.setdefault("request_handler", LimitedRequestHandler)
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """pynetdicom's, with ``SO_REUSEPORT`` first when the port is shared by several
+        listener processes (``[node] listeners``): each must set it, so a process that does
+        not still finds the port taken."""
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self):
         """Accept; with TLS, leave the handshake to the connection's own thread (it happens on
@@ -469,6 +498,7 @@ class LimitedAE(AE):
     def __init__(self, ae_title: str, limits: ListenerLimits):
         super().__init__(ae_title=ae_title)
         self.guard = ConnectionGuard(limits)
+        self.reuse_port = False  # True: the port is shared with other listener processes
         # Admission is the guard's (only associations past their request count); pynetdicom's
         # own count includes half-open connections, so it is set out of the way.
         self.maximum_associations = 1 << 30
@@ -481,7 +511,7 @@ class LimitedAE(AE):
                     server_class=None, **kwargs):
         return super().make_server(address, ae_title=ae_title, contexts=contexts, ssl_context=ssl_context,
                                    evt_handlers=evt_handlers, server_class=LimitedAssociationServer,
-                                   guard=self.guard, **kwargs)
+                                   guard=self.guard, reuse_port=self.reuse_port, **kwargs)
 
 
 # --- dataset size ------------------------------------------------------------------------------
