@@ -17,7 +17,8 @@ Contract:
   anything it does not walk itself: a big-endian or deflated transfer syntax, an element of
   undefined length (a sequence) before the last tag wanted, a wanted element whose VR is not
   the dictionary's, two bytes that are not a VR where one is due (pydicom then detects an
-  implicit VR dataset under an explicit transfer syntax), a truncated dataset.
+  implicit VR dataset under an explicit transfer syntax), tags out of ascending order or below
+  group 0008 (file meta elements inside the dataset), a truncated dataset.
 
 Units: bytes.
 """
@@ -111,11 +112,15 @@ def header_elements(dataset, transfer_syntax: str) -> dict | None:  # noqa: ANN0
     pos = 0
     out = {}
     unpack = struct.unpack_from
+    previous = 0x00080000 - 1
     while pos + 8 <= n:
         group, elem = unpack("<HH", buf, pos)
         tag = group << 16 | elem
         if tag > _LAST:
             break
+        if tag <= previous:
+            return None  # out of order, or a group below 0008 (file meta in the dataset): pydicom's
+        previous = tag
         if implicit:
             vr = None
             (length,) = unpack("<I", buf, pos + 4)

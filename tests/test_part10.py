@@ -122,6 +122,10 @@ def test_what_the_raw_reader_declines_goes_to_pydicom():
     assert part10.header_elements(defined, "1.2.840.10008.1.2.1.99") is None  # deflated
     cut = defined[:defined.find(b"\x20\x00\x13\x00") + 5]
     assert part10.header_elements(cut, ts) is None  # truncated
+    assert part10.header_elements(b"\x02\x00\x10\x00UI\x02\x001\x00" + defined, ts) is None  # group 0002
+    swapped = b"\x08\x00\x18\x00UI\x04\x001.2\x00" + b"\x08\x00\x16\x00UI\x04\x001.2\x00"
+    assert part10.header_elements(swapped, ts) is None  # tags out of order
+    assert part10.header_elements(swapped[12:] + swapped[:12], ts) is not None
     garbage = b"\x08\x00\x18\x00UI\xff\x7f" + b"1" * 10
     assert part10.header_elements(garbage, ts) is None
     with pytest.raises(ingest.Refused):
