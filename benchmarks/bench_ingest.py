@@ -21,8 +21,16 @@ DCMTK).
 3. Unless ``--no-e2e``: ``dicom-node serve`` with DCMTK ``storescp`` as destination; seconds from the
    last instance acknowledged to SR + SEG acknowledged by the destination.
 
+``--before-rev REV`` adds the node at git revision REV (exported with ``git archive`` into a
+temporary folder and run from there, with ``PYTHONPATH`` set to it, so its rows really run the old
+code) beside this tree's, interleaved in the same repeats: before and after under the same load.
+The load average is printed with each part (the machine may be shared).
+
+``--listeners N`` adds rows for this tree's node with N ``listen`` processes sharing the port
+(``[node] listeners = N``, SO_REUSEPORT); their CPU is summed.
+
 Usage: python benchmarks/bench_ingest.py [--repeats 3] [--senders 8] [--no-e2e] [--no-postgresql]
-       [--no-orthanc] [--quiet-seconds 2]
+       [--no-orthanc] [--quiet-seconds 2] [--before-rev REV] [--no-bare] [--listeners N]
 """
 from __future__ import annotations
 
@@ -47,8 +55,11 @@ N_INSTANCES = 133
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU seconds of process ``pid`` (its threads included, children not)."""
+def cpu_seconds(pid) -> float:  # noqa: ANN001 - one pid or several
+    """User + system CPU seconds of process ``pid`` (its threads included, children not), or
+    the sum over a list of pids."""
+    if isinstance(pid, (list, tuple)):
+        return sum(cpu_seconds(p) for p in pid)
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / CLK_TCK
 
@@ -112,16 +123,42 @@ def bare(work: Path):
         proc.wait()
 
 
+def export_revision(rev: str, into: Path) -> Path:
+    """The tree of git revision ``rev`` of this repository, exported into ``into`` (``git archive``)."""
+    into.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", "--format=tar", rev], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
+    return into
+
+
+def load_average() -> str:
+    return "load average " + " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
+#: ``--listeners``: listener processes sharing the port (``[node] listeners``); 1 by default.
+LISTENERS = 1
+
+
 @contextlib.contextmanager
-def node_listener(work: Path, database_url: str = ""):
+def node_listener(work: Path, database_url: str = "", code: Path = REPO):
+    """``dicom-node listen`` run from the tree at ``code`` (this one, or an exported revision);
+    ``LISTENERS`` of them on one port when above 1 (the code must know ``[node] listeners``)."""
     folder = work / "node"
     shutil.rmtree(folder, ignore_errors=True)
     node = NodeProcess(folder, database_url=database_url)
-    proc = subprocess.Popen([sys.executable, "-m", "dicom_node.cli", "listen", "--config", str(node.config)],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    if LISTENERS > 1:
+        node.config.write_text(node.config.read_text().replace("[node]\n", f"[node]\nlisteners = {LISTENERS}\n", 1))
+    env = {**os.environ, "PYTHONPATH": str(code)}
+    argv = [sys.executable, "-m", "dicom_node.cli", "listen", "--config", str(node.config)]
+    procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=code, env=env)]
     sessions = None
     try:
-        wait_port(node.port, timeout=120, proc=proc)
+        wait_port(node.port, timeout=120, proc=procs[0])  # the first migrates; then the others
+        for _ in range(LISTENERS - 1):
+            procs.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=code, env=env))
+        for p in procs[1:]:
+            _wait_bound(p)
         sessions = node.sessions()
 
         def count() -> int:
@@ -132,20 +169,73 @@ def node_listener(work: Path, database_url: str = ""):
             with sessions() as s:
                 return s.scalar(select(func.count(Instance.id)))
 
-        yield node.port, "DICOM_NODE", proc.pid, count
+        yield node.port, "DICOM_NODE", [p.pid for p in procs], count
     finally:
-        proc.terminate()
-        proc.wait()
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            p.wait()
         if sessions is not None:
             sessions.kw["bind"].dispose()
 
 
+def _wait_bound(proc: subprocess.Popen, timeout: float = 120) -> None:
+    """Until ``proc`` listens on a TCP socket (from /proc: its socket inodes in /proc/net/tcp)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"listener exited with {proc.returncode}")
+        inodes = set()
+        for fd in Path(f"/proc/{proc.pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+        for line in Path("/proc/net/tcp").read_text().splitlines()[1:] + Path("/proc/net/tcp6").read_text().splitlines()[1:]:
+            parts = line.split()
+            if parts[3] == "0A" and parts[9] in inodes:  # LISTEN
+                return
+        time.sleep(0.2)
+    raise TimeoutError("listener did not bind")
+
+
 @contextlib.contextmanager
-def node_postgresql(work: Path):
+def node_postgresql(work: Path, code: Path = REPO):
     from tests.peers import pg_database
 
-    with pg_database("dicomnode_bench") as url, node_listener(work, url) as target:
+    with pg_database("dicomnode_bench") as url, node_listener(work, url, code) as target:
         yield target
+
+
+def listeners(receiver, n: int):
+    """``receiver`` (a node of this tree) with ``n`` listener processes on its port."""
+
+    @contextlib.contextmanager
+    def run(work: Path):
+        global LISTENERS
+        LISTENERS = n
+        try:
+            with receiver(work) as target:
+                yield target
+        finally:
+            LISTENERS = 1
+
+    run.__name__ = f"{receiver.__name__}x{n}"
+    return run
+
+
+def at(receiver, code: Path):
+    """``receiver`` (a node) running the code exported at ``code``."""
+
+    @contextlib.contextmanager
+    def run(work: Path):
+        with receiver(work, code=code) as target:
+            yield target
+
+    run.__name__ = f"{receiver.__name__}@{code.name}"
+    return run
 
 
 @contextlib.contextmanager
@@ -217,50 +307,78 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--senders", type=int, default=8, help="concurrent senders in part 2 (0: skip)")
+    ap.add_argument("--senders-repeats", type=int, default=1, help="repeats of part 2 (median)")
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end measurement (it runs the model)")
     ap.add_argument("--no-postgresql", action="store_true")
     ap.add_argument("--no-orthanc", action="store_true")
     ap.add_argument("--quiet-seconds", type=float, default=2.0)
+    ap.add_argument("--before-rev", metavar="REV", help="also run the node at git revision REV (see above)")
+    ap.add_argument("--no-bare", action="store_true", help="skip bare pynetdicom (ratios are then to the first row)")
+    ap.add_argument("--no-sqlite", action="store_true", help="skip the node on SQLite")
+    ap.add_argument("--listeners", type=int, default=1,
+                    help="listener processes per node, sharing the port ([node] listeners; this tree only)")
     args = ap.parse_args()
     if not LIDC_SERIES.is_dir():
         print(f"LIDC-IDRI-0001 not found at {LIDC_SERIES}: nothing to benchmark", file=sys.stderr)
         return 0
     os.environ["TCP_NODELAY"] = "1"  # inherited by every sender and receiver started below
-    receivers = [("bare pynetdicom storescp", bare), ("dicom-node listen, SQLite", node_listener)]
+    tmp = tempfile.TemporaryDirectory(prefix="bench-ingest-")
+    old = None
+    if args.before_rev:
+        rev = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", args.before_rev], check=True,
+                             capture_output=True, text=True).stdout.strip()
+        old = export_revision(args.before_rev, Path(tmp.name) / f"rev-{rev}")
+    nodes = [] if args.no_sqlite else [("SQLite", node_listener)]
     if not args.no_postgresql:
         if postgresql_available():
-            receivers.append(("dicom-node listen, PostgreSQL", node_postgresql))
+            nodes.append(("PostgreSQL", node_postgresql))
         else:
             print("PostgreSQL not reachable: its rows are skipped", file=sys.stderr)
+    receivers = [] if args.no_bare else [("bare pynetdicom storescp", bare)]
+    for db, receiver in nodes:
+        if old is not None:
+            receivers.append((f"dicom-node {old.name[4:]}, {db}", at(receiver, old)))
+        receivers.append((f"dicom-node listen, {db}", receiver))
+        if args.listeners > 1:
+            receivers.append((f"dicom-node listen x{args.listeners}, {db}", listeners(receiver, args.listeners)))
     if not args.no_orthanc:
         if shutil.which("Orthanc") or shutil.which("orthanc"):
             receivers.append(("Orthanc", orthanc))
         else:
             print("Orthanc not installed: its rows are skipped", file=sys.stderr)
-    with tempfile.TemporaryDirectory(prefix="bench-ingest-") as tmp:
-        work = Path(tmp)
+    with tmp:
+        work = Path(tmp.name)
+        print(f"start: {load_average()}")
         runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in receivers}
         for _ in range(args.repeats):
             for name, receiver in receivers:
                 runs[name].append(measure(receiver, work))
         print(f"one sender: LIDC-IDRI-0001 ({N_INSTANCES} instances, 70 MB) with DCMTK storescu, TCP_NODELAY=1, "
-              f"median of {args.repeats}:")
+              f"median of {args.repeats} ({load_average()} at the end):")
         base = statistics.median(s for s, _ in runs[receivers[0][0]])
+        of = "bare" if not args.no_bare else "first"
         for name, _ in receivers:
             sec = statistics.median(s for s, _ in runs[name])
             cpu_ms = statistics.median(c for _, c in runs[name]) * 1000 / N_INSTANCES
             print(f"  {name:32s}: {sec:6.2f} s ({N_INSTANCES / sec:5.1f} instances/s)  CPU {cpu_ms:5.1f} ms/instance  "
-                  f"x{sec / base:4.2f} of bare  runs {[round(s, 2) for s, _ in runs[name]]}")
+                  f"x{sec / base:4.2f} of {of}  runs {[round(s, 2) for s, _ in runs[name]]}")
         if args.senders > 0:
             folders = copies(work, args.senders)
             total = N_INSTANCES * args.senders
-            print(f"{args.senders} concurrent senders, each its own copy of the series ({total} instances):")
+            print(f"{args.senders} concurrent senders, each its own copy of the series ({total} instances), "
+                  f"median of {args.senders_repeats}:")
+            parallel = [(name, receiver) for name, receiver in receivers if receiver is not bare]
+            par_runs: dict[str, list[tuple[float, float]]] = {name: [] for name, _ in parallel}
+            for _ in range(args.senders_repeats):
+                for name, receiver in parallel:
+                    par_runs[name].append(measure(receiver, work, folders))
             results = {}
-            for name, receiver in receivers[1:]:
-                sec, cpu = measure(receiver, work, folders)
-                results[name] = sec
+            for name, _ in parallel:
+                sec = results[name] = statistics.median(s for s, _ in par_runs[name])
+                cpu = statistics.median(c for _, c in par_runs[name])
                 print(f"  {name:32s}: {sec:6.2f} s ({total / sec:5.1f} instances/s)  "
-                      f"CPU {cpu * 1000 / total:5.1f} ms/instance")
+                      f"CPU {cpu * 1000 / total:5.1f} ms/instance  runs {[round(s, 2) for s, _ in par_runs[name]]}")
+            print(f"  ({load_average()} at the end)")
             if "Orthanc" in results:
                 for name, sec in results.items():
                     if name != "Orthanc":

@@ -37,6 +37,11 @@ class NodeSection(BaseModel):
     #: "reject" (PS3.8 rejected-permanent, calling AE not recognised) or "accept" (any caller).
     unknown_callers: Literal["reject", "accept"] = "reject"
     max_pdu: int = Field(0, ge=0)
+    #: Listener processes sharing the port (``SO_REUSEPORT``; Linux spreads new connections over
+    #: them): ``serve`` starts this many, and with more than one each standalone ``listen`` sets
+    #: the option. One process is bound by Python's GIL to about one core of C-STORE work. The
+    #: limits below apply in each process.
+    listeners: int = Field(1, ge=1, le=64)
     # Listener limits (docs/hardening/listener.md); seconds and bytes.
     #: Associations at once past a complete request (half-open connections do not count).
     max_associations: int = Field(64, ge=1)

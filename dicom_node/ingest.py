@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.multival import MultiValue
 from sqlalchemy.exc import DataError, IntegrityError
 
+from dicom_node import part10
 from storage import limits, redact, repo
 from storage.filestore import StoreError
 
@@ -115,14 +116,24 @@ def db_error(exc: BaseException) -> str:
     return redact.scrub(f"{type(orig).__name__}: {first}")
 
 
-def read_meta(data: bytes, transfer_syntax: str | None, source: str | None) -> repo.InstanceMeta:
+def read_meta(data: bytes, transfer_syntax: str | None, source: str | None, *,
+              dataset=None) -> repo.InstanceMeta:  # noqa: ANN001 - bytes-like
     """The indexed attributes of a Part 10 byte string (header only; pixel data is not read).
 
     ``transfer_syntax``: the one negotiated (C-STORE); None takes the file meta's (STOW-RS).
-    Raises ``Refused`` (CANNOT_UNDERSTAND) when the bytes are not a readable DICOM header.
+    ``dataset``: the encoded dataset alone (``data`` without its file meta), when the caller has
+    it (C-STORE): its header elements are then found by ``part10.header_elements`` without
+    pydicom's reader (a third of the cost), and ``data`` is read with ``dcmread`` only when that
+    declines. Raises ``Refused`` (CANNOT_UNDERSTAND) when the bytes are not a readable DICOM header.
     """
     try:
-        header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
+        raw = None
+        if dataset is not None and transfer_syntax is not None:
+            raw = part10.header_elements(dataset, transfer_syntax)
+        if raw is not None:
+            header = part10.Header(raw)
+        else:
+            header = dcmread(io.BytesIO(data), stop_before_pixels=True, specific_tags=HEADER_TAGS)
         if transfer_syntax is None:
             transfer_syntax = uid(header.file_meta.TransferSyntaxUID)
         sop_class = uid(header.SOPClassUID)
@@ -151,16 +162,17 @@ def read_meta(data: bytes, transfer_syntax: str | None, source: str | None) -> r
 def store_instance(node, data: bytes, *, transfer_syntax: str | None, source: str | None,  # noqa: ANN001
                    association_id: int | None, cache: repo.IndexCache | None = None,
                    expected_sop_instance_uid: str | None = None,
-                   expected_study_instance_uid: str | None = None) -> Stored:
+                   expected_study_instance_uid: str | None = None, dataset=None) -> Stored:
     """Persist ``data`` (a Part 10 byte string, as received) and index it; see the module doc.
 
     ``node``: a ``dicom_node.node.Node`` (its file store and session factory). ``source``: the
     calling AE title (C-STORE) or None (STOW-RS; the request is audited by its caller).
     ``expected_sop_instance_uid``: the UID the C-STORE request announced; ``expected_study_instance_uid``:
-    the study of a STOW-RS request to ``/studies/{uid}``. Raises ``Refused``.
+    the study of a STOW-RS request to ``/studies/{uid}``. ``dataset``: ``data`` without its file
+    meta, when the caller has it (see ``read_meta``). Raises ``Refused``.
     """
     try:
-        meta = read_meta(data, transfer_syntax, source)
+        meta = read_meta(data, transfer_syntax, source, dataset=dataset)
     except Refused as exc:
         log.error("instance %s from %s cannot be understood: %s", uid_for_log(expected_sop_instance_uid), source,
                   exc.reason)
@@ -194,8 +206,8 @@ def store_instance(node, data: bytes, *, transfer_syntax: str | None, source: st
     cache = cache if cache is not None else repo.IndexCache()
     for attempt in (1, 2):
         try:
-            with node.sessions.begin() as s:
-                outcome = repo.index_instance(s, meta, relpath, pending.size, pending.sha256, source,
+            with node.sessions.begin_connection() as conn:
+                outcome = repo.index_instance(conn, meta, relpath, pending.size, pending.sha256, source,
                                               association_id, cache)
             break
         except IntegrityError as exc:

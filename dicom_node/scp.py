@@ -27,7 +27,7 @@ from pydicom import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
-from dicom_node import ingest, scp_reasons, tls
+from dicom_node import ingest, part10, scp_reasons, tls
 from dicom_node.node import Node
 from dicom_node.scp_limits import LimitedAE, ListenerLimits, dataset_refusal
 from dicom_node.stages import process_identity
@@ -97,6 +97,7 @@ class Listener:
         self.limits = ListenerLimits.from_node_section(self.node.settings.node)
         ae = LimitedAE(self.node.settings.node.ae_title, self.limits)
         ae.require_called_aet = False  # checked in _on_requested against the live setting
+        ae.reuse_port = self.node.settings.node.listeners > 1  # the port shared by the listeners
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, ALL_TRANSFER_SYNTAXES)
         ae.add_supported_context(Verification, ALL_TRANSFER_SYNTAXES)
@@ -316,7 +317,7 @@ class Listener:
         if too_large is not None:
             return self._refuse_instance(st, sop_uid_cmd, too_large)
         try:
-            data = event.encoded_dataset(include_meta=True)
+            data, dataset = _part10(event)
         except Exception as exc:  # noqa: BLE001 - any failure to take the bytes
             log.error("cannot read dataset %s from %s: %s", _uid_for_log(sop_uid_cmd), st.calling_ae,
                       type(exc).__name__)
@@ -324,7 +325,7 @@ class Listener:
         try:
             ingest.store_instance(self.node, data, transfer_syntax=str(event.context.transfer_syntax),
                                   source=st.calling_ae, association_id=st.log_id, cache=self._index_cache(event),
-                                  expected_sop_instance_uid=sop_uid_cmd)
+                                  expected_sop_instance_uid=sop_uid_cmd, dataset=dataset)
         except ingest.Refused as exc:
             if exc.limit:
                 st.refused_reason, st.refused = exc.reason, st.refused + 1  # in the association audit
@@ -343,6 +344,21 @@ class Listener:
 
 
 _uid_for_log = ingest.uid_for_log
+
+
+def _part10(event) -> tuple[bytes, memoryview | None]:  # noqa: ANN001 - C-STORE event
+    """(the Part 10 bytes to store, the dataset part of them) of a C-STORE request: the file
+    meta built by ``part10.file_meta`` (the bytes pynetdicom's ``encoded_dataset`` would give,
+    without building and encoding a pydicom dataset), or pynetdicom's for a UID that is not
+    ASCII (then no dataset part: the header is read with pydicom)."""
+    rq = event.request
+    raw = rq.DataSet.getvalue()
+    try:
+        meta = part10.file_meta(rq.AffectedSOPClassUID, rq.AffectedSOPInstanceUID, event.context.transfer_syntax)
+    except UnicodeEncodeError:
+        return event.encoded_dataset(include_meta=True), None
+    data = meta + raw
+    return data, memoryview(data)[len(meta):]
 
 
 def run_listener(node: Node, stop: threading.Event, poll_seconds: float = 2.0) -> None:

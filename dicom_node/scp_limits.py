@@ -36,7 +36,7 @@ import struct
 import threading
 import time
 import zlib
-from copy import deepcopy
+import copy
 from dataclasses import dataclass, field
 from datetime import datetime
 
@@ -47,10 +47,18 @@ from pynetdicom.association import Association
 from pynetdicom.dimse import DIMSEServiceProvider
 from pynetdicom.dimse_messages import DIMSEMessage
 from pynetdicom.dul import DULServiceProvider
+from pynetdicom._handlers import (
+    standard_dimse_recv_handler,
+    standard_dimse_sent_handler,
+    standard_pdu_recv_handler,
+    standard_pdu_sent_handler,
+)
 from pynetdicom.pdu import A_ABORT_RQ, A_ASSOCIATE_RJ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket, RequestHandler, ThreadedAssociationServer
 
 from dicom_node import scp_reasons as reasons
+from dicom_node import store_rsp
 
 log = logging.getLogger(__name__)
 
@@ -219,11 +227,27 @@ class CappedBuffer(io.BytesIO):
 
 
 class LimitedDIMSE(DIMSEServiceProvider):
-    """Assembles DIMSE messages into a ``CappedBuffer``; cuts a command set that never ends."""
+    """Assembles DIMSE messages into a ``CappedBuffer``; cuts a command set that never ends;
+    sends a plain C-STORE response encoded by ``store_rsp`` (the same bytes, without pydicom)."""
 
     def __init__(self, assoc: Association, max_dataset_bytes: int):
         super().__init__(assoc)
         self.max_dataset_bytes = max_dataset_bytes
+
+    def send_msg(self, primitive, context_id: int) -> None:  # noqa: ANN001 - a DIMSE primitive
+        """pynetdicom's (3.0 ``DIMSEServiceProvider.send_msg``), except for a plain C-STORE
+        response, sent as one P-DATA of ``store_rsp.encode``'s bytes. EVT_DIMSE_SENT is then not
+        triggered: only when nothing but pynetdicom's logging handler (which logs nothing for a
+        C-STORE-RSP) is bound to it, or nothing at all (see ``_LOGGING_HANDLERS``)."""
+        command = store_rsp.encode(primitive)
+        max_pdu = self.maximum_pdu_size
+        if (command is None or (max_pdu and len(command) + 12 > max_pdu)
+                or any(h[0] is not standard_dimse_sent_handler for h in self.assoc.get_handlers(evt.EVT_DIMSE_SENT))):
+            super().send_msg(primitive, context_id)
+            return
+        pdata = P_DATA()
+        pdata.presentation_data_value_list = [[context_id, b"\x03" + command]]  # command, last fragment
+        self.dul.send_pdu(pdata)
 
     def receive_primitive(self, primitive) -> None:  # noqa: ANN001 - P_DATA
         if self.message is None:
@@ -378,10 +402,40 @@ class LimitedAssociation(Association):
             self.guard.closed(self)
 
 
+#: pynetdicom's logging handlers: they format every received message and PDU (the C-STORE-RQ one
+#: decodes the command set and copies the whole dataset) whatever the logger's level. Unbound
+#: unless the pynetdicom logger shows INFO (``-vv``): 11% of the listener's CPU otherwise.
+_LOGGING_HANDLERS = (
+    (evt.EVT_DIMSE_RECV, standard_dimse_recv_handler),
+    (evt.EVT_DIMSE_SENT, standard_dimse_sent_handler),
+    (evt.EVT_PDU_RECV, standard_pdu_recv_handler),
+    (evt.EVT_PDU_SENT, standard_pdu_sent_handler),
+)
+
+
+def _copy_contexts(contexts: list) -> list:
+    """Each association's own copy of the server's supported presentation contexts.
+
+    pynetdicom deep-copies them for every association (about 160 contexts with every transfer
+    syntax: 60-180 ms of CPU per association, with the GIL held). Negotiation only reads them
+    and builds new contexts for its results, so a copy of each context and of its
+    transfer-syntax list (the only mutable attribute) is as safe; the UIDs are immutable
+    strings and are shared.
+    """
+    out = []
+    for cx in contexts:
+        new = copy.copy(cx)
+        new._transfer_syntax = list(cx._transfer_syntax)
+        out.append(new)
+    return out
+
+
 class LimitedRequestHandler(RequestHandler):
     def _create_association(self) -> Association:
         """pynetdicom's ``RequestHandler._create_association`` (3.0), building a
-        ``LimitedAssociation`` and registering the connection with the guard."""
+        ``LimitedAssociation``, registering the connection with the guard, copying the
+        supported contexts with ``_copy_contexts`` rather than ``deepcopy``, and without
+        pynetdicom's logging handlers when its logger would drop what they log."""
         ae = self.ae
         assoc = LimitedAssociation(ae, MODE_ACCEPTOR)
         assoc._server = self.server
@@ -393,7 +447,7 @@ class LimitedRequestHandler(RequestHandler):
         assoc.acceptor.address_info = self.local
         assoc.acceptor.implementation_class_uid = ae.implementation_class_uid
         assoc.acceptor.implementation_version_name = ae.implementation_version_name
-        assoc.acceptor.supported_contexts = deepcopy(self.server.contexts)
+        assoc.acceptor.supported_contexts = _copy_contexts(self.server.contexts)
         assoc.requestor.address_info = self.remote
         for event in self.server._handlers:
             if event.is_intervention and self.server._handlers[event]:
@@ -401,16 +455,28 @@ class LimitedRequestHandler(RequestHandler):
             elif isinstance(event, evt.NotificationEvent):
                 for handler in self.server._handlers[event]:
                     assoc.bind(event, handler[0], handler[1])
+        if not logging.getLogger("pynetdicom").isEnabledFor(logging.INFO):
+            for event, handler in _LOGGING_HANDLERS:
+                assoc.unbind(event, handler)
         return assoc
 
 
 class LimitedAssociationServer(ThreadedAssociationServer):
     """A threaded association server whose loop also runs the guard's sweep."""
 
-    def __init__(self, *args, guard: ConnectionGuard, **kwargs):
+    def __init__(self, *args, guard: ConnectionGuard, reuse_port: bool = False, **kwargs):
         self.guard = guard
+        self.reuse_port = reuse_port
         kwargs.setdefault("request_handler", LimitedRequestHandler)
         super().__init__(*args, **kwargs)
+
+    def server_bind(self) -> None:
+        """pynetdicom's, with ``SO_REUSEPORT`` first when the port is shared by several
+        listener processes (``[node] listeners``): each must set it, so a process that does
+        not still finds the port taken."""
+        if self.reuse_port:
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        super().server_bind()
 
     def get_request(self):
         """Accept; with TLS, leave the handshake to the connection's own thread (it happens on
@@ -432,6 +498,7 @@ class LimitedAE(AE):
     def __init__(self, ae_title: str, limits: ListenerLimits):
         super().__init__(ae_title=ae_title)
         self.guard = ConnectionGuard(limits)
+        self.reuse_port = False  # True: the port is shared with other listener processes
         # Admission is the guard's (only associations past their request count); pynetdicom's
         # own count includes half-open connections, so it is set out of the way.
         self.maximum_associations = 1 << 30
@@ -444,7 +511,7 @@ class LimitedAE(AE):
                     server_class=None, **kwargs):
         return super().make_server(address, ae_title=ae_title, contexts=contexts, ssl_context=ssl_context,
                                    evt_handlers=evt_handlers, server_class=LimitedAssociationServer,
-                                   guard=self.guard, **kwargs)
+                                   guard=self.guard, reuse_port=self.reuse_port, **kwargs)
 
 
 # --- dataset size ------------------------------------------------------------------------------

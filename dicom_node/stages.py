@@ -4,6 +4,7 @@
 ``serve`` on the same data directory is refused with one line), checks that its ports are
 free (waiting up to 10 s for them), then starts listen, schedule, work, dispatch (and web when
 enabled) as child processes.
+With ``[node] listeners = N`` it starts N listener processes on the one port (SO_REUSEPORT).
 It restarts a stage that crashes (back-off 2, 4, 8 ... 60 s) but stops with exit code 78 when
 a stage cannot run for a configuration reason (its port is taken). On SIGTERM or Ctrl-C it asks
 every stage to stop and waits for them: the worker up to ``[worker] stop_grace_seconds`` (a
@@ -18,7 +19,8 @@ running, and nothing is acknowledged after the supervisor is gone.
 The same stages run alone with ``dicom-node listen|schedule|work|dispatch|web`` for scale-out:
 any number of each on any number of hosts sharing one PostgreSQL database and one file store.
 Standalone stages do not take the data-directory lock (several run against one shared store);
-two listeners (or webs) on one host and port are refused by the port itself. The listener
+two listeners (or webs) on one host and port are refused by the port itself, unless
+``[node] listeners`` is above 1 (then the listeners share it). The listener
 process never imports torch.
 
 Every stage process writes a heartbeat row (``stage_heartbeats``) every
@@ -70,6 +72,23 @@ PORT_WAIT_SECONDS = 10.0
 class StageConfigError(Exception):
     """A stage cannot run for a configuration reason (e.g. its port is taken); restarting it
     cannot help. ``str()`` is the one line to show the operator."""
+
+
+def stage_of(process_name: str) -> str:
+    """The stage a supervised process runs: ``listen.2`` (the second listener) runs ``listen``."""
+    return process_name.split(".", 1)[0]
+
+
+def process_names(stages: list[str], settings: Settings) -> list[str]:
+    """The processes ``serve`` starts for ``stages``: ``[node] listeners`` of the listener
+    (``listen``, ``listen.2``, ...), one of each other stage."""
+    names = []
+    for name in stages:
+        if name == "listen":
+            names += ["listen"] + [f"listen.{i}" for i in range(2, settings.node.listeners + 1)]
+        else:
+            names.append(name)
+    return names
 
 
 def worker_identity(stage: str) -> str:
@@ -356,7 +375,7 @@ def stage_process_main(name: str, settings: Settings, verbose: int, supervisor_p
     configure_logging(verbose)
     ParentWatchdog(supervisor_pid, stop, orphan_grace(name, settings)).start()
     try:
-        run_stage(name, settings, stop)
+        run_stage(stage_of(name), settings, stop)
     except StageConfigError as exc:
         log.error("stage %s cannot run: %s", name, exc)
         logging.shutdown()
@@ -416,10 +435,11 @@ def _supervise(settings: Settings, stages: list[str], verbose: int, restart_dela
         procs[name] = p
         log.info("stage %s started (pid %d)", name, p.pid)
 
-    for name in stages:
+    names = process_names(stages, settings)
+    for name in names:
         start(name)
-    failures = {name: 0 for name in stages}
-    started = {name: time.monotonic() for name in stages}
+    failures = {name: 0 for name in names}
+    started = {name: time.monotonic() for name in names}
     code = 0
     while code == 0 and not stop.wait(0.5):
         for name, p in list(procs.items()):

@@ -11,6 +11,8 @@ and returns a ``Sessions`` factory. Callers own transactions, and say whether th
   no write lock, so any number of readers run beside the writers (SQLite WAL). A read session
   that tries to write raises ``ReadOnlySessionError`` at once, rather than failing now and
   then with "database is locked" when SQLite cannot upgrade its snapshot to a writer.
+* ``with sessions.begin_connection() as conn: ...`` is the same write transaction on a Core
+  ``Connection`` (no ORM): the listener's index of each instance.
 * ``sessions.writer()`` is a write session whose transactions the caller commits (one per web
   request that changes something).
 
@@ -97,13 +99,20 @@ class Sessions(sessionmaker):
 
     def __init__(self, engine: Engine):
         super().__init__(engine, expire_on_commit=False, info={"write": False})
-        self._writers = sessionmaker(write_engine(engine), expire_on_commit=False, info={"write": True})
+        self._write_engine = write_engine(engine)
+        self._writers = sessionmaker(self._write_engine, expire_on_commit=False, info={"write": True})
         event.listen(self, "before_flush", _refuse_flush)
         event.listen(self, "do_orm_execute", _refuse_dml)
 
     def begin(self):
         """A write transaction: ``with sessions.begin() as s:`` commits on exit."""
         return self._writers.begin()
+
+    def begin_connection(self):
+        """A write transaction on a Core connection, no ORM Session (the listener's hot path,
+        where building a Session costs more than the statements): ``with
+        sessions.begin_connection() as conn:`` commits on exit; on SQLite it is ``BEGIN IMMEDIATE``."""
+        return self._write_engine.begin()
 
     def writer(self) -> Session:
         """A write session; the caller commits (each new transaction begins as a writer)."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
-from sqlalchemy import bindparam, func, insert, or_, select, text, update
+from sqlalchemy import Connection, bindparam, func, or_, select, text, update
 from sqlalchemy import case
 from sqlalchemy.orm import Session
 
@@ -21,7 +21,6 @@ from storage.models import (
     AssociationResult,
     AuditEvent,
     Destination,
-    Instance,
     Job,
     JobState,
     Series,
@@ -132,18 +131,7 @@ class IndexCache:
 # Statements of the hot path, built once (building them per call costs more than running them).
 _STUDY_ID = select(Study.id).where(Study.study_instance_uid == bindparam("uid"))
 _SERIES_ROW = select(Series.id, Series.is_result).where(Series.series_instance_uid == bindparam("uid"))
-_INSTANCE_ROW = select(Instance.id, Instance.sha256).where(Instance.sop_instance_uid == bindparam("uid"))
-_INSTANCE_FIELDS = ("series_id", "sop_class_uid", "transfer_syntax_uid", "instance_number", "path", "size_bytes",
-                    "sha256", "calling_ae", "association_id", "received_at")
-_INSERT_INSTANCE = insert(Instance).values({f: bindparam(f) for f in ("sop_instance_uid", *_INSTANCE_FIELDS)})
-_UPDATE_INSTANCE = update(Instance).where(Instance.id == bindparam("row_id")).values(
-    {f: bindparam(f) for f in _INSTANCE_FIELDS})
-_TOUCH_SERIES = update(Series).where(Series.id == bindparam("row_id")).values(
-    instance_count=Series.instance_count + bindparam("added"), last_received_at=bindparam("now"),
-    dirty=bindparam("dirty"))
-_REOPEN_STUDY = update(Study).where(
-    Study.id == bindparam("row_id"), Study.status.not_in([StudyStatus.RECEIVED, StudyStatus.PROCESSING])
-).values(status=StudyStatus.RECEIVED, status_reason=None, updated_at=bindparam("now"))
+_STUDY_ATTRIBUTES = ("patient_name", "patient_id", "accession_number", "study_date", "study_description")
 
 #: PostgreSQL: the whole index of one instance in one statement (one round trip): upsert the
 #: instance (nothing when the same bytes are already indexed), then, only if a row was written,
@@ -173,47 +161,78 @@ WITH ins AS (
 SELECT inserted FROM ins
 """).bindparams(bindparam("received_at", type_=UTCDateTime()))
 
+#: SQLite: the same index as plain SQL run on the connection (``exec_driver_sql``: no statement
+#: compilation, no ORM), in process, so four short statements cost less than one compiled one.
+#: Values are bound as SQLAlchemy would store them (``_sqlite_time``, enum value strings).
+_SQLITE_INSTANCE_ROW = "SELECT id, sha256 FROM instances WHERE sop_instance_uid = ?"
+_SQLITE_INSERT_INSTANCE = (
+    "INSERT INTO instances (sop_instance_uid, series_id, sop_class_uid, transfer_syntax_uid, instance_number, path,"
+    " size_bytes, sha256, calling_ae, association_id, received_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)")
+_SQLITE_UPDATE_INSTANCE = (
+    "UPDATE instances SET series_id = ?, sop_class_uid = ?, transfer_syntax_uid = ?, instance_number = ?, path = ?,"
+    " size_bytes = ?, sha256 = ?, calling_ae = ?, association_id = ?, received_at = ? WHERE id = ?")
+_SQLITE_TOUCH_SERIES = (
+    "UPDATE series SET instance_count = instance_count + ?, last_received_at = ?, dirty = ? WHERE id = ?")
+_SQLITE_REOPEN_STUDY = (
+    "UPDATE studies SET status = ?, status_reason = NULL, updated_at = ? WHERE id = ? AND status NOT IN (?, ?)")
+_sqlite_time_processors: dict = {}
 
-def _upsert(s: Session, model):
-    """``INSERT ... ON CONFLICT`` of the session's dialect (PostgreSQL or SQLite)."""
-    if s.bind.dialect.name == "postgresql":
+
+def _sqlite_time(conn: Connection, value: datetime):
+    """``value`` as a ``UTCDateTime`` column stores it on this connection's dialect."""
+    proc = _sqlite_time_processors.get(conn.dialect)
+    if proc is None:
+        proc = UTCDateTime().dialect_impl(conn.dialect).bind_processor(conn.dialect) or (lambda v: v)
+        _sqlite_time_processors[conn.dialect] = proc
+    return proc(value)
+
+
+def _upsert(conn: Connection, model):
+    """``INSERT ... ON CONFLICT`` of the connection's dialect (PostgreSQL or SQLite)."""
+    if conn.dialect.name == "postgresql":
         from sqlalchemy.dialects.postgresql import insert as dialect_insert
     else:
         from sqlalchemy.dialects.sqlite import insert as dialect_insert
     return dialect_insert(model)
 
 
-def _ensure_rows(s: Session, meta: InstanceMeta, cache: IndexCache | None) -> tuple[int, int, bool]:
+def _connection(s: Session | Connection) -> Connection:
+    """The Core connection of ``s`` (a Session's, in its transaction, or ``s`` itself)."""
+    return s.connection() if isinstance(s, Session) else s
+
+
+def _ensure_rows(conn: Connection, meta: InstanceMeta, cache: IndexCache | None) -> tuple[int, int, bool]:
     """(study id, series id, series is_result), creating the rows when new (race-free upsert)."""
     cache = cache if cache is not None else IndexCache()
     study_id = cache.studies.get(meta.study_instance_uid)
     if study_id is None:
-        study_id = s.scalar(_STUDY_ID, {"uid": meta.study_instance_uid})
+        study_id = conn.scalar(_STUDY_ID, {"uid": meta.study_instance_uid})
         if study_id is None:
-            s.execute(_upsert(s, Study).values(study_instance_uid=meta.study_instance_uid, status=StudyStatus.RECEIVED)
-                      .on_conflict_do_nothing(index_elements=["study_instance_uid"]))
-            study_id = s.scalar(_STUDY_ID, {"uid": meta.study_instance_uid})
+            conn.execute(_upsert(conn, Study).values(study_instance_uid=meta.study_instance_uid,
+                                                     status=StudyStatus.RECEIVED)
+                         .on_conflict_do_nothing(index_elements=["study_instance_uid"]))
+            study_id = conn.scalar(_STUDY_ID, {"uid": meta.study_instance_uid})
         cache.studies[meta.study_instance_uid] = study_id
     known = cache.series.get(meta.series_instance_uid)
     if known is None:
-        row = s.execute(_SERIES_ROW, {"uid": meta.series_instance_uid}).first()
+        row = conn.execute(_SERIES_ROW, {"uid": meta.series_instance_uid}).first()
         if row is None:
-            created = s.scalar(
-                _upsert(s, Series).values(series_instance_uid=meta.series_instance_uid, study_id=study_id,
-                                          modality=meta.modality, series_number=meta.series_number,
-                                          series_description=meta.series_description, is_result=meta.is_result,
-                                          instance_count=0)
+            created = conn.scalar(
+                _upsert(conn, Series).values(series_instance_uid=meta.series_instance_uid, study_id=study_id,
+                                             modality=meta.modality, series_number=meta.series_number,
+                                             series_description=meta.series_description, is_result=meta.is_result,
+                                             instance_count=0)
                 .on_conflict_do_nothing(index_elements=["series_instance_uid"]).returning(Series.id))
             if created is not None:
-                _update_study_attributes(s, study_id, meta)
+                _update_study_attributes(conn, study_id, meta)
                 row = (created, meta.is_result)
             else:  # created by another association meanwhile
-                row = s.execute(_SERIES_ROW, {"uid": meta.series_instance_uid}).first()
+                row = conn.execute(_SERIES_ROW, {"uid": meta.series_instance_uid}).first()
         known = cache.series[meta.series_instance_uid] = (row[0], bool(row[1]))
     return study_id, known[0], known[1]
 
 
-def index_instance(s: Session, meta: InstanceMeta, relpath: str, size: int, sha256: str,
+def index_instance(s: Session | Connection, meta: InstanceMeta, relpath: str, size: int, sha256: str,
                    calling_ae: str | None, association_id: int | None, cache: IndexCache | None = None) -> str:
     """Index a stored instance; returns "new", "duplicate" (same bytes) or "replaced".
 
@@ -221,47 +240,58 @@ def index_instance(s: Session, meta: InstanceMeta, relpath: str, size: int, sha2
     different content replaces the stored file (the newest wins) and marks the series for
     re-evaluation, so a corrected instance triggers a re-run.
 
+    ``s``: a Session (its transaction) or a Core ``Connection`` in a write transaction (the
+    listener's: no ORM on the hot path). The statements are Core or plain SQL, so rows the
+    Session holds are not refreshed.
+
     This is the listener's hot path (once per received instance): with ``cache`` (one per
     association) the study and series rows are looked up once; the instance is then indexed
-    in one statement on PostgreSQL, a few Core statements on SQLite (in process).
+    in one statement on PostgreSQL, four plain SQL statements on SQLite (in process).
     """
+    conn = _connection(s)
     now = utcnow()
-    study_id, series_id, is_result = _ensure_rows(s, meta, cache)
-    values = dict(series_id=series_id, sop_class_uid=meta.sop_class_uid, transfer_syntax_uid=meta.transfer_syntax_uid,
-                  instance_number=meta.instance_number, path=relpath, size_bytes=size, sha256=sha256,
-                  calling_ae=calling_ae, association_id=association_id, received_at=now)
-    if s.bind.dialect.name == "postgresql":
-        inserted = s.execute(_PG_INDEX, {"sop_instance_uid": meta.sop_instance_uid, **values, "study_id": study_id,
-                                         "dirty": not is_result, "reopen": not is_result,
-                                         "received": StudyStatus.RECEIVED.value,
-                                         "processing": StudyStatus.PROCESSING.value}).scalar()
+    study_id, series_id, is_result = _ensure_rows(conn, meta, cache)
+    if conn.dialect.name == "postgresql":
+        inserted = conn.execute(_PG_INDEX, {
+            "sop_instance_uid": meta.sop_instance_uid, "series_id": series_id, "sop_class_uid": meta.sop_class_uid,
+            "transfer_syntax_uid": meta.transfer_syntax_uid, "instance_number": meta.instance_number,
+            "path": relpath, "size_bytes": size, "sha256": sha256, "calling_ae": calling_ae,
+            "association_id": association_id, "received_at": now, "study_id": study_id, "dirty": not is_result,
+            "reopen": not is_result, "received": StudyStatus.RECEIVED.value,
+            "processing": StudyStatus.PROCESSING.value}).scalar()
         return "duplicate" if inserted is None else "new" if inserted else "replaced"
-    existing = s.execute(_INSTANCE_ROW, {"uid": meta.sop_instance_uid}).first()
-    if existing is not None and existing.sha256 == sha256:
+    existing = conn.exec_driver_sql(_SQLITE_INSTANCE_ROW, (meta.sop_instance_uid,)).first()
+    if existing is not None and existing[1] == sha256:
         return "duplicate"
+    stamp = _sqlite_time(conn, now)
+    values = (series_id, meta.sop_class_uid, meta.transfer_syntax_uid, meta.instance_number, relpath, size, sha256,
+              calling_ae, association_id, stamp)
     if existing is None:
-        s.execute(_INSERT_INSTANCE, {"sop_instance_uid": meta.sop_instance_uid, **values})
+        conn.exec_driver_sql(_SQLITE_INSERT_INSTANCE, (meta.sop_instance_uid, *values))
     else:
-        s.execute(_UPDATE_INSTANCE, {"row_id": existing.id, **values})
-    s.execute(_TOUCH_SERIES, {"row_id": series_id, "added": 1 if existing is None else 0, "now": now,
-                              "dirty": not is_result})
+        conn.exec_driver_sql(_SQLITE_UPDATE_INSTANCE, (*values, existing[0]))
+    conn.exec_driver_sql(_SQLITE_TOUCH_SERIES, (1 if existing is None else 0, stamp, not is_result, series_id))
     if not is_result:
-        s.execute(_REOPEN_STUDY, {"row_id": study_id, "now": now})
+        conn.exec_driver_sql(_SQLITE_REOPEN_STUDY, (StudyStatus.RECEIVED.value, stamp, study_id,
+                                                    StudyStatus.RECEIVED.value, StudyStatus.PROCESSING.value))
     return "new" if existing is None else "replaced"
 
 
-def _update_study_attributes(s: Session, study_id: int, meta: InstanceMeta) -> None:
+def _update_study_attributes(conn: Connection, study_id: int, meta: InstanceMeta) -> None:
     """Patient/study attributes and the modality list, refreshed when a series first arrives."""
-    study = s.get(Study, study_id)
-    for attr in ("patient_name", "patient_id", "accession_number", "study_date", "study_description"):
+    row = conn.execute(select(*(getattr(Study, a) for a in _STUDY_ATTRIBUTES), Study.modalities)
+                       .where(Study.id == study_id)).first()
+    changes = {}
+    for attr, current in zip(_STUDY_ATTRIBUTES, row):
         value = getattr(meta, attr)
-        if value and getattr(study, attr) != value:
-            setattr(study, attr, value)
+        if value and current != value:
+            changes[attr] = value
     if meta.modality and not meta.is_result:
-        mods = set(filter(None, (study.modalities or "").split("\\")))
+        mods = set(filter(None, (row[-1] or "").split("\\")))
         if meta.modality not in mods:
-            study.modalities = "\\".join(sorted(mods | {meta.modality}))
-    s.flush()
+            changes["modalities"] = "\\".join(sorted(mods | {meta.modality}))
+    if changes:
+        conn.execute(update(Study).where(Study.id == study_id).values(**changes))
 
 
 # --- association audit -------------------------------------------------------------------------

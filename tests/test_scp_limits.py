@@ -522,3 +522,21 @@ def test_a_silent_client_on_the_tls_port_does_not_stop_tls_senders(make_listener
     finally:
         silent.close()
         server.shutdown()
+
+
+def test_each_association_gets_its_own_copy_of_the_supported_contexts(make_listener):
+    """The shallow copy that replaced pynetdicom's deepcopy: equal contexts, none shared, and an
+    association still negotiates (echoscu: Success)."""
+    from dicom_node.scp_limits import _copy_contexts
+
+    _, scp = make_listener()
+    server = scp._server
+    copies = _copy_contexts(server.contexts)
+    assert [(c.abstract_syntax, c.transfer_syntax, c.scu_role, c.scp_role) for c in copies] == \
+        [(c.abstract_syntax, c.transfer_syntax, c.scu_role, c.scp_role) for c in server.contexts]
+    for new, old in zip(copies, server.contexts):
+        assert new is not old and new._transfer_syntax is not old._transfer_syntax
+    copies[0].transfer_syntax = [ExplicitVRLittleEndian]
+    assert len(server.contexts[0].transfer_syntax) > 1
+    r = echoscu(scp.port)
+    assert r.returncode == 0, r.stderr

@@ -425,3 +425,37 @@ def test_an_attempt_is_charged_when_the_job_itself_fails(db_url, make_node, tmp_
             assert job.attempts == attempt and job.lease_expiries == 0
             assert job.state is (JobState.PENDING if attempt < 3 else JobState.FAILED), job.error
     assert "model exploded" in job.error
+
+
+def listener_pids(node: NodeProcess) -> set[int]:
+    with node.sessions()() as s:
+        rows = s.scalars(select(StageHeartbeat).where(StageHeartbeat.stage == "listen")).all()
+    return {pid for pid in (int(r.identity.rsplit(":", 1)[1]) for r in rows) if alive(pid)}
+
+
+def test_listeners_share_the_port_and_a_killed_one_is_restarted(tmp_path):
+    """``[node] listeners = 2``: two listener processes on one port (SO_REUSEPORT), every
+    instance of concurrent associations stored, a listener killed with -9 started again."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    series = write_series(tmp_path / "series", SeriesSpec(n_slices=6))
+    node = NodeProcess(tmp_path / "node")
+    node.config.write_text(node.config.read_text().replace("[node]\n", "[node]\nlisteners = 2\nheartbeat_seconds = 1\n", 1))
+    try:
+        node.start(timeout=120)
+        pids = wait_for(lambda: len(p := listener_pids(node)) == 2 and p, timeout=60, what="two listener heartbeats")
+        assert pids <= children(node.proc.pid)
+        with ThreadPoolExecutor(6) as pool:
+            stored = [uid for done in pool.map(lambda _: send_series(node.port, series), range(6)) for uid in done]
+        assert len(stored) == 36
+        with node.sessions()() as s:
+            assert s.scalar(select(Instance.id).limit(1)) is not None
+            assert len(s.scalars(select(Instance.sop_instance_uid)).all()) == 6  # the same 6, sent 6 times
+        killed = min(pids)
+        os.kill(killed, signal.SIGKILL)
+        wait_for(lambda: len(p := listener_pids(node)) == 2 and killed not in p, timeout=90,
+                 what="the killed listener to be started again")
+        assert len(send_series(node.port, series)) == 6
+    finally:
+        node.kill()
+    assert "Traceback" not in node.log_text()
