@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
+from model.readout import group_folds
+
 METHODS = ("identity", "temperature", "platt", "isotonic")
 EPS = 1e-6
 
@@ -185,14 +187,9 @@ def cross_validated(p, y, groups: list[str], method: str, folds: int = 5) -> np.
     """Calibrated probabilities of each nodule by a calibrator fitted on the other folds (whole
     groups: series), the same fold rule as :func:`model.readout.cross_validate`."""
     p, y = np.asarray(p, float), np.asarray(y, float)
-    uniq = sorted(set(groups))
-    fold_of = {g: i % folds for i, g in enumerate(uniq)}
-    f = np.array([fold_of[g] for g in groups])
     out = np.full(len(p), np.nan)
-    for k in range(folds):
-        test = f == k
-        if test.any() and (~test).any():
-            out[test] = fit(p[~test], y[~test], method)(p[test])
+    for test in group_folds(groups, folds):
+        out[test] = fit(p[~test], y[~test], method)(p[test])
     return out
 
 

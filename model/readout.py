@@ -128,15 +128,22 @@ def cross_validate(x: np.ndarray, y: np.ndarray, groups: list[str], folds: int =
     read-out fitted on the others (used to choose and report the read-out on training data
     only)."""
     x, y = np.asarray(x, float), np.asarray(y, float)
-    uniq = sorted(set(groups))
-    fold_of = {g: i % folds for i, g in enumerate(uniq)}
-    f = np.array([fold_of[g] for g in groups])
     out = np.full(len(y), np.nan)
+    for test in group_folds(groups, folds):
+        out[test] = fit(x[~test], y[~test], l2).probability(x[test])
+    return out
+
+
+def group_folds(groups: list[str], folds: int = 5):
+    """The test masks (bool, one per item) of ``folds`` folds of whole groups (series): group
+    ``i`` in sorted order falls in fold ``i mod folds``; a fold with no test or no training item
+    is left out."""
+    fold_of = {g: i % folds for i, g in enumerate(sorted(set(groups)))}
+    f = np.array([fold_of[g] for g in groups])
     for k in range(folds):
         test = f == k
         if test.any() and (~test).any():
-            out[test] = fit(x[~test], y[~test], l2).probability(x[test])
-    return out
+            yield test
 
 
 def training_features(predictor, cubes, off_centre_seed: int | None = None, progress: bool = False) -> dict:

@@ -13,10 +13,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.app.errors import Conflict, NotFound
+from dicom_node.app.registry import Registry
 from dicom_node.values import check_destination_target, check_outputs
 from storage import repo
 from storage.models import Destination
@@ -72,50 +71,8 @@ def out(row: Destination) -> DestinationOut:
                           enabled=bool(row.enabled), tls=bool(row.tls))
 
 
-def find(s: Session, name: str) -> Destination | None:
-    return s.scalar(select(Destination).where(Destination.name == name))
-
-
-def get(s: Session, name: str) -> Destination:
-    row = find(s, name)
-    if row is None:
-        raise NotFound(f"destination {name!r} not found")
-    return row
-
-
-def add(s: Session, actor: str, data: DestinationIn) -> Destination:
-    if find(s, data.name) is not None:
-        raise Conflict(f"destination {data.name!r} already exists")
-    row = Destination(**data.model_dump())
-    s.add(row)
-    s.flush()
-    repo.audit(s, actor, "destination.add", data.name, data.model_dump())
-    return row
-
-
-def update(s: Session, actor: str, name: str, data: DestinationIn) -> Destination:
-    row = get(s, name)
-    if data.name != name and find(s, data.name) is not None:
-        raise Conflict(f"destination {data.name!r} already exists")
-    before = out(row).model_dump(exclude={"id"})
-    for k, v in data.model_dump().items():
-        setattr(row, k, v)
-    s.flush()
-    repo.audit(s, actor, "destination.update", name, {"before": before, "after": data.model_dump()})
-    return row
-
-
-def put(s: Session, actor: str, data: DestinationIn) -> tuple[Destination, bool]:
-    """Add the destination, or update the one of that name (the CLI's ``destination add``); (row, added)."""
-    if find(s, data.name) is None:
-        return add(s, actor, data), True
-    return update(s, actor, data.name, data), False
-
-
-def remove(s: Session, actor: str, name: str) -> None:
-    s.delete(get(s, name))
-    s.flush()
-    repo.audit(s, actor, "destination.remove", name)
+_rows = Registry(Destination, "name", "destination", out)
+find, get, add, update, put, remove = _rows.find, _rows.get, _rows.add, _rows.update, _rows.put, _rows.remove
 
 
 def record_echo(s: Session, actor: str, name: str, ok: bool, message: str) -> None:

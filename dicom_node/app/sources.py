@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from dicom_node.app.errors import Conflict, Invalid, NotFound
+from dicom_node.app.errors import Invalid
+from dicom_node.app.registry import Registry
 from dicom_node.values import check_ae_title
 from storage import repo
 from storage.models import Destination, Source
@@ -64,17 +65,6 @@ def out(row: Source) -> SourceOut:
                      enabled=bool(row.enabled), return_to=list(row.return_to or []), quiet_seconds=row.quiet_seconds)
 
 
-def find(s: Session, ae_title: str) -> Source | None:
-    return s.scalar(select(Source).where(Source.ae_title == ae_title))
-
-
-def get(s: Session, ae_title: str) -> Source:
-    row = find(s, ae_title)
-    if row is None:
-        raise NotFound(f"source {ae_title!r} not found")
-    return row
-
-
 def _check_return_to(s: Session, data: SourceIn) -> None:
     known = set(s.scalars(select(Destination.name)))
     unknown = [n for n in data.return_to if n not in known]
@@ -82,41 +72,8 @@ def _check_return_to(s: Session, data: SourceIn) -> None:
         raise Invalid(f"return_to names unknown destination(s) {unknown}; known: {sorted(known) or 'none'}")
 
 
-def add(s: Session, actor: str, data: SourceIn) -> Source:
-    if find(s, data.ae_title) is not None:
-        raise Conflict(f"source {data.ae_title!r} already exists")
-    _check_return_to(s, data)
-    row = Source(**data.model_dump())
-    s.add(row)
-    s.flush()
-    repo.audit(s, actor, "source.add", data.ae_title, data.model_dump())
-    return row
-
-
-def update(s: Session, actor: str, ae_title: str, data: SourceIn) -> Source:
-    row = get(s, ae_title)
-    if data.ae_title != ae_title and find(s, data.ae_title) is not None:
-        raise Conflict(f"source {data.ae_title!r} already exists")
-    _check_return_to(s, data)
-    before = out(row).model_dump(exclude={"id"})
-    for k, v in data.model_dump().items():
-        setattr(row, k, v)
-    s.flush()
-    repo.audit(s, actor, "source.update", ae_title, {"before": before, "after": data.model_dump()})
-    return row
-
-
-def put(s: Session, actor: str, data: SourceIn) -> tuple[Source, bool]:
-    """Add the source, or update the one of that AE title (the CLI's ``source add``); (row, added)."""
-    if find(s, data.ae_title) is None:
-        return add(s, actor, data), True
-    return update(s, actor, data.ae_title, data), False
-
-
-def remove(s: Session, actor: str, ae_title: str) -> None:
-    s.delete(get(s, ae_title))
-    s.flush()
-    repo.audit(s, actor, "source.remove", ae_title)
+_rows = Registry(Source, "ae_title", "source", out, _check_return_to)
+find, get, add, update, put, remove = _rows.find, _rows.get, _rows.add, _rows.update, _rows.put, _rows.remove
 
 
 def seed(s: Session, entries) -> None:  # noqa: ANN001 - config.SourceEntry
