@@ -49,11 +49,7 @@ RESULT_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.11.1",  # GSPS
 }
 
-HEADER_TAGS = [
-    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
-    "InstanceNumber", "SeriesNumber", "SeriesDescription", "PatientName", "PatientID",
-    "AccessionNumber", "StudyDate", "StudyDescription",
-]
+HEADER_TAGS = list(part10.HEADER_KEYWORDS)  # the one list: part10 reads these from raw bytes
 
 
 class Refused(Exception):

@@ -27,36 +27,23 @@ from __future__ import annotations
 import struct
 
 from pydicom import Dataset
+from pydicom.datadict import dictionary_VR, tag_for_keyword
 from pydicom.dataelem import RawDataElement
 from pydicom.tag import Tag
 from pydicom.uid import UID
 from pynetdicom import PYNETDICOM_IMPLEMENTATION_UID, PYNETDICOM_IMPLEMENTATION_VERSION
 
-#: The header elements the index reads (``dicom_node.ingest.HEADER_TAGS``) and their dictionary
-#: VRs, plus Specific Character Set (needed to decode the text ones).
-TAGS: dict[int, str] = {
-    0x00080005: "CS",  # SpecificCharacterSet
-    0x00080016: "UI",  # SOPClassUID
-    0x00080018: "UI",  # SOPInstanceUID
-    0x00080020: "DA",  # StudyDate
-    0x00080050: "SH",  # AccessionNumber
-    0x00080060: "CS",  # Modality
-    0x00081030: "LO",  # StudyDescription
-    0x0008103E: "LO",  # SeriesDescription
-    0x00100010: "PN",  # PatientName
-    0x00100020: "LO",  # PatientID
-    0x0020000D: "UI",  # StudyInstanceUID
-    0x0020000E: "UI",  # SeriesInstanceUID
-    0x00200011: "IS",  # SeriesNumber
-    0x00200013: "IS",  # InstanceNumber
-}
-KEYWORDS: dict[str, int] = {
-    "SpecificCharacterSet": 0x00080005, "SOPClassUID": 0x00080016, "SOPInstanceUID": 0x00080018,
-    "StudyDate": 0x00080020, "AccessionNumber": 0x00080050, "Modality": 0x00080060,
-    "StudyDescription": 0x00081030, "SeriesDescription": 0x0008103E, "PatientName": 0x00100010,
-    "PatientID": 0x00100020, "StudyInstanceUID": 0x0020000D, "SeriesInstanceUID": 0x0020000E,
-    "SeriesNumber": 0x00200011, "InstanceNumber": 0x00200013,
-}
+#: The header elements the index reads (``dicom_node.ingest`` asks pydicom for the same ones
+#: when this module declines).
+HEADER_KEYWORDS = (
+    "SOPClassUID", "SOPInstanceUID", "StudyInstanceUID", "SeriesInstanceUID", "Modality",
+    "InstanceNumber", "SeriesNumber", "SeriesDescription", "PatientName", "PatientID",
+    "AccessionNumber", "StudyDate", "StudyDescription",
+)
+#: keyword -> tag of those, plus Specific Character Set (needed to decode the text ones).
+KEYWORDS: dict[str, int] = {k: tag_for_keyword(k) for k in ("SpecificCharacterSet", *HEADER_KEYWORDS)}
+#: tag -> its dictionary VR (an element with another explicit VR is left to pydicom).
+TAGS: dict[int, str] = {tag: dictionary_VR(tag) for tag in KEYWORDS.values()}
 _LAST = max(TAGS)
 _TAG_OBJECTS = {t: Tag(t) for t in TAGS}
 #: Explicit VR: these have a 2-byte reserved field and a 4-byte length (PS3.5 7.1.2).
