@@ -127,19 +127,21 @@ def cross_validate(x: np.ndarray, y: np.ndarray, groups: list[str], folds: int =
     """Out-of-fold probabilities: ``folds`` folds of whole groups (series), each predicted by a
     read-out fitted on the others (used to choose and report the read-out on training data
     only)."""
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    out = np.full(len(y), np.nan)
-    for test in group_folds(groups, folds):
-        out[test] = fit(x[~test], y[~test], l2).probability(x[test])
-    return out
+    return cross_validate_on(x, y, groups, x, groups, folds, l2)
+
+
+def fold_numbers(groups: list[str], folds: int = 5, all_groups=None) -> np.ndarray:
+    """The fold of each item: group ``i`` in the sorted order of ``all_groups`` (default: the
+    groups given) falls in fold ``i mod folds``."""
+    fold_of = {g: i % folds for i, g in enumerate(sorted(set(groups if all_groups is None else all_groups)))}
+    return np.array([fold_of[g] for g in groups], int)
 
 
 def group_folds(groups: list[str], folds: int = 5):
     """The test masks (bool, one per item) of ``folds`` folds of whole groups (series): group
     ``i`` in sorted order falls in fold ``i mod folds``; a fold with no test or no training item
     is left out."""
-    fold_of = {g: i % folds for i, g in enumerate(sorted(set(groups)))}
-    f = np.array([fold_of[g] for g in groups])
+    f = fold_numbers(groups, folds)
     for k in range(folds):
         test = f == k
         if test.any() and (~test).any():
@@ -181,10 +183,8 @@ def cross_validate_on(x_fit, y_fit, groups_fit, x_apply, groups_apply, folds: in
     ``x_fit`` rows of the *other* folds (the fold rule of :func:`cross_validate` over the
     union of groups), so no series is predicted by a read-out that saw it."""
     x_fit, y_fit, x_apply = np.asarray(x_fit, float), np.asarray(y_fit, float), np.asarray(x_apply, float)
-    uniq = sorted(set(groups_fit) | set(groups_apply))
-    fold_of = {g: i % folds for i, g in enumerate(uniq)}
-    f_fit = np.array([fold_of[g] for g in groups_fit])
-    f_app = np.array([fold_of[g] for g in groups_apply])
+    union = set(groups_fit) | set(groups_apply)
+    f_fit, f_app = fold_numbers(groups_fit, folds, union), fold_numbers(groups_apply, folds, union)
     out = np.full(len(x_apply), np.nan)
     for k in range(folds):
         test = f_app == k
