@@ -32,11 +32,22 @@ class Invalid(AppError, ValueError):
     status = 422
 
 
-def invalid(exc) -> Invalid:  # noqa: ANN001 - a pydantic ValidationError
-    """A pydantic ``ValidationError`` as one ``Invalid`` sentence: "field: reason; ..."."""
+def invalid(exc, unnamed: str | None = None) -> Invalid:  # noqa: ANN001 - a pydantic ValidationError
+    """A pydantic ``ValidationError`` as one ``Invalid`` sentence: "field: reason; ...";
+    ``unnamed``: the field word for an error of the whole model (None: the reason alone)."""
     parts = []
     for e in exc.errors():
-        field = ".".join(str(p) for p in e["loc"])
+        field = ".".join(str(p) for p in e["loc"]) or unnamed
         msg = e["msg"].removeprefix("Value error, ")
         parts.append(f"{field}: {msg}" if field else msg)
     return Invalid("; ".join(parts))
+
+
+def validate(model, values: dict):  # noqa: ANN001 - a pydantic model class
+    """``model`` validated from ``values``; a refusal as one ``Invalid`` (see ``invalid``)."""
+    from pydantic import ValidationError
+
+    try:
+        return model.model_validate(values)
+    except ValidationError as exc:
+        raise invalid(exc) from None

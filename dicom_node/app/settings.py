@@ -11,10 +11,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy.orm import Session
 
-from dicom_node.app.errors import Invalid, invalid
+from dicom_node.app.errors import Invalid, validate
 from dicom_node.node import RUNTIME_KEYS, Node
 from dicom_node.values import check_ae_title
 from storage import repo
@@ -51,10 +51,7 @@ def parse(values: dict) -> RuntimeSettings:
     unknown = [k for k in values if k not in RUNTIME_KEYS]
     if unknown:
         raise Invalid(f"unknown setting(s) {unknown}; choose from {', '.join(RUNTIME_KEYS)}")
-    try:
-        return RuntimeSettings.model_validate(values)
-    except ValidationError as exc:
-        raise invalid(exc) from None
+    return validate(RuntimeSettings, values)
 
 
 def current(node: Node, s: Session) -> dict:

@@ -121,14 +121,9 @@ def run_source(args) -> int:
 
 def _model(model, **values):  # noqa: ANN001 - a pydantic model class of dicom_node.app
     """``model`` validated from the command's values (the API's model); a refusal as ``app.errors.Invalid``."""
-    from pydantic import ValidationError
+    from dicom_node.app.errors import validate
 
-    from dicom_node.app.errors import invalid
-
-    try:
-        return model.model_validate(values)
-    except ValidationError as exc:
-        raise invalid(exc) from None
+    return validate(model, values)
 
 
 def _destination_in(args):  # noqa: ANN001

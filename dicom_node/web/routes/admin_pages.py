@@ -24,7 +24,7 @@ from dicom_node.app import rules as app_rules
 from dicom_node.app import settings as app_settings
 from dicom_node.app import sources as app_sources
 from dicom_node.app import users as app_users
-from dicom_node.app.errors import AppError
+from dicom_node.app.errors import AppError, invalid
 from dicom_node.routing import store as rule_store
 from dicom_node.routing.dryrun import dry_run
 from dicom_node.routing.rules import Rule
@@ -47,11 +47,7 @@ def _see_other(url: str) -> RedirectResponse:
 
 
 def _validation_message(exc: ValidationError) -> str:
-    parts = []
-    for e in exc.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "value"
-        parts.append(f"{field}: {e['msg'].removeprefix('Value error, ')}")
-    return "; ".join(parts)
+    return str(invalid(exc, unnamed="value"))
 
 
 def _apply(request: Request, s, back: str, action: Callable[[], str]) -> RedirectResponse:
