@@ -319,9 +319,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     """Run (or resume) training; returns the path of the final weights, or None when stopped
     early by ``stop_after`` (a number of steps in this session; the checkpoint allows resuming
     with the same config)."""
-    init_meta = None
+    init_net = init_meta = None
     if cfg.init:
-        _, init_meta = load_weights(cfg.init, device="cpu")
+        init_net, init_meta = load_weights(cfg.init, device="cpu")
         ic = init_meta["config"]
         cfg = dataclasses.replace(cfg, widths=tuple(ic["widths"]), mask_width=ic["mask_width"], cross_task=ic["cross_task"],
                                   mask_blocks=ic.get("mask_blocks", 0))
@@ -335,8 +335,9 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     (out / name).write_text(json.dumps({"config": dataclasses.asdict(cfg), **provenance(), "resumed_at_step": resumed_at,
                                         "train_cubes": len(train_cubes), "val_series": sorted(val)}, indent=2) + "\n")
     net = build_network(dataclasses.asdict(cfg))
-    if cfg.init and not (resume and ckpt.exists()):
-        net.load_state_dict(load_weights(cfg.init, device="cpu")[0].state_dict())
+    if init_net is not None and not (resume and ckpt.exists()):
+        net.load_state_dict(init_net.state_dict())
+    del init_net
     net = net.to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.steps, pct_start=0.1)
