@@ -15,6 +15,7 @@ from pydantic import BaseModel, Field, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from dicom_node.routing.rules import Rule
+from model.threads import available_cpus
 # One validator per kind of value (``dicom_node.values``); re-exported here for the callers that
 # import them from the configuration.
 from dicom_node.values import OUTPUTS, check_ae_title, check_destination_target, check_outputs  # noqa: F401
@@ -29,6 +30,11 @@ def empty_is_none(value):
     return None if isinstance(value, str) and not value.strip() else value
 
 
+#: ``[node] listeners = "auto"`` starts one listener process per usable core, at most this many
+#: (more than four rarely pays: the database and the other stages need cores too).
+AUTO_LISTENERS_MAX = 4
+
+
 class NodeSection(BaseModel):
     ae_title: str = "DICOM_NODE"
     host: str = "0.0.0.0"
@@ -39,9 +45,21 @@ class NodeSection(BaseModel):
     max_pdu: int = Field(0, ge=0)
     #: Listener processes sharing the port (``SO_REUSEPORT``; Linux spreads new connections over
     #: them): ``serve`` starts this many, and with more than one each standalone ``listen`` sets
-    #: the option. One process is bound by Python's GIL to about one core of C-STORE work. The
-    #: limits below apply in each process.
-    listeners: int = Field(1, ge=1, le=64)
+    #: the option and claims the port for this node (``dicom_node.port_share``: another node on
+    #: the same port is refused). One process is bound by Python's GIL to about one core of
+    #: C-STORE work. "auto": the cores this process may use (affinity, cgroup quota), at most
+    #: ``AUTO_LISTENERS_MAX``. The limits below apply in each process.
+    listeners: Literal["auto"] | int = Field("auto", union_mode="left_to_right", validate_default=True)
+
+    @field_validator("listeners")
+    @classmethod
+    def _resolve_listeners(cls, v):
+        if v == "auto":
+            return min(available_cpus(), AUTO_LISTENERS_MAX)
+        if not 1 <= v <= 64:
+            raise ValueError("listeners must be 'auto' or an integer from 1 to 64")
+        return v
+
     # Listener limits (docs/hardening/listener.md); seconds and bytes.
     #: Associations at once past a complete request (half-open connections do not count).
     max_associations: int = Field(64, ge=1)

@@ -22,6 +22,7 @@ import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 
 from pydicom import Dataset
 from pynetdicom import ALL_TRANSFER_SYNTAXES, AllStoragePresentationContexts, evt
@@ -29,6 +30,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_node import ingest, part10, scp_reasons, tls
 from dicom_node.node import Node
+from dicom_node.port_share import PortShare, node_identity
 from dicom_node.scp_limits import LimitedAE, ListenerLimits, dataset_refusal
 from dicom_node.stages import process_identity
 from storage import repo
@@ -91,6 +93,8 @@ class Listener:
         self.port: int | None = None
         self._tls_server = None
         self.tls_port: int | None = None  # the DICOM TLS port, with [tls] enabled
+        self._plain_share: PortShare | None = None  # claims on shared ports (dicom_node.port_share)
+        self._tls_share: PortShare | None = None
         self.ae = self._build_ae()
 
     # --- composition ---------------------------------------------------------------------------
@@ -127,7 +131,12 @@ class Listener:
         if tls_cfg.enabled and self._tls_server is None:
             self.start_tls(host, tls_cfg.port)
         if not tls_cfg.enabled or tls_cfg.plain:
-            self._server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers())
+            self._plain_share = self._claim(port)
+            try:
+                self._server = self.ae.start_server((host, port), block=False, evt_handlers=self.handlers())
+            except BaseException:
+                self._release(self._plain_share)
+                raise
             self.port = self._server.server_address[1]
             log.info("listening as %s on %s:%d", self.node.effective("node.ae_title"), host, self.port)
         return self.port if self._server is not None else self.tls_port
@@ -136,8 +145,14 @@ class Listener:
         """DICOM TLS on ``host:port`` with the ``[tls]`` certificate; the handshake runs in each
         connection's own thread (``_on_tls_handshake``), bounded by ``handshake_timeout_seconds``."""
         context = tls.server_context(self.node.settings.tls)
-        self._tls_server = self.ae.start_server((host, port), block=False, ssl_context=context,
-                                                evt_handlers=self.handlers() + [(evt.EVT_CONN_OPEN, self._on_tls_handshake)])
+        self._tls_share = self._claim(port)
+        try:
+            self._tls_server = self.ae.start_server(
+                (host, port), block=False, ssl_context=context,
+                evt_handlers=self.handlers() + [(evt.EVT_CONN_OPEN, self._on_tls_handshake)])
+        except BaseException:
+            self._release(self._tls_share)
+            raise
         self.tls_port = self._tls_server.server_address[1]
         log.info("listening as %s with DICOM TLS on %s:%d (TLS >= %s, client certificate %s)",
                  self.node.effective("node.ae_title"), host, self.tls_port, self.node.settings.tls.min_version,
@@ -149,12 +164,30 @@ class Listener:
         if self._tls_server is not None:
             self._tls_server.shutdown()
             self._tls_server = None
+        self._tls_share = self._release(self._tls_share)
 
     def stop_plain(self) -> None:
         """Close the plain port only (rebinding after a port change keeps the TLS port)."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
+        self._plain_share = self._release(self._plain_share)
+
+    def _claim(self, port: int) -> PortShare | None:
+        """With the port shared by several listener processes (``[node] listeners``), claim it
+        for this node (``dicom_node.port_share``): another node is refused with one line."""
+        if not self.ae.reuse_port or not port:
+            return None
+        settings = self.node.settings
+        share = PortShare(port, node_identity(settings.database_url, settings.node.data_dir),
+                          str(Path(settings.node.data_dir).resolve()))
+        share.claim()
+        return share
+
+    @staticmethod
+    def _release(share: PortShare | None) -> None:
+        if share is not None:
+            share.release()
 
     def _on_tls_handshake(self, event) -> None:
         """EVT_CONN_OPEN on the TLS port: handshake now, in this connection's thread. A failure

@@ -377,7 +377,11 @@ def stage_process_main(name: str, settings: Settings, verbose: int, supervisor_p
     try:
         run_stage(stage_of(name), settings, stop)
     except StageConfigError as exc:
-        log.error("stage %s cannot run: %s", name, exc)
+        if name != stage_of(name):  # listen.2 ...: the same configuration as listen, which says it
+            log.error("stage %s cannot run: the configuration reason stage %s gives", name, stage_of(name))
+            log.debug("stage %s: %s", name, exc)
+        else:
+            log.error("stage %s cannot run: %s", name, exc)
         logging.shutdown()
         sys.exit(EXIT_CONFIG)
 
