@@ -4,7 +4,8 @@
 known (z, y, x voxel of the input) and names the first stage that loses it:
 
 * ``no_peak``: no detection-pass heatmap peak (any value) within the nodule radius;
-* ``below_candidate_threshold``: the best peak there scores below ``candidate_threshold``;
+* ``below_candidate_threshold``: the best peak there scores below ``candidate_threshold``
+  (``refined``: the refinement pass's score had it been a candidate);
 * ``outside_region``: a peak above it, but the lung region (:func:`model.lungs.lung_region`) or
   a tile core drops it (a crop narrower than 120 mm is its own region, so not for cubes);
 * ``suppressed``: kept peaks exist but a stronger one nearby removed it (distance NMS);
@@ -70,7 +71,10 @@ def explain(predictor, volume: np.ndarray, spacing, ref_voxel, diameter_mm: floa
                 out.update(nearest_peak_mm=round(dist, 2), nearest_peak=round(d.score, 4))
             return {**out, "stage": "no_peak"}
         out["peak"] = round(best[1].score, 4)
-        if best[1].score < saved:
+        if best[1].score < saved:  # what the refinement pass would have made of it
+            f = predictor._refine(iso, best[1], np.asarray(volume).shape, tuple(sp), (0.0, 0.0, 0.0), np.eye(3), may_skip=False)
+            if f is not None and np.linalg.norm(np.asarray(f.center_voxel) * sp - ref_iso) <= radius:
+                out["refined"] = round(f.score, 4)
             return {**out, "stage": "below_candidate_threshold"}
         dets = predictor._detect(iso, region)
         mine = _near(dets, ref_iso, radius)
