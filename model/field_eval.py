@@ -230,6 +230,7 @@ def evaluate_field(predictor, seed: int = 0, cubes: list[D.Cube] | None = None, 
     m_all = np.array([r["malignancy"] if r["found"] else 0.0 for r in lab])
     b_all = base([r["diameter_ref"] for r in lab]) if lab else np.zeros(0)
     fl = [i for i, r in enumerate(lab) if r["found"]]
+    b_det = np.where([r["found"] for r in lab], b_all, 0.0) if lab else np.zeros(0)
     y_f, m_f, b_f = y_all[fl], m_all[fl], b_all[fl]
     e, table = ece(m_f, y_f)
     lo_cut, hi_cut = bands
@@ -250,7 +251,12 @@ def evaluate_field(predictor, seed: int = 0, cubes: list[D.Cube] | None = None, 
                        "baseline": "logistic regression on the reference diameter, fitted on the training cubes",
                        "found": {**_mal_block(m_f, b_f, y_f), "difference": bootstrap_auc_diff(m_f, b_f, y_f, n_boot, seed) if len(y_f) > 1 else None},
                        "end_to_end": {**_mal_block(m_all, b_all, y_all), "missed_nodule_probability": 0.0,
-                                      "difference": bootstrap_auc_diff(m_all, b_all, y_all, n_boot, seed) if len(y_all) > 1 else None}},
+                                      "difference": bootstrap_auc_diff(m_all, b_all, y_all, n_boot, seed) if len(y_all) > 1 else None},
+                       # beside it (not the target): the diameter rule applied to the nodules the
+                       # detector reported, a missed nodule 0 for both (a reader sizing only what
+                       # the device shows sees the same nodules as the model)
+                       "end_to_end_same_detection": {**_mal_block(m_all, b_det, y_all), "missed_nodule_probability": 0.0,
+                                                     "difference": bootstrap_auc_diff(m_all, b_det, y_all, n_boot, seed) if len(y_all) > 1 else None}},
         "calibration": {"ece": _r(e), "bins": 10, "binning": "equal width on [0, 1]", "n": int(len(y_f)), "reliability": table,
                         "ece_spread": ece_spread(m_f, y_f, n=min(n_boot, 2000), seed=seed),
                         "calibrator": _calibrator_name(predictor),
@@ -340,7 +346,7 @@ def summary(res: dict) -> str:
     lines = [f"field protocol, seed {res['seed']}: {res['validation']['cubes']} validation cubes, {res['validation']['series']} series",
              f"off-centre: sensitivity {oc['sensitivity']}, false findings/cube {oc['false_findings_per_cube']}, Dice {oc['dice_mean']}",
              "  by band: " + ", ".join(f"{k} {v['sensitivity']} (n={v['n']})" for k, v in oc["by_size_band"].items())]
-    for k in ("found", "end_to_end"):
+    for k in ("found", "end_to_end", "end_to_end_same_detection"):
         b = m[k]
         d = b["difference"] or {}
         lines.append(f"malignancy {k}: AUC {b['model_auc']} vs diameter {b['diameter_auc']} (diff {d.get('auc_difference')} CI {d.get('ci95')}), "
@@ -358,6 +364,8 @@ def summary(res: dict) -> str:
     if isinstance(res["thin_slice"], list):
         for t in res["thin_slice"]:
             lines.append(f"LIDC-IDRI-0001 at {t['slice_mm']} mm: found {t['found']} distance {t['distance_mm']} diameter {t['diameter_mm']} FP {t['false_findings']}")
+    if res.get("misses"):
+        lines.append("missed nodules lost at: " + ", ".join(f"{k} {v}" for k, v in res["misses"]["by_stage"].items()))
     for k, v in res["targets"].items():
         lines.append(f"target {k}: {'met' if v['met'] else 'MISSED'} ({v['value']})")
     return "\n".join(lines)

@@ -36,6 +36,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="field (default): off-centre/rescaled cubes, malignancy vs diameter with bootstrap CI, calibration, "
                         "thin-slice resamples (OUT/field-evaluation.json); centred: the earlier centred-cube + whole-scan FROC protocol")
     p.add_argument("--quick", action="store_true", help="field protocol on 12 cubes, one thickness (2.5 mm), 200 bootstrap resamples")
+    p.add_argument("--explain-misses", action="store_true",
+                   help="field protocol: also name the stage where each missed off-centre cube's nodule is lost "
+                        "(model.miss_diagnosis; OUT/field-misses.json)")
     p.add_argument("--bands", default="0.40,0.70", help="suspicion band cut-offs low/intermediate/high (default: the UI's %(default)s)")
     p.set_defaults(func=run)
 
@@ -107,6 +110,16 @@ def _run_field(args, predictor, weights: Path) -> int:
         print(f"dicom-node evaluate: shared data missing: {exc}", file=sys.stderr)
         return 2
     rows = res.pop("_rows")
+    if args.explain_misses:
+        from model import data as D
+        from model import miss_diagnosis as M
+
+        _, _, val = D.split_cubes(D.load_cubes())
+        val = [c for c in val if c.mask.any()][: 12 if args.quick else None]
+        missed = {r["name"] for r in rows if not r["found"]}
+        why = M.explain_field(predictor, [c for c in val if c.name in missed], seed=args.seed, only_missed=False)
+        res["misses"] = {"by_stage": why["by_stage"], "by_band": why["by_band"]}
+        (out / "field-misses.json").write_text(json.dumps(why, indent=1) + "\n")
     res["weights"] = str(weights)
     res["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
     res["command"] = "dicom-node evaluate " + " ".join(sys.argv[2:]) if len(sys.argv) > 1 else "dicom-node evaluate"

@@ -54,6 +54,8 @@ def test_quick_protocol_structure_and_broken_predictor(luna_cubes, predictor):
     assert res["off_centre"]["sensitivity"] > 0
     assert res["validation"]["cubes"] == 6 and len(res["_rows"]) == 6
     assert set(res["calibration"]["suspicion_bands"]) == {"low", "intermediate", "high"}
+    same = res["malignancy"]["end_to_end_same_detection"]
+    assert same["n"] == res["malignancy"]["end_to_end"]["n"] and same["model_auc"] == res["malignancy"]["end_to_end"]["model_auc"]
 
 
 def test_ece_spread_floor_of_a_calibrated_model_is_small_but_not_zero():

@@ -1,0 +1,13 @@
+import json, sys, time, resource
+import torch
+torch.set_num_threads(1)
+from model import data as D, miss_diagnosis as M
+from model.inference import Predictor
+p = Predictor(threads=1)
+_, train, _ = D.split_cubes(D.load_cubes())
+train = [c for c in train if c.mask.any()][::3]
+t=time.time()
+r = M.explain_field(p, train, seed=0, only_missed=True)
+r["seconds"]=time.time()-t; r["cpu_s"]=resource.getrusage(resource.RUSAGE_SELF).ru_utime
+json.dump(r, open(sys.argv[1],"w"), indent=1)
+print(len(train), r["by_stage"]); print(r["by_band"]); print(r["seconds"], r["cpu_s"])
