@@ -1,3 +1,7 @@
+"""Where the off-centre training cubes (every third) are lost: model.miss_diagnosis over the field
+protocol's draws on training data (used to choose the candidate threshold tried in
+docs/model/experiment-candidate-threshold-0.08.json). Usage: python benchmarks/field_misses_training_cubes.py OUT.json
+"""
 import json, sys, time, resource
 import torch
 torch.set_num_threads(1)
