@@ -26,8 +26,9 @@ temporary folder and run from there, with ``PYTHONPATH`` set to it, so its rows 
 code) beside this tree's, interleaved in the same repeats: before and after under the same load.
 The load average is printed with each part (the machine may be shared).
 
-``--listeners N`` adds rows for this tree's node with N ``listen`` processes sharing the port
-(``[node] listeners = N``, SO_REUSEPORT); their CPU is summed.
+``--listeners N`` adds rows for this tree's node (and the ``--before-rev`` one) with N ``listen``
+processes sharing the port (``[node] listeners = N``, SO_REUSEPORT); their CPU is summed. The
+other node rows run one ``listen`` process with ``listeners = 1``.
 
 Usage: python benchmarks/bench_ingest.py [--repeats 3] [--senders 8] [--no-e2e] [--no-postgresql]
        [--no-orthanc] [--quiet-seconds 2] [--before-rev REV] [--no-bare] [--listeners N]
@@ -147,8 +148,8 @@ def node_listener(work: Path, database_url: str = "", code: Path = REPO):
     folder = work / "node"
     shutil.rmtree(folder, ignore_errors=True)
     node = NodeProcess(folder, database_url=database_url)
-    if LISTENERS > 1:
-        node.config.write_text(node.config.read_text().replace("[node]\n", f"[node]\nlisteners = {LISTENERS}\n", 1))
+    # Always explicit: the default is "auto" (the usable cores) since session 8, 1 before.
+    node.config.write_text(node.config.read_text().replace("[node]\n", f"[node]\nlisteners = {LISTENERS}\n", 1))
     env = {**os.environ, "PYTHONPATH": str(code)}
     argv = [sys.executable, "-m", "dicom_node.cli", "listen", "--config", str(node.config)]
     procs = [subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=code, env=env)]
@@ -316,7 +317,7 @@ def main() -> int:
     ap.add_argument("--no-bare", action="store_true", help="skip bare pynetdicom (ratios are then to the first row)")
     ap.add_argument("--no-sqlite", action="store_true", help="skip the node on SQLite")
     ap.add_argument("--listeners", type=int, default=1,
-                    help="listener processes per node, sharing the port ([node] listeners; this tree only)")
+                    help="listener processes per node, sharing the port ([node] listeners)")
     args = ap.parse_args()
     if not LIDC_SERIES.is_dir():
         print(f"LIDC-IDRI-0001 not found at {LIDC_SERIES}: nothing to benchmark", file=sys.stderr)
@@ -340,6 +341,9 @@ def main() -> int:
             receivers.append((f"dicom-node {old.name[4:]}, {db}", at(receiver, old)))
         receivers.append((f"dicom-node listen, {db}", receiver))
         if args.listeners > 1:
+            if old is not None:
+                receivers.append((f"dicom-node {old.name[4:]} x{args.listeners}, {db}",
+                                  listeners(at(receiver, old), args.listeners)))
             receivers.append((f"dicom-node listen x{args.listeners}, {db}", listeners(receiver, args.listeners)))
     if not args.no_orthanc:
         if shutil.which("Orthanc") or shutil.which("orthanc"):

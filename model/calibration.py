@@ -93,7 +93,7 @@ class Calibrator:
         return cls(**{k: d[k] for k in ("method", "a", "b", "knots_p", "knots_q", "n_train", "fit") if k in d})
 
 
-def _logistic_1d(z: np.ndarray, y: np.ndarray, intercept: bool, l2: float = 1e-3, iterations: int = 100) -> tuple[float, float]:
+def logistic_1d(z: np.ndarray, y: np.ndarray, intercept: bool, l2: float = 1e-3, iterations: int = 100) -> tuple[float, float]:
     """(a, b) of ``P(y) = sigmoid(a z + b)`` by damped Newton steps from ``a = b = 0`` (``b =
     0`` without intercept); a tiny L2 penalty keeps separable data finite."""
     X = np.stack([z, np.ones_like(z)], 1) if intercept else z[:, None]
@@ -155,7 +155,7 @@ def fit(p, y, method: str) -> Calibrator:
     if method == "isotonic":
         kp, kq = isotonic_knots(p, y)
         return Calibrator("isotonic", knots_p=kp, knots_q=kq, n_train=len(p))
-    a, b = _logistic_1d(_logit(p), y, intercept=method == "platt")
+    a, b = logistic_1d(_logit(p), y, intercept=method == "platt")
     return Calibrator(method, a=max(a, 1e-3), b=b, n_train=len(p))
 
 

@@ -42,6 +42,7 @@ import numpy as np
 import SimpleITK as sitk
 
 from model import data as D
+from model.calibration import logistic_1d
 from model.metrics import accuracy, dice, roc_auc
 
 SIZE_BANDS = ((3, 6), (6, 10), (10, 20), (20, 30), (30, 1e9))
@@ -82,18 +83,14 @@ def off_centre_cube(cube: D.Cube, rng) -> tuple[np.ndarray, np.ndarray, float, n
     return hu, mask, scale, ref, {"scale": round(scale, 4), "shift_mm": [round(float(s), 2) for s in shift]}
 
 
-def _fit_logistic(x, y, iters: int = 50):
+def _fit_logistic(x, y):
+    """P(malignant | diameter in mm): a logistic regression on the standardised diameter (the
+    diameter-only baseline), fitted by ``calibration.logistic_1d``."""
     x = np.asarray(x, float)
     y = np.asarray(y, float)
     mu, sd = x.mean(), x.std() or 1.0
-    X = np.stack([np.ones_like(x), (x - mu) / sd], 1)
-    w = np.zeros(2)
-    for _ in range(iters):
-        p = 1 / (1 + np.exp(-X @ w))
-        g = X.T @ (p - y) + 1e-3 * w
-        H = (X * (p * (1 - p))[:, None]).T @ X + 1e-3 * np.eye(2)
-        w -= np.linalg.solve(H, g)
-    return lambda d: 1 / (1 + np.exp(-(w[0] + w[1] * (np.asarray(d, float) - mu) / sd)))
+    a, b = logistic_1d((x - mu) / sd, y, intercept=True)
+    return lambda d: 1 / (1 + np.exp(-(a * (np.asarray(d, float) - mu) / sd + b)))
 
 
 def bootstrap_auc_diff(a, b, y, n_boot: int, seed: int) -> dict:
@@ -138,9 +135,9 @@ def ece_spread(p, y, n: int = 2000, seed: int = 0) -> dict:
     rng = np.random.default_rng(seed)
     boot = [ece(p[i], y[i])[0] for i in (rng.integers(0, len(p), len(p)) for _ in range(n))]
     floor = [ece(p, (rng.random(len(p)) < p).astype(float))[0] for _ in range(n)]
-    from model.calibration import _logistic_1d, _logit
+    from model.calibration import _logit
 
-    slope, intercept = _logistic_1d(_logit(p), y, intercept=True) if 0 < y.sum() < len(y) else (float("nan"), float("nan"))
+    slope, intercept = logistic_1d(_logit(p), y, intercept=True) if 0 < y.sum() < len(y) else (float("nan"), float("nan"))
     return {"ci95": [_r(v) for v in np.percentile(boot, [2.5, 97.5])], "perfectly_calibrated_median": _r(np.median(floor)),
             "perfectly_calibrated_p95": _r(np.percentile(floor, 95)), "n_draws": n,
             # diagnostic only, never applied: 1 and 0 when calibrated; slope > 1: not sure enough
