@@ -6,8 +6,7 @@ index cannot hold (``storage.limits``: over-long values, a SOP Instance UID that
 one announced), writes the bytes to the file store (temp file, fsync, rename) *before* the index
 transaction begins (so the SQLite write lock is never held across an fsync and the index never
 names a file that is not durable), then indexes the instance (``repo.index_instance``: the same
-rows, the same "series dirty, study reopened" the scheduler waits on; in the listener, in an index
-transaction shared with the other associations of its process: ``storage.group_commit``). It returns the outcome or
+rows, the same "series dirty, study reopened" the scheduler waits on). It returns the outcome or
 raises ``Refused`` with a named PS3.4 status: refusals of the content itself are permanent
 (0xA900, 0xC000: the same bytes will never be accepted); only a failure of the disk or the
 database is transient (0xA700: the sender retries).
@@ -29,7 +28,6 @@ from sqlalchemy.exc import DataError, IntegrityError
 from dicom_node import part10
 from storage import limits, redact, repo
 from storage.filestore import StoreError
-from storage.group_commit import GroupCommit
 
 log = logging.getLogger(__name__)
 
@@ -160,17 +158,14 @@ def read_meta(data: bytes, transfer_syntax: str | None, source: str | None, *,
 def store_instance(node, data: bytes, *, transfer_syntax: str | None, source: str | None,  # noqa: ANN001
                    association_id: int | None, cache: repo.IndexCache | None = None,
                    expected_sop_instance_uid: str | None = None,
-                   expected_study_instance_uid: str | None = None, dataset=None,
-                   commit: GroupCommit | None = None) -> Stored:
+                   expected_study_instance_uid: str | None = None, dataset=None) -> Stored:
     """Persist ``data`` (a Part 10 byte string, as received) and index it; see the module doc.
 
     ``node``: a ``dicom_node.node.Node`` (its file store and session factory). ``source``: the
     calling AE title (C-STORE) or None (STOW-RS; the request is audited by its caller).
     ``expected_sop_instance_uid``: the UID the C-STORE request announced; ``expected_study_instance_uid``:
     the study of a STOW-RS request to ``/studies/{uid}``. ``dataset``: ``data`` without its file
-    meta, when the caller has it (see ``read_meta``). ``commit``: the listener process's group
-    commit (``storage.group_commit``), so that concurrent associations share index transactions;
-    without it the instance is indexed in a transaction of its own. Raises ``Refused``.
+    meta, when the caller has it (see ``read_meta``). Raises ``Refused``.
     """
     try:
         meta = read_meta(data, transfer_syntax, source, dataset=dataset)
@@ -205,13 +200,11 @@ def store_instance(node, data: bytes, *, transfer_syntax: str | None, source: st
         log.error("cannot store %s: %s", meta.sop_instance_uid, exc)
         raise Refused(OUT_OF_RESOURCES, "cannot write the file store", **refused) from None
     cache = cache if cache is not None else repo.IndexCache()
-    commit = commit if commit is not None else GroupCommit(node.sessions.begin_connection, max_batch=1)
     for attempt in (1, 2):
         try:
-            outcome = commit.run(
-                lambda conn: repo.index_instance(conn, meta, relpath, pending.size, pending.sha256, source,
-                                                 association_id, cache),
-                order_key=(meta.series_instance_uid, meta.sop_instance_uid), reset=cache.clear)
+            with node.sessions.begin_connection() as conn:
+                outcome = repo.index_instance(conn, meta, relpath, pending.size, pending.sha256, source,
+                                              association_id, cache)
             break
         except IntegrityError as exc:
             known = bool(cache.studies or cache.series)

@@ -34,7 +34,6 @@ from dicom_node.port_share import PortShare, node_identity
 from dicom_node.scp_limits import LimitedAE, ListenerLimits, dataset_refusal
 from dicom_node.stages import process_identity
 from storage import repo
-from storage.group_commit import GroupCommit
 from storage.models import AssociationLog, AssociationResult, utcnow
 
 log = logging.getLogger(__name__)
@@ -88,8 +87,7 @@ class Listener:
         self._assocs: dict[int, _AssocState] = {}
         self._lock = threading.Lock()
         self._server = None
-        #: The index transactions of this process's associations, shared (group commit).
-        self.index_commit = GroupCommit(node.sessions.begin_connection)
+        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self.port: int | None = None
         self._tls_server = None
         self.tls_port: int | None = None  # the DICOM TLS port, with [tls] enabled
@@ -360,8 +358,7 @@ class Listener:
         try:
             ingest.store_instance(self.node, data, transfer_syntax=str(event.context.transfer_syntax),
                                   source=st.calling_ae, association_id=st.log_id, cache=self._index_cache(event),
-                                  expected_sop_instance_uid=sop_uid_cmd, dataset=dataset,
-                                  commit=self.index_commit)
+                                  expected_sop_instance_uid=sop_uid_cmd, dataset=dataset)
         except ingest.Refused as exc:
             if exc.limit:
                 st.refused_reason, st.refused = exc.reason, st.refused + 1  # in the association audit
