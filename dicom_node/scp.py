@@ -20,7 +20,6 @@ import ssl
 import threading
 import time
 import weakref
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +86,6 @@ class Listener:
         self._assocs: dict[int, _AssocState] = {}
         self._lock = threading.Lock()
         self._server = None
-        self._io = ThreadPoolExecutor(max_workers=8, thread_name_prefix="fsync")
         self.port: int | None = None
         self._tls_server = None
         self.tls_port: int | None = None  # the DICOM TLS port, with [tls] enabled

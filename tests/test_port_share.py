@@ -114,19 +114,20 @@ def test_a_listener_of_another_node_is_refused_on_a_shared_port(tmp_path):
     port = free_port()
     first = _with_listeners(NodeProcess(tmp_path / "first"), 2, port)
     other = _with_listeners(NodeProcess(tmp_path / "other"), 2, port)
-    procs = []
+    procs: list[subprocess.Popen] = []
     try:
-        procs = [_listen(first)]
+        procs.append(_listen(first))
         wait_for(lambda: _connectable(port), timeout=120, what="the first listener")
         procs.append(_listen(first))  # a second listener process of the same node: shares the port
         intruder = _listen(other)
+        procs.append(intruder)  # stopped with the others, should it (wrongly) keep running
         out, _ = intruder.communicate(timeout=180)
         assert intruder.returncode == EXIT_CONFIG, out[-2000:]
         assert f"port {port} is already shared by the listeners of another dicom-node" in out
         assert str(first.data_dir.resolve()) in out
         assert "Traceback" not in out
         time.sleep(2)
-        assert all(p.poll() is None for p in procs), "a listener of the first node stopped"
+        assert all(p.poll() is None for p in procs[:2]), "a listener of the first node stopped"
         assert _echoes(port, 20) == 20
     finally:
         for p in procs:
