@@ -365,8 +365,10 @@ def orphan_grace(name: str, settings: Settings) -> float:
     return settings.worker.stop_grace_seconds + 10.0 if name == "work" else ORPHAN_GRACE_SECONDS
 
 
-def stage_process_main(name: str, settings: Settings, verbose: int, supervisor_pid: int) -> None:
-    """Entry point of a stage's child process."""
+def stage_process_main(name: str, settings: Settings, verbose: int, supervisor_pid: int, reasons=None) -> None:  # noqa: ANN001
+    """Entry point of a stage's child process. ``reasons``: the supervisor's queue for the
+    one-line reason a stage cannot run (the supervisor logs each distinct reason once: the
+    listener processes of ``[node] listeners`` all meet the same taken port)."""
     set_parent_death_signal(supervisor_pid)  # first: die with the supervisor
     stop = threading.Event()
     install_stop_handlers(stop)
@@ -377,16 +379,34 @@ def stage_process_main(name: str, settings: Settings, verbose: int, supervisor_p
     try:
         run_stage(stage_of(name), settings, stop)
     except StageConfigError as exc:
-        if name != stage_of(name):  # listen.2 ...: the same configuration as listen, which says it
-            log.error("stage %s cannot run: the configuration reason stage %s gives", name, stage_of(name))
-            log.debug("stage %s: %s", name, exc)
-        else:
+        if reasons is None:
             log.error("stage %s cannot run: %s", name, exc)
+        else:
+            reasons.put((name, str(exc)))
+            reasons.close()
+            reasons.join_thread()  # delivered before this process exits
         logging.shutdown()
         sys.exit(EXIT_CONFIG)
 
 
 # --- the supervisor -----------------------------------------------------------------------------
+
+def _log_reasons(reasons) -> None:  # noqa: ANN001 - a multiprocessing Queue
+    """Log each distinct reason the stages sent once (waiting up to 2 s for the first)."""
+    import queue
+
+    seen: set[str] = set()
+    wait = 2.0
+    while True:
+        try:
+            name, reason = reasons.get(timeout=wait)
+        except queue.Empty:
+            return
+        wait = 0.2
+        if reason not in seen:
+            seen.add(reason)
+            log.error("stage %s cannot run: %s", name, reason)
+
 
 def stop_timeout(name: str, settings: Settings) -> float:
     """How long the supervisor waits for stage ``name`` after SIGTERM before killing it (s)."""
@@ -432,9 +452,11 @@ def _supervise(settings: Settings, stages: list[str], verbose: int, restart_dela
     ctx = mp.get_context("spawn")
     procs: dict[str, mp.Process] = {}
     me = os.getpid()
+    reasons = ctx.Queue()  # (stage, one-line reason) from stages that cannot run
 
     def start(name: str) -> None:
-        p = ctx.Process(target=stage_process_main, args=(name, settings, verbose, me), name=f"dicom-node-{name}")
+        p = ctx.Process(target=stage_process_main, args=(name, settings, verbose, me, reasons),
+                        name=f"dicom-node-{name}")
         p.start()
         procs[name] = p
         log.info("stage %s started (pid %d)", name, p.pid)
@@ -450,6 +472,7 @@ def _supervise(settings: Settings, stages: list[str], verbose: int, restart_dela
             if p.is_alive():
                 continue
             if p.exitcode == EXIT_CONFIG:
+                _log_reasons(reasons)
                 log.error("stage %s cannot run (configuration, see above): stopping", name)
                 code = EXIT_CONFIG
                 break
