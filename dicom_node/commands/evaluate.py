@@ -96,13 +96,15 @@ def run(args) -> int:
 def _run_field(args, predictor, weights: Path) -> int:
     import hashlib
 
+    from model import data as D
     from model import field_eval as F
 
     bands = tuple(float(v) for v in args.bands.split(","))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
-        res = F.evaluate_field(predictor, seed=args.seed, limit=12 if args.quick else None,
+        cubes = D.load_cubes()  # once: the protocol and --explain-misses use the same cubes
+        res = F.evaluate_field(predictor, seed=args.seed, cubes=cubes, limit=12 if args.quick else None,
                                thicknesses=(2.5,) if args.quick else F.THICKNESSES_MM, bands=bands,
                                n_boot=200 if args.quick else 2000, progress=sys.stderr.isatty(),
                                phantoms=4 if args.quick else 12)
@@ -111,10 +113,9 @@ def _run_field(args, predictor, weights: Path) -> int:
         return 2
     rows = res.pop("_rows")
     if args.explain_misses:
-        from model import data as D
         from model import miss_diagnosis as M
 
-        _, _, val = D.split_cubes(D.load_cubes())
+        _, _, val = D.split_cubes(cubes)
         val = [c for c in val if c.mask.any()][: 12 if args.quick else None]
         missed = {r["name"] for r in rows if not r["found"]}
         why = M.explain_field(predictor, [c for c in val if c.name in missed], seed=args.seed, only_missed=False)
