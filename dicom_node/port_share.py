@@ -25,14 +25,11 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
-import logging
 import os
 import tempfile
 from pathlib import Path
 
 from dicom_node.stages import StageConfigError
-
-log = logging.getLogger(__name__)
 
 
 def lock_dir() -> Path:

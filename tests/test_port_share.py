@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 
 from dicom_node.port_share import PortShare, node_identity
 from dicom_node.stages import EXIT_CONFIG, StageConfigError
-from tests.peers import REPO, NodeProcess, free_port, wait_for
+from tests.peers import REPO, NodeProcess, free_port, listening, wait_for
 
 
 def test_the_same_node_shares_and_another_node_is_refused_with_one_line(tmp_path):
@@ -97,15 +96,6 @@ def _echoes(port: int, n: int) -> int:
     return ok
 
 
-def _connectable(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        time.sleep(0.5)
-        return False
-
-
 def test_a_listener_of_another_node_is_refused_on_a_shared_port(tmp_path):
     """Two standalone ``listen`` processes of one node share the port (``listeners = 2``); a
     ``listen`` of another node (other data directory) with the same setting is refused with exit
@@ -117,7 +107,7 @@ def test_a_listener_of_another_node_is_refused_on_a_shared_port(tmp_path):
     procs: list[subprocess.Popen] = []
     try:
         procs.append(_listen(first))
-        wait_for(lambda: _connectable(port), timeout=120, what="the first listener")
+        wait_for(lambda: listening(port), timeout=120, what="the first listener")
         procs.append(_listen(first))  # a second listener process of the same node: shares the port
         intruder = _listen(other)
         procs.append(intruder)  # stopped with the others, should it (wrongly) keep running

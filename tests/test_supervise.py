@@ -25,7 +25,7 @@ from pynetdicom.sop_class import CTImageStorage
 from sqlalchemy import select
 
 from storage.models import Instance, Job, JobState, StageHeartbeat
-from tests.peers import REPO, NodeProcess, free_port, wait_for
+from tests.peers import REPO, NodeProcess, free_port, listening, wait_for
 from tests.results.synthetic_ct import SeriesSpec, write_series
 
 FAKE = Path(__file__).parent / "fake_predictor"
@@ -71,12 +71,6 @@ def alive(pid: int) -> bool:
         return False
 
 
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=1):
-            return True
-    except OSError:
-        return False
 
 
 def send_series(port: int, files: list[Path], *, called: str = "DICOM_NODE") -> list[str]:
