@@ -123,32 +123,50 @@ def sample_map(m: torch.Tensor, pos: np.ndarray, stride: int) -> float:
     return val
 
 
-def decode(out: dict[str, torch.Tensor], threshold: float = 0.05, max_detections: int = 100) -> list[list[Detection]]:
-    """Turn head outputs (with batch axis) into detections per batch item.
-
-    Peaks are local maxima of ``sigmoid(heatmap)`` over a 3-cell neighbourhood above
-    ``threshold``; each gives centre ``(cell + offset) * stride``, diameter ``exp(size)`` and
-    malignancy ``sigmoid`` of the malignancy map sampled at the centre. Sorted by score.
-    """
-    heat = torch.sigmoid(out["heatmap"])
+def peak_cells(heatmap: torch.Tensor, threshold: float, max_detections: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch item: (cells (K, dims) int, scores (K,)) of the local maxima of
+    ``sigmoid(heatmap)`` (B, 1, *G) over a 3-cell neighbourhood that reach ``threshold``, the
+    ``max_detections`` best, highest first."""
+    heat = torch.sigmoid(heatmap)
     dims = heat.dim() - 2
     pool = F.max_pool3d if dims == 3 else F.max_pool2d
     peaks = (heat == pool(heat, 3, stride=1, padding=1)) & (heat >= threshold)
-    mal = torch.sigmoid(out["malignancy"])
     results = []
     for b in range(heat.shape[0]):
         idx = torch.nonzero(peaks[b, 0])
         scores = heat[b, 0][tuple(idx.T)]
         order = torch.argsort(scores, descending=True)[:max_detections]
-        dets = []
-        for k in order.tolist():
-            cell = idx[k]
-            off = out["offset"][(b, slice(None)) + tuple(cell.tolist())].float().numpy()
-            centre = (cell.numpy().astype(np.float32) + off) * HEATMAP_STRIDE
-            diam = float(torch.exp(out["size"][(b, 0) + tuple(cell.tolist())]))
-            m = sample_map(mal[b], centre, MALIGNANCY_STRIDE)
-            dets.append(Detection(tuple(float(v) for v in centre), diam, float(scores[k]), m))
-        results.append(dets)
+        results.append((idx[order], scores[order]))
+    return results
+
+
+def detections(cells: torch.Tensor, scores: torch.Tensor, offset: torch.Tensor, size: torch.Tensor,
+               malignancy: list[float] | None = None) -> list[Detection]:
+    """Detections from peak ``cells`` (K, dims) with their ``scores`` (K,), the offset head
+    (K, dims) and size head (K,) there: centre ``(cell + offset) * stride`` voxels, diameter
+    ``exp(size)``; ``malignancy`` per peak, NaN when not given."""
+    centres = (cells.float() + offset.float()) * HEATMAP_STRIDE
+    diams = torch.exp(size.float())
+    return [Detection(tuple(float(v) for v in centres[k]), float(diams[k]), float(scores[k]),
+                      float(malignancy[k]) if malignancy is not None else float("nan")) for k in range(cells.shape[0])]
+
+
+def decode(out: dict[str, torch.Tensor], threshold: float = 0.05, max_detections: int = 100) -> list[list[Detection]]:
+    """Turn head outputs (with batch axis) into detections per batch item.
+
+    Peaks are local maxima of ``sigmoid(heatmap)`` over a 3-cell neighbourhood above
+    ``threshold`` (:func:`peak_cells`); each gives centre ``(cell + offset) * stride``, diameter
+    ``exp(size)`` and malignancy ``sigmoid`` of the malignancy map sampled at the centre. Sorted
+    by score.
+    """
+    mal = torch.sigmoid(out["malignancy"])
+    results = []
+    for b, (cells, scores) in enumerate(peak_cells(out["heatmap"], threshold, max_detections)):
+        offset = out["offset"][b][(slice(None),) + tuple(cells.T)].T  # (K, dims)
+        size = out["size"][b, 0][tuple(cells.T)]
+        dets = detections(cells, scores, offset, size)
+        results.append([Detection(d.center, d.diameter, d.score, sample_map(mal[b], np.asarray(d.center), MALIGNANCY_STRIDE))
+                        for d in dets])
     return results
 
 

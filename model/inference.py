@@ -57,10 +57,10 @@ from scipy import ndimage as ndi
 
 from model import DEFAULT_WEIGHTS
 from model.data import resample_to_iso, voxel_to_world
-from model.detector import Detection, decode, sample_map, suppress
+from model.detector import Detection, decode, detections, peak_cells, sample_map, suppress
 from model.finding import Finding
 from model.lungs import bounding_box, lung_region
-from model.network import HEATMAP_STRIDE, INPUT_MULTIPLE, MALIGNANCY_STRIDE, fold_batchnorm
+from model.network import HEATMAP_STRIDE, INPUT_MULTIPLE, MALIGNANCY_STRIDE, fold_batchnorm, fuse_upsampling
 from model.calibration import Calibrator
 from model.readout import Readout, nodule_features
 from model.threads import apply_torch_threads, resolve_threads
@@ -117,6 +117,7 @@ class Predictor:
     # threshold, so that a FROC curve computed at a low threshold is that of the same candidates
     candidate_threshold = 0.2
     max_candidates = 30
+    max_tile_peaks = 100  # heatmap peaks decoded per detection-pass tile
     tta = True  # flip averaging in the refinement pass (score, malignancy, size, mask)
     # no flip averaging for a candidate whose unflipped score is below threshold - skip_margin
     # (flip averaging raised a candidate's score by at most 0.117 in 298 measured; None: never skip)
@@ -132,6 +133,8 @@ class Predictor:
         self.device = torch.device(device)
         net, self.meta = load_weights(path, device=device)
         self.net = fold_batchnorm(net)
+        if optimise:  # one transposed convolution per decoder up-projection (same outputs)
+            self.net = fuse_upsampling(self.net)
         self.readout = Readout.from_json(self.meta["readout"]) if self.meta.get("readout") else None
         # the read-out's probability through its calibrator (fitted on training-only out-of-fold
         # probabilities, :mod:`model.calibration`); None: the read-out's probability as is
@@ -233,19 +236,21 @@ class Predictor:
                                 spacing, origin, direction, details=details)
 
     # ------------------------------------------------------------------ passes
-    def _run(self, hu_crop: np.ndarray, with_mask: bool, bf16: bool = False) -> dict[str, torch.Tensor]:
+    def _run(self, hu_crop: np.ndarray, with_mask: bool, bf16: bool = False, detect_only: bool = False) -> dict[str, torch.Tensor]:
         """Network outputs (float32, CPU, with batch axis) for a (Z, Y, X) HU crop or a batch
-        (B, Z, Y, X) of equal crops; ``bf16``: torch in bfloat16 (autocast)."""
+        (B, Z, Y, X) of equal crops; ``bf16``: torch in bfloat16 (autocast); ``detect_only``:
+        heatmap and features only (:meth:`model.network.ResMTNet.forward`)."""
         x = normalize_hu(hu_crop)
         x = x[None, None] if x.ndim == 3 else x[:, None]
         if self.onnx is not None and not bf16:
-            return {k: torch.from_numpy(v) for k, v in self.onnx(x, with_mask).items()}
+            variant = "detect" if detect_only else "mask" if with_mask else "nomask"
+            return {k: torch.from_numpy(v) for k, v in self.onnx(x, variant).items()}
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         del x
         if self.channels_last:
             t = t.contiguous(memory_format=torch.channels_last_3d)
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = self.net(t, with_mask=with_mask)
+            out = self.net(t, with_mask=with_mask, detect_only=detect_only)
         return {k: v.float().cpu() for k, v in out.items()}
 
     def _flip_batch(self, crop: np.ndarray) -> dict[str, torch.Tensor]:
@@ -301,9 +306,19 @@ class Predictor:
             size = np.maximum(_ceil_to_arr(core_hi - core_lo + 2 * margin, INPUT_MULTIPLE), 32)
             start = core_lo - (size - (core_hi - core_lo)) // 2
             crop = _pad_crop(iso, start, size)
-            out = self._run(crop, False, bf16=self.detect_bf16)
-            del crop
-            for d in decode(out, threshold=cand_thr)[0]:
+            if self.optimise:
+                # the heatmap over the tile, the offset and size heads at its peaks only
+                out = self._run(crop, False, bf16=self.detect_bf16, detect_only=True)
+                del crop
+                cells, scores = peak_cells(out["heatmap"], cand_thr, self.max_tile_peaks)[0]
+                heads = self.net.heads_at(out.pop("features").to(self.device), cells.to(self.device))
+                dets = detections(cells, scores, heads["offset"].cpu(), heads["size"].cpu())
+            else:
+                out = self._run(crop, False)
+                del crop
+                dets = decode(out, threshold=cand_thr, max_detections=self.max_tile_peaks)[0]
+            del out
+            for d in dets:
                 c = np.asarray(d.center) + start
                 if np.all(c >= core_lo - 0.5) and np.all(c < core_hi - 0.5):
                     found.append(Detection(tuple(c), d.diameter, d.score, d.malignancy))

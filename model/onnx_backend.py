@@ -1,12 +1,14 @@
 """ONNX Runtime execution of Res-MTNet (optional; torch is the fallback).
 
 The ONNX graphs are not shipped: they are exported from the loaded (BatchNorm-folded) torch
-network, so they always match the committed weights. Two graphs: with and without the mask
-head (the detection pass needs no mask), each with dynamic batch and spatial axes (every extent
+network, so they always match the committed weights. Three graphs (:data:`VARIANTS`): with
+and without the mask head (refinement crops), and ``detect`` (heatmap and stride-2 features
+only: the detection pass computes the offset and size heads at the heatmap's peaks), each
+with dynamic batch and spatial axes (every extent
 a multiple of :data:`model.network.INPUT_MULTIPLE`), opset 17, the TorchScript exporter
 (deterministic for one torch version). An export is cached in
 ``$DICOM_NODE_CACHE`` (default ``$XDG_CACHE_HOME/dicom-node`` or ``~/.cache/dicom-node``)
-as ``resmtnet-<sha256 of the weights file, 16 hex>-torch<version>-<mask|nomask>.onnx``; where
+as ``resmtnet-<sha256 of the weights file, 16 hex>-torch<version>-g<GRAPH_VERSION>-<variant>.onnx``; where
 that folder cannot be written the export stays in memory.
 
 :func:`open_runtime` returns None (the caller keeps torch) when onnxruntime or onnx is not
@@ -33,7 +35,15 @@ log = logging.getLogger(__name__)
 
 OPSET = 17
 CHECK_ATOL = 1e-3  # largest |torch - onnxruntime| accepted on the check input (logit units)
-OUTPUTS = ("heatmap", "offset", "size", "malignancy", "mask")
+# the graphs exported from one network: forward() keyword arguments and output names
+VARIANTS = {
+    "mask": ({"with_mask": True}, ("heatmap", "offset", "size", "malignancy", "mask")),
+    "nomask": ({"with_mask": False}, ("heatmap", "offset", "size", "malignancy")),
+    "detect": ({"with_mask": False, "detect_only": True}, ("heatmap", "features")),
+}
+# bumped whenever the exported graph changes for the same weights (a cached export of an older
+# graph is then not reused): 2 = up-projections as transposed convolutions, the "detect" graph
+GRAPH_VERSION = 2
 
 
 def cache_dir() -> Path:
@@ -51,8 +61,10 @@ def available() -> bool:
     return importlib.util.find_spec("onnxruntime") is not None and importlib.util.find_spec("onnx") is not None
 
 
-def _export_bytes(net, with_mask: bool) -> bytes:
+def _export_bytes(net, variant: str) -> bytes:
     import torch
+
+    kwargs, names = VARIANTS[variant]
 
     class _Heads(torch.nn.Module):
         def __init__(self, net):
@@ -60,32 +72,32 @@ def _export_bytes(net, with_mask: bool) -> bytes:
             self.net = net
 
         def forward(self, x):
-            out = self.net(x, with_mask=with_mask)
-            return tuple(out[k] for k in OUTPUTS if k in out)
+            out = self.net(x, **kwargs)
+            return tuple(out[k] for k in names)
 
-    names = [k for k in OUTPUTS if with_mask or k != "mask"]
     x = torch.zeros(2, 1, 32, 32, 32)
     buf = io.BytesIO()
     import warnings
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about the extent check (a constant here)
-        torch.onnx.export(_Heads(net).eval(), (x,), buf, input_names=["x"], output_names=names, opset_version=OPSET,
+        torch.onnx.export(_Heads(net).eval(), (x,), buf, input_names=["x"], output_names=list(names), opset_version=OPSET,
                           dynamic_axes={"x": {0: "b", 2: "d", 3: "h", 4: "w"}}, dynamo=False)
     return buf.getvalue()
 
 
-def export(net, weights_path: Path, with_mask: bool) -> bytes | str:
-    """The ONNX model for ``net`` (loaded from ``weights_path``): a cached file's path, or the
-    bytes when the cache folder is not writable."""
+def export(net, weights_path: Path, variant: str, digest: str | None = None) -> bytes | str:
+    """The ONNX model of graph ``variant`` (:data:`VARIANTS`) for ``net`` (loaded from
+    ``weights_path``; ``digest``: its sha256, computed when not given): a cached file's path, or
+    the bytes when the cache folder is not writable."""
     import torch
 
-    digest = hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()[:16]
-    name = f"resmtnet-{digest}-torch{torch.__version__.split('+')[0]}-{'mask' if with_mask else 'nomask'}.onnx"
+    digest = digest or weights_digest(weights_path)
+    name = f"resmtnet-{digest}-torch{torch.__version__.split('+')[0]}-g{GRAPH_VERSION}-{variant}.onnx"
     path = cache_dir() / name
     if path.is_file():
         return str(path)
-    data = _export_bytes(net, with_mask)
+    data = _export_bytes(net, variant)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(f".{os.getpid()}.tmp")
@@ -95,6 +107,11 @@ def export(net, weights_path: Path, with_mask: bool) -> bytes | str:
     except OSError as exc:
         log.info("onnx cache %s not writable (%s); export kept in memory", path.parent, type(exc).__name__)
         return data
+
+
+def weights_digest(weights_path: Path) -> str:
+    """The first 16 hex digits of the weights file's sha256 (the cache key of its exports)."""
+    return hashlib.sha256(Path(weights_path).read_bytes()).hexdigest()[:16]
 
 
 def cpu_fingerprint() -> str:
@@ -143,20 +160,21 @@ def _remember_check(marker: Path | None, ort_version: str, err: float) -> None:
 
 
 class OnnxNet:
-    """Callable like ``ResMTNet.forward`` on a numpy input: ``net(x, with_mask)`` -> dict of
-    float32 numpy arrays (same keys and shapes as the torch network's outputs)."""
+    """Callable like ``ResMTNet.forward`` on a numpy input: ``net(x, variant)`` (a key of
+    :data:`VARIANTS`) -> dict of float32 numpy arrays (same keys and shapes as the torch
+    network's outputs)."""
 
-    def __init__(self, sessions: dict[bool, object]):
+    def __init__(self, sessions: dict[str, object]):
         self.sessions = sessions
 
-    def __call__(self, x: np.ndarray, with_mask: bool) -> dict[str, np.ndarray]:
-        sess = self.sessions[bool(with_mask)]
+    def __call__(self, x: np.ndarray, variant: str) -> dict[str, np.ndarray]:
+        sess = self.sessions[variant]
         outs = sess.run(None, {"x": np.ascontiguousarray(x, np.float32)})
         return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
     @property
     def threads(self) -> int:
-        return int(self.sessions[True].get_session_options().intra_op_num_threads)
+        return int(self.sessions["mask"].get_session_options().intra_op_num_threads)
 
 
 def open_runtime(net, weights_path: Path, threads: int) -> OnnxNet | None:
@@ -178,7 +196,8 @@ def open_runtime(net, weights_path: Path, threads: int) -> OnnxNet | None:
         # no busy-waiting between operators: on a host shared with other work (or other
         # workers) spinning threads burn the cores the others need
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        graphs = {m: export(net, weights_path, m) for m in (True, False)}
+        digest = weights_digest(weights_path)
+        graphs = {v: export(net, weights_path, v, digest) for v in VARIANTS}
         sessions = {m: ort.InferenceSession(g, so, providers=["CPUExecutionProvider"]) for m, g in graphs.items()}
     except Exception as exc:  # noqa: BLE001 - any exporter/runtime failure means: keep torch
         log.warning("onnx runtime unavailable (%s: %s): torch runtime", type(exc).__name__, str(exc)[:200])
@@ -191,9 +210,9 @@ def open_runtime(net, weights_path: Path, threads: int) -> OnnxNet | None:
     x = np.random.default_rng(0).normal(0, 1, (2, 1, 40, 32, 48)).astype(np.float32)
     worst = 0.0
     with torch.inference_mode():
-        for m in (True, False):
-            ref = {k: v.numpy() for k, v in net(torch.from_numpy(x), with_mask=m).items()}
-            got = onnx_net(x, m)
+        for v, (kwargs, _) in VARIANTS.items():
+            ref = {k: t.numpy() for k, t in net(torch.from_numpy(x), **kwargs).items()}
+            got = onnx_net(x, v)
             if set(ref) != set(got):
                 log.warning("onnx outputs %s differ from torch's %s: torch runtime", sorted(got), sorted(ref))
                 return None

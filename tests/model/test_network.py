@@ -77,3 +77,47 @@ def test_fold_batchnorm_keeps_outputs():
         torch.testing.assert_close(a[k], b[k], atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="eval mode"):
         fold_batchnorm(ResMTNet(widths=(4, 8, 8), mask_width=2))
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_fuse_upsampling_keeps_outputs(dims):
+    """The decoder's up-projections as transposed convolutions give the outputs of 1x1 conv +
+    nearest upsampling (the inference graph's speed-up must not move a finding)."""
+    import copy
+
+    from model.network import fold_batchnorm, fuse_upsampling
+
+    torch.manual_seed(2)
+    net = fold_batchnorm(ResMTNet(spatial_dims=dims, widths=(4, 8, 8), mask_width=2).eval())
+    fused = fuse_upsampling(copy.deepcopy(net))
+    convt = torch.nn.ConvTranspose3d if dims == 3 else torch.nn.ConvTranspose2d
+    assert all(isinstance(getattr(fused, n), convt) for n in ("det_up3", "mal_up3", "det_up2"))
+    x = torch.randn((2, 1) + (16, 24, 8)[:dims])
+    with torch.no_grad():
+        a, b = net(x), fused(x)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="BatchNorm"):
+        fuse_upsampling(ResMTNet(spatial_dims=dims, widths=(4, 8, 8), mask_width=2).eval())
+
+
+@pytest.mark.parametrize("dims", [2, 3])
+def test_heads_at_equals_the_dense_heads_at_those_cells(dims):
+    """The detection pass's sparse offset/size heads equal the dense heads at every cell asked
+    for, the grid's corners and faces (zero padding) included."""
+    torch.manual_seed(3)
+    net = ResMTNet(spatial_dims=dims, widths=(4, 8, 8), mask_width=2).eval()
+    x = torch.randn((1, 1) + (16, 24, 32)[:dims])
+    with torch.no_grad():
+        dense = net(x, with_mask=False)
+        sparse = net(x, detect_only=True)
+        assert set(sparse) == {"heatmap", "features"}
+        torch.testing.assert_close(sparse["heatmap"], dense["heatmap"])
+        grid = torch.tensor(dense["heatmap"].shape[2:])
+        cells = torch.stack([torch.zeros(dims, dtype=torch.long), grid - 1, grid // 2,
+                             torch.tensor([0, *(grid[1:] - 1).tolist()])])
+        got = net.heads_at(sparse["features"], cells)
+        torch.testing.assert_close(got["offset"], dense["offset"][0][(slice(None),) + tuple(cells.T)].T, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got["size"], dense["size"][0, 0][tuple(cells.T)], atol=1e-5, rtol=1e-5)
+        empty = net.heads_at(sparse["features"], cells[:0])
+        assert empty["offset"].shape == (0, dims) and empty["size"].shape == (0,)
