@@ -160,14 +160,16 @@ class Listener:
         if self._tls_server is not None:
             self._tls_server.shutdown()
             self._tls_server = None
-        self._tls_share = self._release(self._tls_share)
+        self._release(self._tls_share)
+        self._tls_share = None
 
     def stop_plain(self) -> None:
         """Close the plain port only (rebinding after a port change keeps the TLS port)."""
         if self._server is not None:
             self._server.shutdown()
             self._server = None
-        self._plain_share = self._release(self._plain_share)
+        self._release(self._plain_share)
+        self._plain_share = None
 
     def _claim(self, port: int) -> PortShare | None:
         """With the port shared by several listener processes (``[node] listeners``), claim it

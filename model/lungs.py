@@ -34,19 +34,27 @@ def fill_holes_slicewise(mask: np.ndarray) -> np.ndarray:
 
 def lung_region(hu: np.ndarray, margin_mm: int = 6) -> np.ndarray:
     """Bool (Z, Y, X) mask of the lungs, closed so that vessels and juxtapleural nodules are
-    inside, dilated by ``margin_mm``. Computed at 2 mm and upsampled.
+    inside, dilated by ``margin_mm``. Computed at 2 mm (:func:`coarse_lung_region`) and
+    upsampled.
 
     For inputs narrower than :data:`MIN_CHEST_EXTENT_MM` (nodule crops) or where no lung air
     is found, the whole array is returned as the region.
     """
+    return coarse_lung_region(hu, margin_mm).full()
+
+
+def coarse_lung_region(hu: np.ndarray, margin_mm: int = 6) -> "Region":
+    """:func:`lung_region` on its 2 mm grid, without the upsampled copy (a whole CT's is
+    ~40 MB)."""
+    whole = Region.whole(hu.shape)
     if min(hu.shape[1:]) < MIN_CHEST_EXTENT_MM:
-        return np.ones(hu.shape, bool)
+        return whole
     small = hu[::2, ::2, ::2]
     body = small > -500
     # the body: the largest connected non-air component, holes filled slice by slice
     lab, n = ndi.label(body)
     if n == 0:
-        return np.ones(hu.shape, bool)
+        return whole
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     largest = int(np.argmax(sizes))
     # the rest runs on the body's bounding box plus a margin of non-body voxels wider than
@@ -62,11 +70,11 @@ def lung_region(hu: np.ndarray, margin_mm: int = 6) -> np.ndarray:
     air = ndi.binary_opening(air, iterations=1)
     lab, n = ndi.label(air)
     if n == 0:
-        return np.ones(hu.shape, bool)
+        return whole
     sizes = np.bincount(lab.ravel(), minlength=n + 1)[1:]
     keep = np.flatnonzero(sizes * 8 >= 20_000) + 1  # components of at least 20 ml
     if keep.size == 0:
-        return np.ones(hu.shape, bool)
+        return whole
     lungs = np.isin(lab, keep)
     # closing by ~10 mm (5 iterations of the 18-neighbourhood at 2 mm; padded so that the
     # volume's edges do not erode it), holes filled slice by slice, then the margin
@@ -78,8 +86,45 @@ def lung_region(hu: np.ndarray, margin_mm: int = 6) -> np.ndarray:
         lungs = ndi.binary_dilation(lungs, structure=st, iterations=max(1, margin_mm // 2))
     grid = np.zeros(grid_shape, bool)
     grid[box] = lungs
-    full = np.repeat(np.repeat(np.repeat(grid, 2, 0), 2, 1), 2, 2)
-    return full[: hu.shape[0], : hu.shape[1], : hu.shape[2]]
+    return Region(grid, hu.shape)
+
+
+class Region:
+    """A mask on a 2 mm grid read as the 1 mm mask it stands for: 1 mm voxel ``i`` (z, y, x)
+    is inside when 2 mm voxel ``i // 2`` is (``full()`` gives that mask, cut to ``shape``)."""
+
+    def __init__(self, coarse: np.ndarray, shape: tuple[int, ...]):
+        self.coarse = coarse
+        self.shape = tuple(int(n) for n in shape)
+
+    @classmethod
+    def whole(cls, shape: tuple[int, ...]) -> "Region":
+        """Every voxel of a grid of ``shape`` (1 mm voxels)."""
+        return cls(np.ones(tuple(-(-int(n) // 2) for n in shape), bool), shape)
+
+    def full(self) -> np.ndarray:
+        full = np.repeat(np.repeat(np.repeat(self.coarse, 2, 0), 2, 1), 2, 2)
+        return full[tuple(slice(0, n) for n in self.shape)]
+
+    def __getitem__(self, idx: tuple[int, ...]) -> bool:
+        """Whether the 1 mm voxel ``idx`` (integers) is inside."""
+        return bool(self.coarse[tuple(int(i) // 2 for i in idx)])
+
+    def bounding_box(self, box: tuple[slice, ...] | None = None) -> tuple[slice, ...] | None:
+        """:func:`bounding_box` of ``full()[box]`` (``box``: slices with explicit starts and
+        stops within ``shape``; None: everything), computed on the 2 mm grid."""
+        box = box or tuple(slice(0, n) for n in self.shape)
+        lo = [b.start for b in box]
+        hi = [b.stop for b in box]
+        sub = self.coarse[tuple(slice(a // 2, (b - 1) // 2 + 1) for a, b in zip(lo, hi))]
+        out = []
+        for axis, (a, b) in enumerate(zip(lo, hi)):
+            proj = sub.any(axis=tuple(j for j in range(sub.ndim) if j != axis))
+            on = np.flatnonzero(proj[np.arange(a, b) // 2 - a // 2])  # 1 mm indices a..b-1
+            if on.size == 0:
+                return None
+            out.append(slice(int(on[0]), int(on[-1]) + 1))
+        return tuple(out)
 
 
 def bounding_box(mask: np.ndarray) -> tuple[slice, ...] | None:

@@ -28,7 +28,7 @@ from collections import Counter
 import numpy as np
 
 from model.data import resample_to_iso
-from model.lungs import lung_region
+from model.lungs import Region, coarse_lung_region
 
 STAGES = ("no_peak", "below_candidate_threshold", "outside_region", "suppressed", "beyond_max_candidates", "refined_away",
           "below_threshold", "final_suppression", "found")
@@ -53,7 +53,7 @@ def explain(predictor, volume: np.ndarray, spacing, ref_voxel, diameter_mm: floa
     iso = resample_to_iso(np.asarray(volume), tuple(sp))
     ref_iso = np.asarray(ref_voxel, float) * sp
     radius = diameter_mm / 2
-    region = lung_region(iso)
+    region = coarse_lung_region(iso)
     out = {"diameter_mm": round(float(diameter_mm), 2),
            "edge_mm": round(float(min(ref_iso.min(), (np.asarray(iso.shape) - 1 - ref_iso).min())), 2),
            "peak": None, "refined": None, "threshold": predictor.threshold}
@@ -61,7 +61,7 @@ def explain(predictor, volume: np.ndarray, spacing, ref_voxel, diameter_mm: floa
     with torch.inference_mode():
         try:
             predictor.candidate_threshold = 0.0
-            every = predictor._detect(iso, np.ones(iso.shape, bool))  # all peaks, no region filter
+            every = predictor._detect(iso, Region.whole(iso.shape))  # all peaks, no region filter
         finally:
             predictor.candidate_threshold = saved
         best = _near(every, ref_iso, radius)

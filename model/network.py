@@ -219,13 +219,15 @@ class ResMTNet(nn.Module):
         k = cells.shape[0]
         if k == 0:
             return {"offset": features.new_zeros((0, dims)), "size": features.new_zeros((0,))}
-        padded = F.pad(features[0], (1, 1) * dims)  # (C, *G + 2), zero padding as the head's conv
-        # 3^dims neighbourhood of each cell (cell i of ``features`` is i + 1 of ``padded``)
-        steps = torch.arange(3, device=cells.device)
-        grids = torch.meshgrid(*([steps] * dims), indexing="ij")
-        offs = torch.stack([g.reshape(-1) for g in grids], 1)  # (3^dims, dims)
+        # the 3^dims neighbourhood of each cell; positions outside the grid read 0, as the
+        # head's zero padding (no padded copy of the features: a whole-CT tile's are ~100 MB)
+        grid = torch.tensor(features.shape[2:], device=cells.device)
+        steps = torch.arange(-1, 2, device=cells.device)
+        offs = torch.stack([g.reshape(-1) for g in torch.meshgrid(*([steps] * dims), indexing="ij")], 1)
         pos = cells[:, None, :] + offs[None]  # (K, 3^dims, dims)
-        patches = padded[(slice(None),) + tuple(pos[..., i] for i in range(dims))]  # (C, K, 3^dims)
+        valid = ((pos >= 0) & (pos < grid)).all(-1)  # (K, 3^dims)
+        pos = torch.minimum(pos.clamp(min=0), grid - 1)
+        patches = features[0][(slice(None),) + tuple(pos[..., i] for i in range(dims))] * valid  # (C, K, 3^dims)
         patches = patches.permute(1, 0, 2).reshape(k, -1, *([3] * dims))
         conv = F.conv3d if dims == 3 else F.conv2d
 

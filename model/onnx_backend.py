@@ -159,6 +159,20 @@ def _remember_check(marker: Path | None, ort_version: str, err: float) -> None:
         log.info("onnx check marker %s not writable (%s)", marker, type(exc).__name__)
 
 
+_ARENA_REGISTERED = False
+
+
+def _shared_arena(ort) -> None:
+    """Register (once per process) the ONNX Runtime environment's CPU arena allocator that
+    sessions with ``session.use_env_allocators`` share."""
+    global _ARENA_REGISTERED
+    if _ARENA_REGISTERED:
+        return
+    info = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(info, ort.OrtArenaCfg({}))  # ONNX Runtime's defaults
+    _ARENA_REGISTERED = True
+
+
 class OnnxNet:
     """Callable like ``ResMTNet.forward`` on a numpy input: ``net(x, variant)`` (a key of
     :data:`VARIANTS`) -> dict of float32 numpy arrays (same keys and shapes as the torch
@@ -196,6 +210,11 @@ def open_runtime(net, weights_path: Path, threads: int) -> OnnxNet | None:
         # no busy-waiting between operators: on a host shared with other work (or other
         # workers) spinning threads burn the cores the others need
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # one memory arena for the three graphs: the refinement crops reuse what the detection
+        # pass's tiles used instead of growing arenas of their own (LIDC-IDRI-0001: peak RSS
+        # 1226 -> 1157 MB)
+        _shared_arena(ort)
+        so.add_session_config_entry("session.use_env_allocators", "1")
         digest = weights_digest(weights_path)
         graphs = {v: export(net, weights_path, v, digest) for v in VARIANTS}
         sessions = {m: ort.InferenceSession(g, so, providers=["CPUExecutionProvider"]) for m, g in graphs.items()}

@@ -37,3 +37,23 @@ def test_lung_region_does_not_depend_on_the_air_around_the_body(phantom):
     wide = lung_region(padded)
     np.testing.assert_array_equal(wide[pad:-pad, pad:-pad, pad:-pad], region)
     assert region.any()
+
+
+def test_coarse_region_reads_as_the_full_mask():
+    """The predictor reads the 2 mm region at 1 mm: every voxel and every sub-box's bounding
+    box must be those of the upsampled mask (odd extents included)."""
+    from model.lungs import Region, bounding_box
+
+    rng = np.random.default_rng(1)
+    coarse = ndi.binary_opening(rng.random((9, 12, 10)) < 0.4)
+    region = Region(coarse, (17, 23, 20))  # odd extents: the last 2 mm voxel half used
+    full = region.full()
+    assert full.shape == (17, 23, 20)
+    for idx in [(0, 0, 0), (16, 22, 19), (5, 11, 8), (16, 0, 19)]:
+        assert region[idx] == full[idx]
+    assert region.bounding_box() == bounding_box(full)
+    for _ in range(200):
+        lo = rng.integers(0, [16, 22, 19])
+        hi = lo + 1 + rng.integers(0, np.array([17, 23, 20]) - lo)
+        box = tuple(slice(int(a), int(b)) for a, b in zip(lo, hi))
+        assert region.bounding_box(box) == bounding_box(full[box]), box
