@@ -13,14 +13,22 @@ Three parts, all on the validation series of :func:`model.data.split_by_series`:
    validation part of LIDC-IDRI-0001 (z < -180 mm; training only ever saw z >= -180 mm) and
    (b) synthetic chest phantoms (:mod:`model.phantom`, seeds disjoint from training); each
    nodule is used once. The full :class:`~model.inference.Predictor` runs on each scan with a
-   low threshold, so the whole FROC curve is available. The operating point is the lowest
-   threshold with at most 1 false positive per scan on the LIDC-IDRI-0001-based scans (real
-   lung; all scans when there are none).
+   low threshold, so the whole FROC curve is available; sensitivity and false positives per
+   scan are read at the operating threshold, which is *not* chosen here.
+   **The operating threshold** (:func:`choose_threshold`) comes from training data only: the
+   same rule (the lowest threshold with at most 1 false positive per scan on the real-lung
+   scans; all scans when there are none) on :func:`threshold_scans`, whole scans built the
+   same way from *training* cubes pasted into the *training* part of LIDC-IDRI-0001
+   (z >= -180 mm, the background training already saw; its reference nodule and reader marks
+   count neither way), or into the training phantoms (:func:`model.train.phantom_backgrounds`
+   seeds) when LIDC-IDRI-0001 is absent. Nothing reported on validation is chosen on it; the
+   threshold the rule would pick on the validation scans is reported beside, for comparison
+   only (``validation_threshold_1fp_not_used``).
 3. **Baselines on the same data**: malignancy from the diameter alone (AUC of the diameter; a
    diameter cut fitted for accuracy on the training cubes) and a classical LoG blob detector
    (:func:`model.baselines.blob_candidates`) on the same whole-scan volumes.
 
-Plus the end-to-end check on the real LIDC-IDRI-0001 at the operating point.
+Plus the end-to-end check on the real LIDC-IDRI-0001 at the operating threshold.
 """
 from __future__ import annotations
 
@@ -33,7 +41,7 @@ import numpy as np
 
 from model import data as D
 from model.baselines import blob_candidates
-from model.metrics import ScanResult, accuracy, best_threshold, dice, froc, roc_auc, threshold_at_fp_rate
+from model.metrics import ScanResult, accuracy, best_threshold, dice, froc, match_scan, roc_auc, threshold_at_fp_rate
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +121,164 @@ def validation_scans(val_cubes: list[D.Cube], seed: int = 0, per_lidc: int = 6, 
         k += 1
 
 
+TRAIN_PHANTOM_SEED_BASE = 10_000  # model.train.phantom_backgrounds: seed 10_000 + train_seed * 100 + i, i < phantoms
+LIDC_0001_REFERENCE_RADIUS_MM = 33.0 / 2  # the match radius of lidc_end_to_end
+
+
+def _away_from(shape, centres, radius: float) -> np.ndarray:
+    """Bool mask, True farther than ``radius`` voxels from every centre (z, y, x)."""
+    keep = np.ones(shape, bool)
+    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    for c in centres:
+        keep &= (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 > radius**2
+    return keep
+
+
+def training_phantom_seeds(train_seed: int = 0, phantoms: int = 2) -> list[int]:
+    """The phantom seeds training used as backgrounds (``TrainConfig.seed``, ``.phantoms``)."""
+    return [TRAIN_PHANTOM_SEED_BASE + train_seed * 100 + i for i in range(phantoms)]
+
+
+def threshold_scans(train_cubes: list[D.Cube], seed: int = 0, per_lidc: int = 6, max_lidc: int = 16,
+                    per_phantom: int = 4, phantom_scans: int | None = None, train_seed: int = 0, train_phantoms: int = 2,
+                    val_fraction: float = 0.2):
+    """Yield :class:`ValScan` volumes for choosing the operating threshold, from TRAINING data
+    only: matched training cubes (each at most once, shuffled with ``seed``) pasted ``per_lidc``
+    a scan into the training part of LIDC-IDRI-0001 (z >= -180 mm, 30 mm away from its
+    reference nodule; up to ``max_lidc`` scans), then ``phantom_scans`` scans (default: none
+    when LIDC-IDRI-0001 is there, else ``max_lidc``) on the training phantoms (the seeds of
+    :func:`training_phantom_seeds`, used in turn). The reference nodule (radius 33/2 mm) and
+    the reader marks count neither way. Raises ValueError when a cube of a validation series
+    (:func:`model.data.split_by_series` at ``val_fraction``) is passed."""
+    leaked = D.split_by_series([c.seriesuid for c in train_cubes], val_fraction)
+    if leaked:
+        raise ValueError(f"threshold_scans got cubes of {len(leaked)} validation series; pass training cubes only")
+    rng = np.random.default_rng(seed)
+    cubes = [c for c in train_cubes if c.matched]
+    queue = [cubes[i] for i in rng.permutation(len(cubes))]
+    try:
+        hu, lung, origin = D.lidc_0001_iso()
+    except FileNotFoundError:
+        hu = None
+    k = 0
+    if hu is not None:
+        cut = int(np.ceil(D.LIDC_0001_Z_CUT_MM - origin[2]))  # as model.train.lidc_training_background
+        shift = np.array([cut, 0.0, 0.0])
+        base_hu, region = hu[cut:].copy(), lung[cut:].copy()
+        ref = D.world_to_voxel(D.LIDC_0001_NODULE_MM, origin, (1.0, 1.0, 1.0)) - shift
+        place = region & _away_from(region.shape, [ref], 30.0)
+        excluded = [(tuple(ref), LIDC_0001_REFERENCE_RADIUS_MM)]
+        if D.LIDC_0001_XML.exists():
+            img = D.read_image(D.LIDC_0001)
+            for c_mm, r in D.read_lidc_excluded(D.LIDC_0001_XML, img.GetOrigin(), img.GetSpacing()[::-1], img.GetDirection()):
+                v = D.world_to_voxel(c_mm, origin, (1.0, 1.0, 1.0)) - shift
+                if v[0] >= -r:
+                    excluded.append((tuple(v), r))
+        while queue and k < max_lidc:
+            take, queue = queue[:per_lidc], queue[per_lidc:]
+            vs = _paste_all(f"LIDC-IDRI-0001[z>=-180mm]#{k}", base_hu.copy(), place, rng, take)
+            vs.region, vs.excluded = region, excluded
+            yield vs
+            k += 1
+    n_ph = (0 if hu is not None else max_lidc) if phantom_scans is None else phantom_scans
+    if n_ph:
+        from model.phantom import make_phantom
+
+        seeds = training_phantom_seeds(train_seed, max(1, train_phantoms))  # 0: the seed training would use first
+        phs = [make_phantom(seed=s, n_nodules=0) for s in seeds]
+        for k in range(n_ph):
+            if not queue:
+                break
+            take, queue = queue[:per_phantom], queue[per_phantom:]
+            ph = phs[k % len(phs)]
+            yield _paste_all(f"training-phantom-{seeds[k % len(seeds)]}#{k}", ph.hu.copy(), ph.lungs, rng, take)
+
+
+def _scan_result(vs: ValScan, centres, scores) -> ScanResult:
+    nod = np.array([n[0] for n in vs.nodules]).reshape(-1, 3)
+    rad = np.array([n[1] / 2 for n in vs.nodules])
+    ex = np.array([e[0] for e in vs.excluded]).reshape(-1, 3)
+    ex_r = np.array([e[1] for e in vs.excluded])
+    return ScanResult(np.asarray(centres, float).reshape(-1, 3), np.asarray(scores, float), nod, rad, ex, ex_r)
+
+
+def _network_results(predictor, scans, progress: bool = False, desc: str = "scans", blobs: bool = False):
+    """(network ScanResults, blob-baseline ScanResults or None, scan names, seconds per scan):
+    the whole predictor at threshold 0.05 (30 findings at most), so the whole FROC curve is
+    available (the score is the refinement pass's flip-averaged heatmap: the predictor runs
+    exactly as in use)."""
+    from tqdm import tqdm
+
+    saved_thr, saved_max = predictor.threshold, predictor.max_findings
+    predictor.threshold, predictor.max_findings = 0.05, 30
+    net, blob, names, seconds = [], [] if blobs else None, [], []
+    try:
+        for vs in tqdm(scans, desc=desc, disable=not progress):
+            t = time.time()
+            fs = predictor(vs.hu, (1.0, 1.0, 1.0))
+            seconds.append(time.time() - t)
+            net.append(_scan_result(vs, [f.center_voxel for f in fs], [f.score for f in fs]))
+            if blobs:
+                bs = blob_candidates(vs.hu, vs.region)
+                blob.append(_scan_result(vs, [b[0] for b in bs], [b[1] for b in bs]))
+            names.append(vs.name)
+    finally:
+        predictor.threshold, predictor.max_findings = saved_thr, saved_max
+    return net, blob, names, seconds
+
+
+def at_threshold(scans: list[ScanResult], threshold: float) -> dict:
+    """Sensitivity and false positives per scan with the candidates scoring >= ``threshold``."""
+    best, fps = [], []
+    for s in scans:
+        b, f = match_scan(s)
+        best.append(b)
+        fps.append(f)
+    best = np.concatenate(best) if best else np.zeros(0)
+    fps = np.concatenate(fps) if fps else np.zeros(0)
+    return {"threshold": round(float(threshold), 4), "sensitivity": round(float((best >= threshold).mean()), 4) if best.size else None,
+            "fp_per_scan": round(float((fps >= threshold).sum() / max(1, len(scans))), 4), "n_nodules": int(best.size), "n_scans": len(scans)}
+
+
+def _one_fp_threshold(net: list[ScanResult], names: list[str]) -> tuple[float, str, list[int]]:
+    """The rule: lowest threshold with <= 1 FP per scan on the real-lung (LIDC-IDRI-0001-based)
+    scans, on all scans when there are none; (threshold, which scans, their indices)."""
+    lidc = [i for i, n in enumerate(names) if n.startswith("LIDC")]
+    use = lidc or list(range(len(names)))
+    return threshold_at_fp_rate(froc([net[i] for i in use]), 1.0), ("lidc_background" if lidc else "all"), use
+
+
+def choose_threshold(predictor, cubes: list[D.Cube], seed: int = 0, val_fraction: float = 0.2, max_lidc: int = 16,
+                     train_seed: int = 0, train_phantoms: int = 2, progress: bool = False) -> dict:
+    """The operating threshold from TRAINING data only (module docstring): ``cubes`` is split by
+    :func:`model.data.split_cubes` and only the training cubes go to :func:`threshold_scans`;
+    the lowest threshold with <= 1 false positive per real-lung scan on those scans. Returns a
+    JSON-able dict: ``threshold`` and what it was chosen on."""
+    t0 = time.time()
+    val_series, train, _ = D.split_cubes(cubes, val_fraction)
+    scans = threshold_scans(train, seed=seed, max_lidc=max_lidc, train_seed=train_seed, train_phantoms=train_phantoms,
+                            val_fraction=val_fraction)
+    net, _, names, seconds = _network_results(predictor, scans, progress, desc="threshold scans (training)")
+    if not net:
+        raise ValueError("no training scans to choose the threshold on")
+    thr, which, use = _one_fp_threshold(net, names)
+    used = [net[i] for i in use]
+    lidc = sum(n.startswith("LIDC") for n in names)
+    return {
+        "threshold": round(thr, 4),
+        "rule": "lowest score with <= 1 false positive per scan on the "
+                + ("real-lung (LIDC-IDRI-0001-based) scans" if which == "lidc_background" else "scans"),
+        "data": "training cubes only (model.data.split_cubes; validation series never used), pasted into the training part of "
+                "LIDC-IDRI-0001 (z >= -180 mm)" + ("" if lidc else " / training phantoms (seeds "
+                                                   + ", ".join(map(str, training_phantom_seeds(train_seed, train_phantoms))) + ")"),
+        "scans": len(names), "lidc_scans": lidc, "phantom_scans": len(names) - lidc, "scans_used": which,
+        "nodules": int(sum(len(s.nod_xyz) for s in used)), "training_series": len({c.seriesuid for c in train}),
+        "validation_series_excluded": len(val_series), "seed": seed,
+        "at_threshold": at_threshold(used, thr), "froc": froc(used).to_json(),
+        "seconds_per_scan_mean": round(float(np.mean(seconds)), 2), "seconds": round(time.time() - t0, 1),
+    }
+
+
 def characterise(predictor, cubes: list[D.Cube]) -> list[dict]:
     """Per cube: malignancy, diameter and Dice at the reference centre (location given)."""
     rows = []
@@ -144,9 +310,10 @@ def malignancy_metrics(rows: list[dict], score_key: str, cut: float = 0.5) -> di
 
 
 def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.Cube] | None = None,
-             max_lidc: int = 16, progress: bool = False) -> dict:
-    """Run the whole validation (see the module docstring); returns a JSON-able dict with the
-    FROC curves under ``"_curves"``."""
+             max_lidc: int = 16, progress: bool = False, threshold: float | None = None) -> dict:
+    """Run the whole validation (see the module docstring) and read the detection at the
+    operating ``threshold`` (default: the predictor's, i.e. the weights'; never chosen here);
+    returns a JSON-able dict with the FROC curves under ``"_curves"``."""
     from tqdm import tqdm
 
     t0 = time.time()
@@ -167,35 +334,15 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
     base_med = malignancy_metrics(rows, "diameter_ref", cut_med)["median_rule"]
     base_ism = malignancy_metrics(rows, "diameter_ref", cut_mal)["is_malignant"]
     # 2./3. whole-scan detection, network and blob baseline
-    # a low threshold gives the whole FROC curve (the score is the refinement pass's
-    # flip-averaged heatmap, so the predictor runs exactly as in use)
-    saved_thr, saved_max = predictor.threshold, predictor.max_findings
-    predictor.threshold, predictor.max_findings = 0.05, 30
-    net_scans, blob_scans, seconds, scan_names = [], [], [], []
-    try:
-        for vs in tqdm(validation_scans(val, seed=seed, max_lidc=max_lidc), desc="scans", disable=not progress):
-            t = time.time()
-            fs = predictor(vs.hu, (1.0, 1.0, 1.0))
-            seconds.append(time.time() - t)
-            nod = np.array([n[0] for n in vs.nodules]).reshape(-1, 3)
-            rad = np.array([n[1] / 2 for n in vs.nodules])
-            ex = np.array([e[0] for e in vs.excluded]).reshape(-1, 3)
-            ex_r = np.array([e[1] for e in vs.excluded])
-            net_scans.append(ScanResult(np.array([f.center_voxel for f in fs]).reshape(-1, 3), np.array([f.score for f in fs]), nod, rad, ex, ex_r))
-            blobs = blob_candidates(vs.hu, vs.region)
-            blob_scans.append(ScanResult(np.array([b[0] for b in blobs]).reshape(-1, 3), np.array([b[1] for b in blobs]), nod, rad, ex, ex_r))
-            scan_names.append(vs.name)
-    finally:
-        predictor.threshold, predictor.max_findings = saved_thr, saved_max
+    op = float(predictor.threshold if threshold is None else threshold)
+    net_scans, blob_scans, scan_names, seconds = _network_results(
+        predictor, validation_scans(val, seed=seed, max_lidc=max_lidc), progress, blobs=True)
     f_net, f_blob = froc(net_scans), froc(blob_scans)
     lidc = [i for i, n in enumerate(scan_names) if n.startswith("LIDC")]
     phan = [i for i, n in enumerate(scan_names) if n.startswith("phantom")]
-    # the operating point: 1 false positive per scan on the real-lung scans when there are any
-    # (phantoms have fewer look-alikes, so a threshold chosen over all scans would give more
-    # false positives on real CT), else on all scans
     f_lidc = froc([net_scans[i] for i in lidc]) if lidc else None
-    op_scans = "lidc_background" if lidc else "all"
-    op = threshold_at_fp_rate(f_lidc if lidc else f_net, 1.0)
+    # for comparison only, never used: the threshold the 1-FP rule would pick on these scans
+    val_op, val_op_scans, _ = _one_fp_threshold(net_scans, scan_names)
     result = {
         "validation": {"series": len(val_series), "cubes": len(val), "cubes_matched": len(matched),
                        "whole_scans": len(scan_names), "lidc_scans": len(lidc), "phantom_scans": len(phan)},
@@ -204,8 +351,11 @@ def evaluate(predictor, seed: int = 0, val_fraction: float = 0.2, cubes: list[D.
             "network_lidc_background": f_lidc.to_json() if lidc else None,
             "network_phantom_background": froc([net_scans[i] for i in phan]).to_json() if phan else None,
             "blob_baseline": f_blob.to_json(),
-            "operating_threshold_1fp": round(op, 4), "operating_point_scans": op_scans,
-            "operating_threshold_1fp_all_scans": round(threshold_at_fp_rate(f_net, 1.0), 4),
+            "operating_threshold": round(op, 4),
+            "at_operating_threshold": {"lidc_background": at_threshold([net_scans[i] for i in lidc], op) if lidc else None,
+                                       "all": at_threshold(net_scans, op)},
+            "validation_threshold_1fp_not_used": {"threshold": round(val_op, 4), "scans": val_op_scans,
+                                                  "all_scans": round(threshold_at_fp_rate(f_net, 1.0), 4)},
             "seconds_per_scan_mean": round(float(np.mean(seconds)), 2) if seconds else None,
         },
         "malignancy": {"network": net_mal, "read_out": predictor.readout is not None, "branch_alone": branch_mal,

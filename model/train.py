@@ -394,13 +394,13 @@ def train(cfg: TrainConfig, resume: bool = False, progress: bool = True, stop_af
     meta = {"config": dataclasses.asdict(cfg), **provenance(), "train_seconds_this_session": round(time.time() - t0, 1),
             "sessions": sessions,
             "train_cubes": len(train_cubes), "threshold": None,
-            "note": "threshold is set by `dicom-node evaluate --write-threshold` on validation"}
+            "note": "threshold is set by `dicom-node evaluate --protocol centred --write-threshold` on training scans (training cubes only)"}
     if init_meta is not None:
         meta["init"] = {"weights": str(cfg.init), "git_revision": init_meta.get("git_revision"),
                         "config": init_meta.get("config"), "mask_stage": init_meta.get("mask_stage"),
                         "threshold": init_meta.get("threshold")}
         meta["threshold"] = init_meta.get("threshold")
-        meta["note"] = "threshold carried over from the init weights; re-set it with `dicom-node evaluate --protocol centred --write-threshold`"
+        meta["note"] = "threshold carried over from the init weights; re-set it with `dicom-node evaluate --protocol centred --write-threshold` (chosen on training scans)"
     return _finish_run(net, out, meta, train_cubes, cfg.fit_readout, progress)
 
 
@@ -537,5 +537,5 @@ def train_mask_head(cfg: TrainConfig, init: str | Path, progress: bool = True) -
                            "lr": cfg.lr, "batch_size": cfg.batch_size, "seed": cfg.seed, "mask_blocks": cfg.mask_blocks,
                            "mask_width": cfg.mask_width, "seconds": round(time.time() - t0, 1), "trained": "mask_* modules only; all else frozen"},
             "threshold": init_meta.get("threshold"),
-            "note": "threshold is set by `dicom-node evaluate --write-threshold` on validation"}
+            "note": "threshold is set by `dicom-node evaluate --protocol centred --write-threshold` on training scans (training cubes only)"}
     return _finish_run(net, out, meta, train_cubes, cfg.fit_readout, progress)

@@ -11,8 +11,13 @@ met or missed. ``--quick``: 12 cubes, 2.5 mm only.
 ``--protocol centred`` (the earlier protocol) writes ``OUT/evaluation.json`` (LUNA16 FROC/CPM on whole-scan validation, malignancy accuracy
 and AUC by the median rule and by is_malignant, Dice, diameter error, the trivial baselines,
 the operating point at 1 false positive per scan, the LIDC-IDRI-0001 end-to-end check) and
-``OUT/froc.png``. ``--write-threshold`` stores the operating point in the weights' ``.json``,
-where :class:`model.inference.Predictor` reads it as its default threshold.
+``OUT/froc.png``, all read at the weights' threshold. ``--write-threshold`` first chooses the
+operating threshold on TRAINING data only (:func:`model.evaluate.choose_threshold`: the lowest
+score with <= 1 false positive per scan on whole scans built from training cubes pasted into the
+training part of LIDC-IDRI-0001, z >= -180 mm), reads the validation at it and stores it, with
+what it was chosen on (``threshold_source``), in the weights' ``.json``, where
+:class:`model.inference.Predictor` reads it as its default threshold. The validation scans never
+choose it.
 """
 from __future__ import annotations
 
@@ -30,8 +35,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the nodule placement")
     p.add_argument("--max-lidc-scans", type=int, default=16, help="whole scans built on LIDC-IDRI-0001 (rest: phantoms)")
     p.add_argument("--write-threshold", action="store_true",
-                   help="store the operating point (1 FP/scan on the real-lung validation scans) beside the weights")
-    p.add_argument("--threads", type=int, default=2)
+                   help="choose the operating threshold on TRAINING scans only (lowest score with <= 1 FP/scan on training "
+                        "cubes pasted into the training part of LIDC-IDRI-0001), read the validation at it and store it "
+                        "beside the weights (centred protocol)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads of the predictor (default: %(default)s)")
     p.add_argument("--protocol", choices=("field", "centred"), default="field",
                    help="field (default): off-centre/rescaled cubes, malignancy vs diameter with bootstrap CI, calibration, "
                         "thin-slice resamples (OUT/field-evaluation.json); centred: the earlier centred-cube + whole-scan FROC protocol")
@@ -52,7 +59,7 @@ def run(args) -> int:
     torch.set_num_threads(args.threads)
     weights = Path(args.weights) if args.weights else DEFAULT_WEIGHTS
     try:
-        predictor = Predictor(weights)
+        predictor = Predictor(weights, threads=args.threads)
     except FileNotFoundError as exc:
         print(f"dicom-node evaluate: {exc}", file=sys.stderr)
         return 2
@@ -63,12 +70,23 @@ def run(args) -> int:
     if args.protocol == "field":
         return _run_field(args, predictor, weights)
     try:
-        result = E.evaluate(predictor, seed=args.seed, max_lidc=args.max_lidc_scans, progress=sys.stderr.isatty())
+        from model import data as D
+
+        cubes = D.load_cubes()  # once: the threshold (training cubes) and the validation (validation cubes)
+        chosen = None
+        if args.write_threshold:
+            meta = json.loads(weights.with_suffix(".json").read_text())
+            cfg = meta.get("config", {})
+            chosen = E.choose_threshold(predictor, cubes, seed=args.seed, max_lidc=args.max_lidc_scans,
+                                        train_seed=int(cfg.get("seed", 0)), train_phantoms=int(cfg.get("phantoms", 2)),
+                                        progress=sys.stderr.isatty())
+            predictor.threshold = chosen["threshold"]
+        result = E.evaluate(predictor, seed=args.seed, cubes=cubes, max_lidc=args.max_lidc_scans, progress=sys.stderr.isatty())
     except FileNotFoundError as exc:
         print(f"dicom-node evaluate: shared data missing: {exc}", file=sys.stderr)
         return 2
-    op = result["detection"]["operating_threshold_1fp"]
-    predictor.threshold = op
+    if chosen is not None:
+        result["threshold_choice"] = chosen
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     try:
@@ -80,16 +98,18 @@ def run(args) -> int:
     result["weights"] = str(weights)
     (out / "evaluation.json").write_text(json.dumps(result, indent=2) + "\n")
     (out / "froc_curves.json").write_text(json.dumps(curves) + "\n")
-    if args.write_threshold:
+    if chosen is not None:
         meta_path = weights.with_suffix(".json")
         meta = json.loads(meta_path.read_text())
-        meta["threshold"] = op
-        where = "LIDC-IDRI-0001-based (real lung)" if result["detection"]["operating_point_scans"] == "lidc_background" else "all"
-        meta["threshold_source"] = (f"dicom-node evaluate (seed {args.seed}): lowest score with <= 1 FP/scan on the {where} "
-                                    "whole-scan validation scans")
+        meta["threshold"] = chosen["threshold"]
+        meta["note"] = ("threshold is set by `dicom-node evaluate --protocol centred --write-threshold` on training scans "
+                        "(training cubes only; see threshold_source)")
+        meta["threshold_source"] = {"command": "dicom-node evaluate --protocol centred --write-threshold",
+                                    **{k: v for k, v in chosen.items() if k != "froc"}}
         meta["validation"] = {k: result[k] for k in ("detection", "malignancy", "segmentation", "diameter")}
         meta_path.write_text(json.dumps(meta, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("detection", "malignancy", "segmentation", "diameter", "lidc_idri_0001_end_to_end")}))
+    print(json.dumps({k: result[k] for k in ("threshold_choice", "detection", "malignancy", "segmentation", "diameter",
+                                             "lidc_idri_0001_end_to_end") if k in result}))
     return 0
 
 
