@@ -240,11 +240,12 @@ class Predictor:
         """Network outputs (float32, CPU, with batch axis) for a (Z, Y, X) HU crop or a batch
         (B, Z, Y, X) of equal crops; ``bf16``: torch in bfloat16 (autocast); ``detect_only``:
         heatmap and features only (:meth:`model.network.ResMTNet.forward`)."""
+        if self.onnx is not None and not bf16:  # the graphs take int16 HU (normalised inside)
+            hu = np.asarray(hu_crop).astype(np.int16, copy=False)
+            variant = "detect" if detect_only else "mask" if with_mask else "nomask"
+            return {k: torch.from_numpy(v) for k, v in self.onnx(hu[None, None] if hu.ndim == 3 else hu[:, None], variant).items()}
         x = normalize_hu(hu_crop)
         x = x[None, None] if x.ndim == 3 else x[:, None]
-        if self.onnx is not None and not bf16:
-            variant = "detect" if detect_only else "mask" if with_mask else "nomask"
-            return {k: torch.from_numpy(v) for k, v in self.onnx(x, variant).items()}
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)
         del x
         if self.channels_last:

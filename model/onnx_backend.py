@@ -43,7 +43,7 @@ VARIANTS = {
 }
 # bumped whenever the exported graph changes for the same weights (a cached export of an older
 # graph is then not reused): 2 = up-projections as transposed convolutions, the "detect" graph
-GRAPH_VERSION = 2
+GRAPH_VERSION = 3  # 3: int16 HU input, normalised in the graph
 
 
 def cache_dir() -> Path:
@@ -64,6 +64,8 @@ def available() -> bool:
 def _export_bytes(net, variant: str) -> bytes:
     import torch
 
+    from model.transforms import normalize_hu_torch
+
     kwargs, names = VARIANTS[variant]
 
     class _Heads(torch.nn.Module):
@@ -71,11 +73,13 @@ def _export_bytes(net, variant: str) -> bytes:
             super().__init__()
             self.net = net
 
-        def forward(self, x):
-            out = self.net(x, **kwargs)
+        def forward(self, hu):
+            # the input is the HU crop itself (int16): its float32 copy lives in ONNX Runtime's
+            # arena, freed after the first layer, instead of beside the crop for the whole run
+            out = self.net(normalize_hu_torch(hu), **kwargs)
             return tuple(out[k] for k in names)
 
-    x = torch.zeros(2, 1, 32, 32, 32)
+    x = torch.zeros(2, 1, 32, 32, 32, dtype=torch.int16)
     buf = io.BytesIO()
     import warnings
 
@@ -174,16 +178,16 @@ def _shared_arena(ort) -> None:
 
 
 class OnnxNet:
-    """Callable like ``ResMTNet.forward`` on a numpy input: ``net(x, variant)`` (a key of
-    :data:`VARIANTS`) -> dict of float32 numpy arrays (same keys and shapes as the torch
-    network's outputs)."""
+    """``net(hu, variant)``: ``ResMTNet.forward`` of :func:`model.transforms.normalize_hu` of an
+    int16 HU array (B, 1, *S), graph ``variant`` (a key of :data:`VARIANTS`) -> dict of float32
+    numpy arrays (same keys and shapes as the torch network's outputs)."""
 
     def __init__(self, sessions: dict[str, object]):
         self.sessions = sessions
 
     def __call__(self, x: np.ndarray, variant: str) -> dict[str, np.ndarray]:
         sess = self.sessions[variant]
-        outs = sess.run(None, {"x": np.ascontiguousarray(x, np.float32)})
+        outs = sess.run(None, {"x": np.ascontiguousarray(x, np.int16)})
         return {o.name: v for o, v in zip(sess.get_outputs(), outs)}
 
     @property
@@ -226,11 +230,13 @@ def open_runtime(net, weights_path: Path, threads: int) -> OnnxNet | None:
     if _checked_before(marker, ort.__version__):
         return onnx_net
     # the check: a fixed pseudo-random input, both graphs, every output
-    x = np.random.default_rng(0).normal(0, 1, (2, 1, 40, 32, 48)).astype(np.float32)
+    from model.transforms import normalize_hu
+
+    x = np.random.default_rng(0).integers(-1100, 700, (2, 1, 40, 32, 48)).astype(np.int16)
     worst = 0.0
     with torch.inference_mode():
         for v, (kwargs, _) in VARIANTS.items():
-            ref = {k: t.numpy() for k, t in net(torch.from_numpy(x), **kwargs).items()}
+            ref = {k: t.numpy() for k, t in net(torch.from_numpy(normalize_hu(x)), **kwargs).items()}
             got = onnx_net(x, v)
             if set(ref) != set(got):
                 log.warning("onnx outputs %s differ from torch's %s: torch runtime", sorted(got), sorted(ref))

@@ -24,6 +24,14 @@ def normalize_hu(hu: np.ndarray) -> np.ndarray:
     return ((np.clip(hu.astype(np.float32), HU_MIN, HU_MAX) + 300.0) / 600.0).astype(np.float32)
 
 
+def normalize_hu_torch(hu):
+    """:func:`normalize_hu` of a torch tensor (any dtype), the same float32 operations in the
+    same order (the ONNX graphs take HU and normalise inside, :mod:`model.onnx_backend`)."""
+    import torch
+
+    return (torch.clamp(hu.to(torch.float32), HU_MIN, HU_MAX) + 300.0) / 600.0
+
+
 def rotation_matrix(az: float, tilt_y: float, tilt_x: float) -> np.ndarray:
     """Rotation (3x3, acting on (z, y, x)) by ``az`` about z then small tilts about y and x (rad)."""
     c, s = np.cos(az), np.sin(az)
