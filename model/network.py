@@ -71,6 +71,8 @@ class ResBlock(nn.Module):
         y = F.relu(self.bn1(self.conv1(x)), inplace=True)
         y = self.bn2(self.conv2(y))
         s = x if self.skip is None else self.skip(x)
+        if not torch.is_grad_enabled():  # inference: the sum in y's buffer (peak memory)
+            return F.relu(y.add_(s), inplace=True)
         return F.relu(y + s, inplace=True)
 
 
@@ -169,6 +171,12 @@ class ResMTNet(nn.Module):
     def _up(x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, size=like.shape[2:], mode="nearest")
 
+    @staticmethod
+    def _skip_sum(skip: torch.Tensor, lifted: torch.Tensor) -> torch.Tensor:
+        """``skip + lifted``; in inference written into ``lifted``'s buffer (a fresh tensor),
+        the same sum (addition commutes exactly), one tensor less alive (peak memory)."""
+        return lifted.add_(skip) if not torch.is_grad_enabled() else skip + lifted
+
     def _lift(self, proj: nn.Module, x: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         """The 1x1 projection ``proj`` of ``x``, nearest-upsampled onto ``like``'s grid (twice
         ``x``'s extents). After :func:`fuse_upsampling` ``proj`` is one transposed convolution
@@ -191,11 +199,13 @@ class ResMTNet(nn.Module):
         d3, m3 = self.det3(e3), self.mal3(e3)
         if self.cross_task:
             d3, m3 = self.cross3(d3, m3)
-        d2 = self.det2(e2 + self._lift(self.det_up3, d3, e2))
-        m2 = self.mal2(e2 + self._lift(self.mal_up3, m3, e2))
+        d2 = self.det2(self._skip_sum(e2, self._lift(self.det_up3, d3, e2)))
+        m2 = self.mal2(self._skip_sum(e2, self._lift(self.mal_up3, m3, e2)))
         if self.cross_task:
             d2, m2 = self.cross2(d2, m2)
-        d1 = self.det1(e1 + self._lift(self.det_up2, d2, e1))
+        d1 = self._skip_sum(e1, self._lift(self.det_up2, d2, e1))
+        del e1, e2, e3, d2, d3, m3  # stride-2 tensors of a whole-CT tile are ~100 MB each
+        d1 = self.det1(d1)
         if detect_only:
             return {"heatmap": self.heatmap(d1), "features": d1}
         out = {

@@ -1,10 +1,9 @@
 """ONNX Runtime execution of Res-MTNet (optional; torch is the fallback).
 
 The ONNX graphs are not shipped: they are exported from the loaded (BatchNorm-folded) torch
-network, so they always match the committed weights. Three graphs (:data:`VARIANTS`): with
-and without the mask head (refinement crops), and ``detect`` (heatmap and stride-2 features
-only: the detection pass computes the offset and size heads at the heatmap's peaks), each
-with dynamic batch and spatial axes (every extent
+network, so they always match the committed weights. Two graphs (:data:`VARIANTS`), with and
+without the mask head, for the refinement crops (the detection pass's whole-CT tiles run on
+torch, faster there), each taking int16 HU, with dynamic batch and spatial axes (every extent
 a multiple of :data:`model.network.INPUT_MULTIPLE`), opset 17, the TorchScript exporter
 (deterministic for one torch version). An export is cached in
 ``$DICOM_NODE_CACHE`` (default ``$XDG_CACHE_HOME/dicom-node`` or ``~/.cache/dicom-node``)
@@ -39,11 +38,11 @@ CHECK_ATOL = 1e-3  # largest |torch - onnxruntime| accepted on the check input (
 VARIANTS = {
     "mask": ({"with_mask": True}, ("heatmap", "offset", "size", "malignancy", "mask")),
     "nomask": ({"with_mask": False}, ("heatmap", "offset", "size", "malignancy")),
-    "detect": ({"with_mask": False, "detect_only": True}, ("heatmap", "features")),
 }
 # bumped whenever the exported graph changes for the same weights (a cached export of an older
-# graph is then not reused): 2 = up-projections as transposed convolutions, the "detect" graph
-GRAPH_VERSION = 3  # 3: int16 HU input, normalised in the graph
+# graph is then not reused): 2 = up-projections as transposed convolutions; 3 = int16 HU input,
+# normalised in the graph
+GRAPH_VERSION = 3
 
 
 def cache_dir() -> Path:
