@@ -46,6 +46,16 @@ def read_image(path: str | Path) -> sitk.Image:
     return sitk.ReadImage(str(path))
 
 
+def far_from(shape, centres_vox, radius: float) -> np.ndarray:
+    """Bool mask of ``shape``: True farther than ``radius`` voxels from every centre (z, y, x)
+    (where training and evaluation may paste a nodule: away from the real ones)."""
+    keep = np.ones(shape, bool)
+    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    for c in centres_vox:
+        keep &= (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 > radius**2
+    return keep
+
+
 def resample_to_iso(volume: np.ndarray, spacing: tuple[float, float, float], new_spacing: float = 1.0) -> np.ndarray:
     """Linear resampling of a (Z, Y, X) array with ``spacing`` (sz, sy, sx) mm onto an isotropic
     ``new_spacing`` grid with the same voxel-[0,0,0] position and axes. Output voxel ``j``

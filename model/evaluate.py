@@ -41,7 +41,7 @@ import numpy as np
 
 from model import data as D
 from model.baselines import blob_candidates
-from model.metrics import ScanResult, accuracy, best_threshold, dice, froc, match_scan, roc_auc, threshold_at_fp_rate
+from model.metrics import ScanResult, accuracy, at_threshold, best_threshold, dice, froc, roc_auc, threshold_at_fp_rate
 
 log = logging.getLogger(__name__)
 
@@ -125,15 +125,6 @@ TRAIN_PHANTOM_SEED_BASE = 10_000  # model.train.phantom_backgrounds: seed 10_000
 LIDC_0001_REFERENCE_RADIUS_MM = 33.0 / 2  # the match radius of lidc_end_to_end
 
 
-def _away_from(shape, centres, radius: float) -> np.ndarray:
-    """Bool mask, True farther than ``radius`` voxels from every centre (z, y, x)."""
-    keep = np.ones(shape, bool)
-    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    for c in centres:
-        keep &= (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 > radius**2
-    return keep
-
-
 def training_phantom_seeds(train_seed: int = 0, phantoms: int = 2) -> list[int]:
     """The phantom seeds training used as backgrounds (``TrainConfig.seed``, ``.phantoms``)."""
     return [TRAIN_PHANTOM_SEED_BASE + train_seed * 100 + i for i in range(phantoms)]
@@ -166,7 +157,7 @@ def threshold_scans(train_cubes: list[D.Cube], seed: int = 0, per_lidc: int = 6,
         shift = np.array([cut, 0.0, 0.0])
         base_hu, region = hu[cut:].copy(), lung[cut:].copy()
         ref = D.world_to_voxel(D.LIDC_0001_NODULE_MM, origin, (1.0, 1.0, 1.0)) - shift
-        place = region & _away_from(region.shape, [ref], 30.0)
+        place = region & D.far_from(region.shape, [ref], 30.0)
         excluded = [(tuple(ref), LIDC_0001_REFERENCE_RADIUS_MM)]
         if D.LIDC_0001_XML.exists():
             img = D.read_image(D.LIDC_0001)
@@ -225,19 +216,6 @@ def _network_results(predictor, scans, progress: bool = False, desc: str = "scan
     finally:
         predictor.threshold, predictor.max_findings = saved_thr, saved_max
     return net, blob, names, seconds
-
-
-def at_threshold(scans: list[ScanResult], threshold: float) -> dict:
-    """Sensitivity and false positives per scan with the candidates scoring >= ``threshold``."""
-    best, fps = [], []
-    for s in scans:
-        b, f = match_scan(s)
-        best.append(b)
-        fps.append(f)
-    best = np.concatenate(best) if best else np.zeros(0)
-    fps = np.concatenate(fps) if fps else np.zeros(0)
-    return {"threshold": round(float(threshold), 4), "sensitivity": round(float((best >= threshold).mean()), 4) if best.size else None,
-            "fp_per_scan": round(float((fps >= threshold).sum() / max(1, len(scans))), 4), "n_nodules": int(best.size), "n_scans": len(scans)}
 
 
 def _one_fp_threshold(net: list[ScanResult], names: list[str]) -> tuple[float, str, list[int]]:

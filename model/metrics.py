@@ -72,16 +72,26 @@ class Froc:
         }
 
 
+def _matched(scans: list[ScanResult]) -> tuple[np.ndarray, np.ndarray]:
+    """(best score of each nodule, score of each false positive) over all ``scans``
+    (:func:`match_scan`)."""
+    pairs = [match_scan(s) for s in scans]
+    best = np.concatenate([b for b, _ in pairs]) if pairs else np.zeros(0)
+    fps = np.concatenate([f for _, f in pairs]) if pairs else np.zeros(0)
+    return best, fps
+
+
+def at_threshold(scans: list[ScanResult], threshold: float) -> dict:
+    """Sensitivity and false positives per scan with the candidates scoring >= ``threshold``."""
+    best, fps = _matched(scans)
+    return {"threshold": round(float(threshold), 4), "sensitivity": round(float((best >= threshold).mean()), 4) if best.size else None,
+            "fp_per_scan": round(float((fps >= threshold).sum() / max(1, len(scans))), 4), "n_nodules": int(best.size), "n_scans": len(scans)}
+
+
 def froc(scans: list[ScanResult], rates=FP_RATES) -> Froc:
     """FROC over scans; the sensitivity at rate ``r`` is the highest sensitivity reached with
     at most ``r`` false positives per scan on average (0 if none)."""
-    best_all, fps_all = [], []
-    for s in scans:
-        b, f = match_scan(s)
-        best_all.append(b)
-        fps_all.append(f)
-    best = np.concatenate(best_all) if best_all else np.zeros(0)
-    fps = np.concatenate(fps_all) if fps_all else np.zeros(0)
+    best, fps = _matched(scans)
     n_nod, n_scans = len(best), max(1, len(scans))
     thr = np.unique(np.concatenate([best[np.isfinite(best)], fps]))[::-1]
     sens = np.array([(best >= t).sum() / max(1, n_nod) for t in thr])

@@ -47,8 +47,6 @@ def explain(predictor, volume: np.ndarray, spacing, ref_voxel, diameter_mm: floa
     (its refinement-pass score, unskipped), ``edge_mm`` (nodule centre to the nearest face)."""
     import torch
 
-    from model.inference import _suppress_findings
-
     sp = np.asarray(spacing, float)
     iso = resample_to_iso(np.asarray(volume), tuple(sp))
     ref_iso = np.asarray(ref_voxel, float) * sp

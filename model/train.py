@@ -102,21 +102,12 @@ class Background:
         self.parenchyma = np.flatnonzero(parenchyma_mask(self.hu, self.allowed))
 
 
-def exclusion(shape, centres_vox, radius: float) -> np.ndarray:
-    """Bool mask, True farther than ``radius`` voxels from every centre (z, y, x)."""
-    keep = np.ones(shape, bool)
-    zz, yy, xx = np.ogrid[: shape[0], : shape[1], : shape[2]]
-    for c in centres_vox:
-        keep &= (zz - c[0]) ** 2 + (yy - c[1]) ** 2 + (xx - c[2]) ** 2 > radius**2
-    return keep
-
-
 def lidc_training_background() -> Background:
     """The training part of LIDC-IDRI-0001 (z >= -180 mm), reference nodule excluded (30 mm)."""
     hu, lung, origin = D.lidc_0001_iso()
     nod = D.world_to_voxel(D.LIDC_0001_NODULE_MM, origin, (1.0, 1.0, 1.0))
     cut = int(np.ceil(D.LIDC_0001_Z_CUT_MM - origin[2]))
-    allowed = lung & exclusion(hu.shape, [nod], 30.0)
+    allowed = lung & D.far_from(hu.shape, [nod], 30.0)
     allowed[:cut] = False
     return Background("LIDC-IDRI-0001[z>=-180mm]", hu, allowed)
 
@@ -127,7 +118,7 @@ def phantom_backgrounds(n: int, seed: int) -> list[Background]:
     out = []
     for i in range(n):
         ph = make_phantom(seed=10_000 + seed * 100 + i, n_nodules=0)
-        allowed = ph.lungs & exclusion(ph.hu.shape, [], 0)
+        allowed = ph.lungs & D.far_from(ph.hu.shape, [], 0)
         out.append(Background(f"phantom-{i}", ph.hu, allowed))
     return out
 
