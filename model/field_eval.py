@@ -213,7 +213,6 @@ def evaluate_field(predictor, seed: int = 0, cubes: list[D.Cube] | None = None, 
     if limit is not None:
         val = val[:limit]
     rows = off_centre(predictor, val, seed, subsolid_hu, progress)
-    found = np.array([r["found"] for r in rows], bool)
     sens = lambda rs: _r(np.mean([r["found"] for r in rs])) if rs else None
     by_band = {band_name(lo, hi): {"n": len([r for r in rows if lo <= r["diameter_ref"] < hi]),
                                    "sensitivity": sens([r for r in rows if lo <= r["diameter_ref"] < hi])} for lo, hi in SIZE_BANDS}

@@ -245,8 +245,8 @@ class Predictor:
         wins by far."""
         if self.onnx is not None and not bf16 and not detect_only:  # int16 HU in, normalised inside
             hu = np.asarray(hu_crop).astype(np.int16, copy=False)
-            variant = "detect" if detect_only else "mask" if with_mask else "nomask"
-            return {k: torch.from_numpy(v) for k, v in self.onnx(hu[None, None] if hu.ndim == 3 else hu[:, None], variant).items()}
+            out = self.onnx(hu[None, None] if hu.ndim == 3 else hu[:, None], "mask" if with_mask else "nomask")
+            return {k: torch.from_numpy(v) for k, v in out.items()}
         x = normalize_hu(hu_crop)
         x = x[None, None] if x.ndim == 3 else x[:, None]
         t = torch.from_numpy(np.ascontiguousarray(x)).to(self.device)

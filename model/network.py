@@ -219,7 +219,6 @@ class ResMTNet(nn.Module):
             out["mask"] = self.mask_out(self.mask_blocks(F.relu(self.mask_in(x) + up)))
         return out
 
-
     def heads_at(self, features: torch.Tensor, cells: torch.Tensor) -> dict[str, torch.Tensor]:
         """The offset and size heads at ``cells`` only: ``features`` (1, w0, *G) from
         ``forward(..., detect_only=True)``, ``cells`` (K, dims) integer stride-2 cell indices.

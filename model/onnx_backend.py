@@ -213,9 +213,9 @@ def open_runtime(net, weights_path: Path, threads: int) -> OnnxNet | None:
         # no busy-waiting between operators: on a host shared with other work (or other
         # workers) spinning threads burn the cores the others need
         so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        # one memory arena for the three graphs: the refinement crops reuse what the detection
-        # pass's tiles used instead of growing arenas of their own (LIDC-IDRI-0001: peak RSS
-        # 1226 -> 1157 MB)
+        # one memory arena for both graphs (and every Predictor of the process) instead of one
+        # per session (LIDC-IDRI-0001, when the detection tiles still ran on ONNX Runtime: peak
+        # RSS 1226 -> 1157 MB)
         _shared_arena(ort)
         so.add_session_config_entry("session.use_env_allocators", "1")
         digest = weights_digest(weights_path)
