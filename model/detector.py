@@ -140,15 +140,14 @@ def peak_cells(heatmap: torch.Tensor, threshold: float, max_detections: int) -> 
     return results
 
 
-def detections(cells: torch.Tensor, scores: torch.Tensor, offset: torch.Tensor, size: torch.Tensor,
-               malignancy: list[float] | None = None) -> list[Detection]:
+def detections(cells: torch.Tensor, scores: torch.Tensor, offset: torch.Tensor, size: torch.Tensor) -> list[Detection]:
     """Detections from peak ``cells`` (K, dims) with their ``scores`` (K,), the offset head
     (K, dims) and size head (K,) there: centre ``(cell + offset) * stride`` voxels, diameter
-    ``exp(size)``; ``malignancy`` per peak, NaN when not given."""
+    ``exp(size)``, malignancy NaN (:func:`decode` samples the malignancy map)."""
     centres = (cells.float() + offset.float()) * HEATMAP_STRIDE
     diams = torch.exp(size.float())
-    return [Detection(tuple(float(v) for v in centres[k]), float(diams[k]), float(scores[k]),
-                      float(malignancy[k]) if malignancy is not None else float("nan")) for k in range(cells.shape[0])]
+    return [Detection(tuple(float(v) for v in centres[k]), float(diams[k]), float(scores[k]), float("nan"))
+            for k in range(cells.shape[0])]
 
 
 def decode(out: dict[str, torch.Tensor], threshold: float = 0.05, max_detections: int = 100) -> list[list[Detection]]:

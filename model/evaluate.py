@@ -20,8 +20,9 @@ Three parts, all on the validation series of :func:`model.data.split_by_series`:
    scans; all scans when there are none) on :func:`threshold_scans`, whole scans built the
    same way from *training* cubes pasted into the *training* part of LIDC-IDRI-0001
    (z >= -180 mm, the background training already saw; its reference nodule and reader marks
-   count neither way), or into the training phantoms (:func:`model.train.phantom_backgrounds`
-   seeds) when LIDC-IDRI-0001 is absent. Nothing reported on validation is chosen on it; the
+   count neither way), or into the training phantoms (:func:`model.phantom.training_phantom_seeds`,
+   as :func:`model.train.phantom_backgrounds`) when LIDC-IDRI-0001 is absent. Nothing reported
+   on validation is chosen on it; the
    threshold the rule would pick on the validation scans is reported beside, for comparison
    only (``validation_threshold_1fp_not_used``).
 3. **Baselines on the same data**: malignancy from the diameter alone (AUC of the diameter; a
@@ -42,6 +43,7 @@ import numpy as np
 from model import data as D
 from model.baselines import blob_candidates
 from model.metrics import ScanResult, accuracy, at_threshold, best_threshold, dice, froc, roc_auc, threshold_at_fp_rate
+from model.phantom import training_phantom_seeds
 
 log = logging.getLogger(__name__)
 
@@ -97,11 +99,7 @@ def validation_scans(val_cubes: list[D.Cube], seed: int = 0, per_lidc: int = 6, 
         hu, lung, origin = D.lidc_0001_iso()
         cut = int(np.floor(D.LIDC_0001_Z_CUT_MM - origin[2]))
         base_hu, base_region = hu[:cut].copy(), lung[:cut].copy()
-        excluded = []
-        if D.LIDC_0001_XML.exists():
-            img = D.read_image(D.LIDC_0001)
-            for c_mm, r in D.read_lidc_excluded(D.LIDC_0001_XML, img.GetOrigin(), img.GetSpacing()[::-1], img.GetDirection()):
-                excluded.append((tuple(D.world_to_voxel(c_mm, origin, (1.0, 1.0, 1.0))), r))
+        excluded = _lidc_0001_marks(origin)
     except FileNotFoundError:
         base_hu = None
     k = 0
@@ -121,13 +119,18 @@ def validation_scans(val_cubes: list[D.Cube], seed: int = 0, per_lidc: int = 6, 
         k += 1
 
 
-TRAIN_PHANTOM_SEED_BASE = 10_000  # model.train.phantom_backgrounds: seed 10_000 + train_seed * 100 + i, i < phantoms
 LIDC_0001_REFERENCE_RADIUS_MM = 33.0 / 2  # the match radius of lidc_end_to_end
 
 
-def training_phantom_seeds(train_seed: int = 0, phantoms: int = 2) -> list[int]:
-    """The phantom seeds training used as backgrounds (``TrainConfig.seed``, ``.phantoms``)."""
-    return [TRAIN_PHANTOM_SEED_BASE + train_seed * 100 + i for i in range(phantoms)]
+def _lidc_0001_marks(origin) -> list[tuple[tuple[float, float, float], float]]:
+    """The reader marks of LIDC-IDRI-0001 that count neither way (:func:`model.data.
+    read_lidc_excluded`) as (centre (z, y, x) voxel of the 1 mm grid at ``origin``, radius mm);
+    none without the XML."""
+    if not D.LIDC_0001_XML.exists():
+        return []
+    img = D.read_image(D.LIDC_0001)
+    return [(tuple(D.world_to_voxel(c_mm, origin, (1.0, 1.0, 1.0))), r)
+            for c_mm, r in D.read_lidc_excluded(D.LIDC_0001_XML, img.GetOrigin(), img.GetSpacing()[::-1], img.GetDirection())]
 
 
 def threshold_scans(train_cubes: list[D.Cube], seed: int = 0, per_lidc: int = 6, max_lidc: int = 16,
@@ -159,12 +162,10 @@ def threshold_scans(train_cubes: list[D.Cube], seed: int = 0, per_lidc: int = 6,
         ref = D.world_to_voxel(D.LIDC_0001_NODULE_MM, origin, (1.0, 1.0, 1.0)) - shift
         place = region & D.far_from(region.shape, [ref], 30.0)
         excluded = [(tuple(ref), LIDC_0001_REFERENCE_RADIUS_MM)]
-        if D.LIDC_0001_XML.exists():
-            img = D.read_image(D.LIDC_0001)
-            for c_mm, r in D.read_lidc_excluded(D.LIDC_0001_XML, img.GetOrigin(), img.GetSpacing()[::-1], img.GetDirection()):
-                v = D.world_to_voxel(c_mm, origin, (1.0, 1.0, 1.0)) - shift
-                if v[0] >= -r:
-                    excluded.append((tuple(v), r))
+        for c, r in _lidc_0001_marks(origin):
+            v = np.asarray(c) - shift
+            if v[0] >= -r:
+                excluded.append((tuple(v), r))
         while queue and k < max_lidc:
             take, queue = queue[:per_lidc], queue[per_lidc:]
             vs = _paste_all(f"LIDC-IDRI-0001[z>=-180mm]#{k}", base_hu.copy(), place, rng, take)

@@ -23,6 +23,13 @@ import numpy as np
 from scipy import ndimage as ndi
 
 KINDS = ("solid", "part-solid", "ground-glass", "calcified", "spiculated")
+TRAINING_SEED_BASE = 10_000  # training backgrounds; validation's phantoms start at 90_000
+
+
+def training_phantom_seeds(train_seed: int = 0, phantoms: int = 2) -> list[int]:
+    """The seeds of the phantoms training pastes nodules into (``TrainConfig.seed``,
+    ``.phantoms``; :func:`model.train.phantom_backgrounds`), the one place they are defined."""
+    return [TRAINING_SEED_BASE + train_seed * 100 + i for i in range(phantoms)]
 
 
 @dataclass

@@ -113,12 +113,12 @@ def lidc_training_background() -> Background:
 
 
 def phantom_backgrounds(n: int, seed: int) -> list[Background]:
-    from model.phantom import make_phantom
+    from model.phantom import make_phantom, training_phantom_seeds
 
     out = []
-    for i in range(n):
-        ph = make_phantom(seed=10_000 + seed * 100 + i, n_nodules=0)
-        allowed = ph.lungs & D.far_from(ph.hu.shape, [], 0)
+    for i, phantom_seed in enumerate(training_phantom_seeds(seed, n)):
+        ph = make_phantom(seed=phantom_seed, n_nodules=0)
+        allowed = ph.lungs.copy()
         out.append(Background(f"phantom-{i}", ph.hu, allowed))
     return out
 
